@@ -1,0 +1,1 @@
+"""aya_jax: the Aya Expanse multilingual post-training recipe in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Data: record types, chat formatting and tokenisation, input pipelines."""

@@ -1,0 +1,82 @@
+r"""The one entry point: `python -m aya_jax.main --config=configs/X.py --workdir=DIR`.
+
+The config names its stage (`config.stage`); STAGES maps a stage name to the
+module whose `run(config, workdir)` runs it. Any config field can be
+overridden from the command line (`--config.optim.lr=3e-4`); the config is
+locked, so a misspelt field fails and lists the valid ones.
+
+Several processes (a TPU pod slice, a multi-node GPU job) are initialised
+with `jax.distributed.initialize()` when the config's `distributed` block or
+the environment asks for it (see `maybe_initialize_distributed`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# stage name -> module with run(config, workdir). Only stages that exist.
+STAGES = {
+    "sft": "aya_jax.train.sft",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.")
+
+_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def maybe_initialize_distributed(config) -> bool:
+  """Calls jax.distributed.initialize() when several processes are asked for.
+
+  Explicit: config.distributed.{coordinator_address, num_processes, process_id}
+  (num_processes > 1). Implicit: a coordinator address in the environment,
+  SLURM with several tasks, or a multi-host TPU slice (TPU_WORKER_HOSTNAMES
+  lists several hosts); JAX then reads the rest from the environment.
+  """
+  import jax
+  dist = config.get("distributed", None) if hasattr(config, "get") else None
+  if dist is not None and int(dist.get("num_processes", 1)) > 1:
+    jax.distributed.initialize(
+        coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
+        process_id=int(dist.process_id))
+    return True
+  env = os.environ
+  implicit = (any(env.get(k) for k in _MULTI_PROCESS_ENV)
+              or int(env.get("SLURM_NTASKS", "1")) > 1
+              or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  if implicit:
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def run_stage(config, workdir: str):
+  stage = config.stage
+  if stage not in STAGES:
+    raise ValueError(f"config.stage={stage!r} is not a stage; known: {sorted(STAGES)}")
+  module = importlib.import_module(STAGES[stage])
+  return module.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=configs/<experiment>.py is required")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  maybe_initialize_distributed(config)
+  import jax
+  logging.info("aya_jax stage=%s process %d/%d devices=%d", config.stage, jax.process_index(),
+               jax.process_count(), jax.device_count())
+  run_stage(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training: state, step functions, the one loop, and the stage entry points."""

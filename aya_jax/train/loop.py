@@ -1,0 +1,141 @@
+"""The one training loop: resume, metrics, NaN guard, checkpoints, preemption.
+
+    state = train_loop(state, step_fn, batches, loop_cfg, workdir, mesh)
+
+- Resume: when workdir/checkpoints holds a checkpoint, the state and the data
+  iterator state are restored from the latest one and training continues at
+  its step; the per-step rng is fold_in(key(seed), step), so a resumed run
+  gives the same result as an uninterrupted one.
+- Metrics: averaged over `log_every` steps, written to workdir/metrics.jsonl
+  (process 0), with steps/s and tokens/s.
+- NaN guard: the step skips non-finite updates; more than `max_nonfinite`
+  in a row raises FloatingPointError naming the step (the last checkpoint is
+  intact).
+- Checkpoints every `checkpoint_every` steps and at the end; SIGTERM (a
+  preempted VM, a killed job) saves a checkpoint at the next step boundary
+  and stops with `Preempted`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Callable, Iterator, Optional
+
+import jax
+import ml_collections
+from absl import logging
+
+from aya_jax import metrics as metrics_lib
+from aya_jax import sharding
+from aya_jax.checkpoint import Checkpointer
+
+
+class Preempted(RuntimeError):
+  """Raised after the preemption checkpoint is written."""
+
+
+def default_loop_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.num_steps = 100
+  c.log_every = 10
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 2
+  c.max_nonfinite = 3
+  c.seed = 0
+  return c
+
+
+class _SignalFlag:
+  def __init__(self):
+    self.raised = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handler(self, signum, frame):
+    logging.warning("SIGTERM: checkpointing at the next step boundary")
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train_loop(state, step_fn: Callable, batches: Iterator, cfg, workdir: str, mesh,
+               stop_after: Optional[int] = None, on_log: Optional[Callable] = None):
+  """Runs step_fn until cfg.num_steps; returns the final state.
+
+  `batches` yields dicts of per-process numpy arrays and may have
+  get_state()/set_state() (grain iterators do): it is checkpointed too.
+  `stop_after` stops (with a checkpoint) after that many steps of this call,
+  which is how tests simulate a killed run.
+  """
+  ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state)
+    start = int(state.step)
+    if data_state and hasattr(batches, "set_state"):
+      batches.set_state(data_state)
+    logging.info("resumed at step %d", start)
+  writer = metrics_lib.MetricWriter(workdir)
+  acc = metrics_lib.MeanAccumulator()
+  base_rng = jax.random.key(cfg.seed)
+  nonfinite_run, t0, tokens = 0, time.time(), 0
+  step = start
+  data_state = lambda: batches.get_state() if hasattr(batches, "get_state") else None
+  with _SignalFlag() as flag:
+    while step < cfg.num_steps:
+      batch = sharding.global_batch(next(batches), mesh)
+      state, m = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+      step += 1
+      m = jax.device_get(m)
+      nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
+      if nonfinite_run > cfg.max_nonfinite:
+        raise FloatingPointError(
+            f"step {step}: loss or gradient non-finite for {nonfinite_run} steps in a row "
+            f"(loss={m['loss']}, grad_norm={m['grad_norm']}); last checkpoint is intact in "
+            f"{ckpt.directory}")
+      tokens += int(batch["tokens"].size)
+      acc.add(m)
+      if step % cfg.log_every == 0 or step == cfg.num_steps:
+        dt = max(time.time() - t0, 1e-9)
+        scalars = _finalise(acc.result())
+        scalars.update(steps_per_s=len_or(cfg.log_every, step) / dt, tokens_per_s=tokens / dt)
+        writer.write(step, scalars)
+        if on_log:
+          on_log(step, scalars)
+        logging.info("step %d %s", step, {k: round(v, 4) for k, v in scalars.items()})
+        t0, tokens = time.time(), 0
+      done = step == cfg.num_steps
+      stopping = flag.raised or (stop_after is not None and step - start >= stop_after)
+      if done or stopping or step % cfg.checkpoint_every == 0:
+        ckpt.save(step, state, data_state())
+      if stopping and not done:
+        writer.close()
+        ckpt.close()
+        raise Preempted(f"stopped at step {step}; resume by running the same command")
+  writer.close()
+  ckpt.close()
+  return state
+
+
+def len_or(every, step):
+  return every if step % every == 0 else step % every
+
+
+def _finalise(avg: dict) -> dict:
+  """Ratios from summed statistics (accuracy, per-token nll) where present."""
+  out = dict(avg)
+  if "n_tokens" in avg and avg["n_tokens"]:
+    if "n_correct" in avg:
+      out["accuracy"] = avg["n_correct"] / avg["n_tokens"]
+    if "nll_sum" in avg:
+      out["nll_per_token"] = avg["nll_sum"] / avg["n_tokens"]
+  return out

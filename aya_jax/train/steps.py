@@ -1,0 +1,106 @@
+"""Pure step functions `(state, batch, rng) -> (state, metrics)`.
+
+`make_train_step(loss_fn, tx, ...)` is the one step every objective shares
+(SFT, reward model, DPO): it splits the global batch into `grad_accum`
+micro-batches and scans over them, summing gradients of losses that are
+already normalised by the WHOLE batch's count (so accumulation is exact), then
+applies the optimizer. A non-finite loss or gradient norm skips the update
+(the state is kept) and reports `nonfinite=1`; the loop decides when to stop.
+
+`loss_fn(params, microbatch, normalizer, rng) -> (loss, sums)` where `sums`
+are additive statistics (token counts, correct counts, nll sums...).
+`normalizer_fn(batch)` gives the normaliser of the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from aya_jax import losses
+from aya_jax.models.config import ModelConfig
+from aya_jax.models.transformer import Transformer, unembed_matrix
+from aya_jax.train.state import TrainState
+
+
+def _split(batch, n):
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into grad_accum={n}")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    normalizer_fn: Callable, grad_accum: int = 1,
+                    schedule: Callable | None = None):
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch, rng):
+    normalizer = normalizer_fn(batch)
+    micro = _split(batch, grad_accum)
+
+    def body(carry, xs):
+      grads, loss, sums = carry
+      mb, i = xs
+      (l, s), g = grad_fn(state.params, mb, normalizer, jax.random.fold_in(rng, i))
+      grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+      sums = jax.tree.map(jnp.add, sums, s)
+      return (grads, loss + l, sums), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    first = jax.tree.map(lambda x: x[0], micro)
+    sums0 = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(loss_fn, state.params, first, normalizer, rng)[1])
+    (grads, loss, sums), _ = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), sums0), (micro, jnp.arange(grad_accum)))
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state))
+    metrics = dict(loss=loss, grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32),
+                   **sums)
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    return new_state, metrics
+
+  return step
+
+
+def sft_loss_fn(cfg: ModelConfig, vocab_chunk: int = 0, z_loss_coef: float = 0.0):
+  """Masked next-token cross-entropy; `vocab_chunk` > 0 never builds full logits."""
+  model = Transformer(cfg)
+
+  def loss_fn(params, mb, normalizer, rng):
+    del rng
+    args = (mb["tokens"], mb["positions"], mb["segment_ids"])
+    if vocab_chunk:
+      hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
+      loss, aux = losses.chunked_sft_loss(
+          hidden, unembed_matrix(cfg, params), mb["targets"], mb["loss_mask"], normalizer,
+          vocab_chunk, cfg.logit_scale, cfg.final_softcap)
+      return loss, dict(n_tokens=aux["n_tokens"], nll_sum=aux["nll_sum"])
+    logits, _ = model.apply({"params": params}, *args)
+    loss, aux = losses.sft_loss(logits, mb["targets"], mb["loss_mask"], normalizer, z_loss_coef)
+    return loss, dict(n_tokens=aux["n_tokens"], nll_sum=aux["nll_sum"],
+                      n_correct=aux["n_correct"])
+
+  return loss_fn
+
+
+def loss_token_count(batch):
+  return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+
+def jit_step(step, state_shardings, batch_shardings, mesh):
+  """jit once with explicit shardings and the state donated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rep = NamedSharding(mesh, P())
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings, rep),
+                 out_shardings=(state_shardings, rep), donate_argnums=0)

@@ -1,0 +1,66 @@
+"""Shared test set-up: 8 fake CPU devices (set before jax is imported)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Fixtures of other test modules go below this line.
+
+
+# --- hf_tiny_dirs: tiny random Hugging Face models, one directory per variant (hf_test.py) ---
+import pytest  # noqa: E402
+
+# transformers config kwargs shared by every tiny HF model (dims of config.tiny())
+HF_TINY_DIMS = dict(vocab_size=97, hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
+                    head_dim=16, intermediate_size=96, num_hidden_layers=2,
+                    max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                    initializer_range=0.05)
+# variant -> (transformers config class name, extra kwargs)
+HF_TINY_VARIANTS = {
+    "cohere": ("CohereConfig", dict(logit_scale=0.0625, use_qk_norm=False)),
+    "cohere_qk": ("CohereConfig", dict(logit_scale=0.0625, use_qk_norm=True,
+                                       rope_parameters=dict(rope_type="default",
+                                                            rope_theta=10000.0))),
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False, rms_norm_eps=1e-5,
+                                  rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                       rope_theta=10000.0))),
+    "llama_bias": ("LlamaConfig", dict(
+        tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=32,
+                             rope_theta=10000.0))),
+    "gemma2": ("Gemma2Config", dict(sliding_window=4, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=1.5)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True,
+                                  rope_parameters=dict(rope_type="default",
+                                                       rope_theta=1000000.0))),
+}
+
+
+def hf_tiny_model(variant: str, seed: int = 0):
+  """A random tiny transformers CausalLM; every parameter (norms too) gets noise."""
+  import torch
+  import transformers
+  name, extra = HF_TINY_VARIANTS[variant]
+  config = getattr(transformers, name)(**HF_TINY_DIMS, **extra)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(
+      config, attn_implementation="eager", dtype=torch.float32)
+  with torch.no_grad():
+    for _, p in model.named_parameters():
+      p.add_(torch.randn_like(p) * 0.1)
+  return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_dirs(tmp_path_factory):
+  """variant -> directory of a tiny random HF model saved with save_pretrained."""
+  root = tmp_path_factory.mktemp("hf_tiny")
+  dirs = {}
+  for seed, variant in enumerate(HF_TINY_VARIANTS):
+    dirs[variant] = str(root / variant)
+    hf_tiny_model(variant, seed).save_pretrained(dirs[variant])
+  return dirs

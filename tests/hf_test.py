@@ -1,0 +1,421 @@
+"""aya_jax.models.hf: configs, HF <-> params round trips, transformers loading, parity.
+
+References: the tiny random transformers models of conftest.hf_tiny_dirs (torch,
+fp32, eager attention) and the safetensors files they were saved to.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from aya_jax.models import config as config_lib
+from aya_jax.models import hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = ("cohere", "cohere_qk", "llama", "llama_bias", "gemma2", "qwen2")
+
+
+def _tensors(path):
+  return dict(hf.iter_tensors(path))
+
+
+def _assert_same_tensors(a_dir, b_dir):
+  a, b = _tensors(a_dir), _tensors(b_dir)
+  assert sorted(a) == sorted(b)
+  for name in a:
+    assert a[name].dtype == b[name].dtype, name
+    assert a[name].shape == b[name].shape, name
+    assert np.array_equal(a[name].view(np.uint8), b[name].view(np.uint8)), name
+
+
+def _assert_same_params(a, b):
+  import jax
+  fa, ta = jax.tree_util.tree_flatten_with_path(a)
+  fb, tb = jax.tree_util.tree_flatten_with_path(b)
+  assert ta == tb
+  for (path, x), (_, y) in zip(fa, fb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+@contextlib.contextmanager
+def _transformers_warnings():
+  """Collects transformers log records at WARNING and above."""
+  records = []
+  handler = logging.Handler(logging.WARNING)
+  handler.emit = records.append
+  logger = logging.getLogger("transformers")
+  logger.addHandler(handler)
+  try:
+    yield records
+  finally:
+    logger.removeHandler(handler)
+
+
+def _hf_model(path, cls=None):
+  cls = cls or transformers.AutoModelForCausalLM
+  with _transformers_warnings() as records:
+    model, info = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                      output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert not info["mismatched_keys"] and not info["error_msgs"], info
+  assert not [r.getMessage() for r in records]
+  return model.eval()
+
+
+def _batch(length=12, pad=4):
+  """Two rows of random tokens; the second is right-padded with `pad` pad tokens."""
+  tokens = np.random.RandomState(0).randint(3, 97, (2, length))
+  mask = np.ones((2, length), np.int32)
+  mask[1, length - pad:] = 0
+  tokens[1, length - pad:] = 0
+  return tokens, mask
+
+
+def _hf_logits(model, tokens, mask):
+  with torch.no_grad():
+    out = model(torch.tensor(tokens), attention_mask=torch.tensor(mask, dtype=torch.long))
+  return out.logits.float().numpy()
+
+
+# --- 1. configs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [
+    config_lib.tiny("cohere"),
+    config_lib.tiny("cohere", qk_norm=True, qkv_bias=True, o_bias=True, value_head=True),
+    config_lib.tiny("llama"),
+    config_lib.tiny("llama", qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True,
+                    rope_scaling=("llama3", 8.0, 1.0, 4.0, 32), rope_theta=500000.0),
+    config_lib.tiny("llama", rope_scaling=("linear", 2.0), eos_ids=(2, 3), bos_id=None,
+                    value_head=True),
+    config_lib.tiny("gemma2"),
+    config_lib.tiny("gemma2", sliding_windows=None, attn_softcap=None, final_softcap=None),
+    config_lib.tiny("qwen2", tie_embeddings=True, rope_theta=1e6, norm_eps=1e-5),
+    config_lib.tiny("qwen2", value_head=True, pad_id=None, eos_ids=()),
+], ids=lambda c: c.family)
+def test_config_round_trip(cfg):
+  d = hf.config_to_hf(cfg)
+  assert hf.config_from_hf(json.loads(json.dumps(d))) == cfg
+  # transformers rebuilds the same config from it
+  hf_cfg = transformers.AutoConfig.for_model(**d)
+  assert hf.config_from_hf(hf_cfg.to_dict()) == cfg
+  assert config_lib.ModelConfig.from_hf(hf_cfg) == cfg
+
+
+def test_config_from_hf_fields(hf_tiny_dirs):
+  def cfg(variant):
+    with open(os.path.join(hf_tiny_dirs[variant], "config.json")) as f:
+      return hf.config_from_hf(json.load(f))
+  c = cfg("cohere_qk")
+  assert (c.family, c.norm, c.block, c.qk_norm, c.logit_scale, c.tie_embeddings,
+          c.rope_interleaved, c.norm_eps) == ("cohere", "layernorm", "parallel", True, 0.0625,
+                                              True, True, 1e-5)
+  assert (c.bos_id, c.eos_ids, c.pad_id) == (1, (2,), 0)
+  assert cfg("cohere").rope_theta == 500000.0  # CohereConfig's default theta
+  c = cfg("llama_bias")
+  assert (c.qkv_bias, c.o_bias, c.mlp_bias, c.tie_embeddings) == (True, True, True, True)
+  assert c.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 32)
+  c = cfg("llama")
+  assert (c.rope_scaling, c.tie_embeddings, c.norm_eps) == (("linear", 2.0), False, 1e-5)
+  c = cfg("gemma2")
+  assert c.sliding_windows == (4, None)
+  assert c.query_scale == pytest.approx(24 ** -0.5)
+  assert (c.attn_softcap, c.final_softcap, c.activation, c.embed_scale, c.block) == (
+      2.0, 1.5, "gelu_tanh", True, "sandwich")
+  c = cfg("qwen2")
+  assert (c.qkv_bias, c.o_bias, c.rope_theta, c.tie_embeddings) == (True, False, 1e6, True)
+
+
+def test_config_from_hf_old_style_keys():
+  base = dict(vocab_size=97, hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
+              intermediate_size=96, num_hidden_layers=4, max_position_embeddings=256)
+  # transformers 4 layout: top-level rope_theta, rope_scaling with 'type', eos as a list
+  c = hf.config_from_hf(dict(base, architectures=["LlamaForCausalLM"], rope_theta=5e5,
+                             rope_scaling={"type": "llama3", "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+                             eos_token_id=[2, 5], bos_token_id=1))
+  assert c.rope_theta == 5e5 and c.eos_ids == (2, 5) and c.head_dim == 16
+  assert c.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 256)
+  # gemma2 without layer_types: even layers slide
+  c = hf.config_from_hf(dict(base, model_type="gemma2", sliding_window=7, head_dim=16,
+                             hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=16))
+  assert c.sliding_windows == (7, None, 7, None) and c.query_scale == 0.25
+
+
+@pytest.mark.parametrize("d, match", [
+    (dict(architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel.*my/config.json"),
+    (dict(model_type="gpt2"), "gpt2.*my/config.json"),
+    (dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=True), "use_sliding_window"),
+    (dict(architectures=["LlamaForCausalLM"], rope_parameters={"rope_type": "yarn",
+                                                               "factor": 2.0}), "yarn"),
+])
+def test_config_from_hf_errors(d, match):
+  base = dict(vocab_size=97, hidden_size=48, num_attention_heads=3, intermediate_size=96,
+              num_hidden_layers=2)
+  with pytest.raises(ValueError, match=match):
+    hf.config_from_hf(dict(base, **d), source="my/config.json")
+
+
+@pytest.mark.parametrize("cfg, field", [
+    (config_lib.tiny("llama", qk_norm=True), "qk_norm"),
+    (config_lib.tiny("qwen2", o_bias=True), "o_bias"),
+    (config_lib.tiny("gemma2", sliding_windows=(4, 8)), "sliding_windows"),
+    (config_lib.tiny("llama", logit_scale=0.5), "logit_scale"),
+])
+def test_config_to_hf_refuses_what_hf_cannot_express(cfg, field):
+  with pytest.raises(ValueError, match=field):
+    hf.config_to_hf(cfg)
+
+
+# --- 2./3. round trips through our params and through transformers -------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hf_params_hf_round_trip_is_bit_identical(hf_tiny_dirs, variant, tmp_path):
+  src = hf_tiny_dirs[variant]
+  cfg, params = hf.load(src)
+  assert params["layers"]["attn"]["q"]["kernel"].shape == (2, 48, 3, 16)
+  assert params["layers"]["attn"]["o"]["kernel"].shape == (2, 3, 16, 48)
+  hf.save(cfg, params, tmp_path)
+  _assert_same_tensors(src, tmp_path)
+  with open(os.path.join(src, "config.json")) as f, open(tmp_path / "config.json") as g:
+    assert hf.config_from_hf(json.load(f)) == hf.config_from_hf(json.load(g))
+  assert hf.load(tmp_path)[0] == cfg
+  _assert_same_params(hf.load(tmp_path)[1], params)
+
+
+def test_layout_matches_params_spec(hf_tiny_dirs):
+  cfg, params = hf.load(hf_tiny_dirs["qwen2"])
+  q = hf.read_hf_tensor(hf_tiny_dirs["qwen2"], "model.layers.1.self_attn.q_proj.weight")
+  np.testing.assert_array_equal(params["layers"]["attn"]["q"]["kernel"][1],
+                                q.T.reshape(48, 3, 16))
+  o = hf.read_hf_tensor(hf_tiny_dirs["qwen2"], "model.layers.0.self_attn.o_proj.weight")
+  np.testing.assert_array_equal(params["layers"]["attn"]["o"]["kernel"][0],
+                                o.T.reshape(3, 16, 48))
+  qb = hf.read_hf_tensor(hf_tiny_dirs["qwen2"], "model.layers.0.self_attn.q_proj.bias")
+  np.testing.assert_array_equal(params["layers"]["attn"]["q"]["bias"][0], qb.reshape(3, 16))
+  assert "lm_head" not in params and "o" in params["layers"]["attn"]
+  assert "bias" not in params["layers"]["attn"]["o"]
+  _, params = hf.load(hf_tiny_dirs["gemma2"])
+  assert sorted(params["layers"]) == ["attn", "mlp", "post_attn_norm", "post_mlp_norm",
+                                      "pre_attn_norm", "pre_mlp_norm"]
+  _, params = hf.load(hf_tiny_dirs["cohere_qk"])
+  assert params["layers"]["attn"]["k_norm"]["scale"].shape == (2, 1, 16)
+  assert sorted(params["layers"]) == ["attn", "mlp", "pre_attn_norm"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformers_loads_our_save(hf_tiny_dirs, variant, tmp_path):
+  cfg, params = hf.load(hf_tiny_dirs[variant])
+  hf.save(cfg, params, tmp_path)
+  with open(tmp_path / "generation_config.json") as f:
+    assert json.load(f) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+  tokens, mask = _batch()
+  ref = _hf_logits(_hf_model(hf_tiny_dirs[variant]), tokens, mask)
+  np.testing.assert_array_equal(_hf_logits(_hf_model(tmp_path), tokens, mask), ref)
+
+
+# --- 4. logits parity with transformers ----------------------------------------------------
+def _forward():
+  import aya_jax.models as models
+  if not hasattr(models, "forward"):
+    pytest.skip("aya_jax.models.forward does not exist yet")
+  return models.forward
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_parity_with_transformers(hf_tiny_dirs, variant):
+  forward = _forward()
+  cfg, params = hf.load(hf_tiny_dirs[variant])
+  tokens, mask = _batch(length=12, pad=4)  # 12 > gemma2's sliding window of 4
+  ref = _hf_logits(_hf_model(hf_tiny_dirs[variant]), tokens, mask)
+  ours = np.asarray(forward(cfg, params, tokens, segment_ids=mask))
+  assert ours.shape == ref.shape == (2, 12, 97) and ours.dtype == np.float32
+  valid = mask.astype(bool)
+  scale = 1.0 / cfg.logit_scale  # cohere logits are scaled by 1/16: compare before scaling
+  np.testing.assert_allclose(ours[valid] * scale, ref[valid] * scale, rtol=0, atol=1e-4)
+  if variant == "gemma2":  # the window matters in this test
+    full = np.asarray(forward(cfg.replace(sliding_windows=None), params, tokens,
+                              segment_ids=mask))
+    assert np.abs(full[valid] - ref[valid]).max() > 1e-3
+
+
+def test_value_head_parity_with_sequence_classification(hf_tiny_dirs, tmp_path):
+  forward = _forward()
+  cfg, params = hf.load(hf_tiny_dirs["llama"])
+  cfg = cfg.replace(value_head=True)
+  params["value_head"] = {"kernel": np.random.RandomState(1).randn(48, 1).astype(np.float32)}
+  hf.save(cfg, params, tmp_path)
+  model = _hf_model(tmp_path, transformers.AutoModelForSequenceClassification)
+  tokens, mask = _batch()
+  ref = _hf_logits(model, tokens, mask)[:, 0]  # HF pools the last non-pad token
+  values = np.asarray(forward(cfg, params, tokens, segment_ids=mask))
+  last = mask.sum(1) - 1
+  np.testing.assert_allclose(values[np.arange(2), last], ref, rtol=0, atol=1e-4)
+
+
+# --- value heads, shards, dtypes, shardings ------------------------------------------------
+@pytest.mark.parametrize("variant, arch, extra_files", [
+    ("llama", "LlamaForSequenceClassification", ["lm_head.safetensors"]),
+    ("qwen2", "Qwen2ForSequenceClassification", []),
+    ("cohere", "CohereForCausalLM", ["value_head.safetensors"]),
+])
+def test_value_head_save_load(hf_tiny_dirs, variant, arch, extra_files, tmp_path):
+  cfg, params = hf.load(hf_tiny_dirs[variant])
+  cfg = cfg.replace(value_head=True)
+  params["value_head"] = {"kernel": np.random.RandomState(1).randn(48, 1).astype(np.float32)}
+  hf.save(cfg, params, tmp_path)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["architectures"] == [arch]
+  for name in extra_files:
+    assert (tmp_path / name).exists()
+  cfg2, params2 = hf.load(tmp_path)
+  assert cfg2 == cfg
+  _assert_same_params(params2, params)
+  if arch.endswith("ForSequenceClassification"):
+    model = _hf_model(tmp_path, transformers.AutoModelForSequenceClassification)
+    np.testing.assert_array_equal(model.score.weight.detach().numpy(),
+                                  params["value_head"]["kernel"].T)
+  else:
+    _hf_model(tmp_path)  # loads as a causal LM with no unexpected keys
+
+
+def test_sharded_save_and_load(hf_tiny_dirs, tmp_path):
+  src = hf_tiny_dirs["llama_bias"]
+  cfg, params = hf.load(src)
+  hf.save(cfg, params, tmp_path, max_shard_bytes=40_000)
+  shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+  assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+  with open(tmp_path / "model.safetensors.index.json") as f:
+    index = json.load(f)
+  assert sorted(set(index["weight_map"].values())) == shards
+  assert index["metadata"]["total_size"] == sum(a.nbytes for a in _tensors(src).values())
+  _assert_same_tensors(src, tmp_path)
+  cfg2, params2 = hf.load(tmp_path)
+  assert cfg2 == cfg
+  _assert_same_params(params2, params)
+  tokens, mask = _batch()
+  np.testing.assert_array_equal(_hf_logits(_hf_model(tmp_path), tokens, mask),
+                                _hf_logits(_hf_model(src), tokens, mask))
+  # saving again unsharded removes the stale shards
+  hf.save(cfg, params, tmp_path)
+  assert not list(tmp_path.glob("model-*")) and not (tmp_path / hf.INDEX_FILE).exists()
+  _assert_same_tensors(src, tmp_path)
+
+
+def test_bfloat16_save_and_load(hf_tiny_dirs, tmp_path):
+  cfg, params = hf.load(hf_tiny_dirs["gemma2"])
+  hf.save(cfg, params, tmp_path, dtype=ml_dtypes.bfloat16)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["dtype"] == "bfloat16"
+  name = "model.layers.0.mlp.up_proj.weight"
+  assert hf.read_hf_tensor(tmp_path, name).dtype == ml_dtypes.bfloat16
+  _, back = hf.load(tmp_path)
+  assert back["layers"]["mlp"]["up"]["kernel"].dtype == np.float32
+  np.testing.assert_array_equal(
+      back["layers"]["mlp"]["up"]["kernel"],
+      params["layers"]["mlp"]["up"]["kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
+  _, back16 = hf.load(tmp_path, dtype=ml_dtypes.bfloat16)
+  assert back16["embedder"]["embedding"].dtype == ml_dtypes.bfloat16
+  _hf_model(tmp_path)
+
+
+def test_streaming_helpers(hf_tiny_dirs):
+  src = hf_tiny_dirs["cohere_qk"]
+  names = hf.hf_tensor_names(src)
+  assert "model.layers.1.self_attn.q_norm.weight" in names and "lm_head.weight" not in names
+  assert [n for n, _ in hf.iter_tensors(src)] == names
+  t = hf.read_hf_tensor(src, "model.layers.1.self_attn.q_norm.weight")
+  assert t.shape == (3, 16) and t.dtype == np.float32
+  with pytest.raises(ValueError, match="model.nope"):
+    hf.read_hf_tensor(src, "model.nope")
+
+
+def test_load_with_shardings(hf_tiny_dirs):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  _, host = hf.load(hf_tiny_dirs["qwen2"])
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), host)
+  shardings["embedder"]["embedding"] = NamedSharding(mesh, P(None, "fsdp") if 48 % len(
+      jax.devices()) == 0 else P())
+  _, params = hf.load(hf_tiny_dirs["qwen2"], shardings=shardings)
+  emb = params["embedder"]["embedding"]
+  assert isinstance(emb, jax.Array) and emb.sharding == shardings["embedder"]["embedding"]
+  _assert_same_params(params, host)
+
+
+# --- 5. errors ----------------------------------------------------------------------------
+def _edited_copy(src, dst, edit):
+  """Copies a HF dir and rewrites model.safetensors with edit(tensors)."""
+  shutil.copytree(src, dst)
+  tensors = _tensors(dst)
+  edit(tensors)
+  save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+  return os.path.join(dst, "model.safetensors")
+
+
+def test_missing_tensor_names_tensor_and_file(hf_tiny_dirs, tmp_path):
+  name = "model.layers.1.mlp.up_proj.weight"
+  file = _edited_copy(hf_tiny_dirs["llama"], tmp_path / "m", lambda t: t.pop(name))
+  with pytest.raises(ValueError, match=f"{name}.*missing.*{file}"):
+    hf.load(tmp_path / "m")
+
+
+def test_missing_untied_lm_head_is_an_error(hf_tiny_dirs, tmp_path):
+  _edited_copy(hf_tiny_dirs["llama"], tmp_path / "m", lambda t: t.pop("lm_head.weight"))
+  with pytest.raises(ValueError, match="lm_head.weight.*missing"):
+    hf.load(tmp_path / "m")
+
+
+def test_unexpected_tensor_names_it(hf_tiny_dirs, tmp_path):
+  def edit(t):
+    t["model.layers.0.self_attn.extra.weight"] = np.zeros((3, 3), np.float32)
+    t["model.rotary_emb.inv_freq"] = np.zeros((8,), np.float32)  # ignorable
+  file = _edited_copy(hf_tiny_dirs["qwen2"], tmp_path / "m", edit)
+  with pytest.raises(ValueError, match=f"unexpected.*model.layers.0.self_attn.extra.weight.*{file}"):
+    hf.load(tmp_path / "m")
+
+
+def test_shape_mismatch_names_tensor_and_shapes(hf_tiny_dirs, tmp_path):
+  name = "model.layers.0.self_attn.k_proj.weight"
+  file = _edited_copy(hf_tiny_dirs["gemma2"], tmp_path / "m",
+                      lambda t: t.update({name: np.zeros((32, 48), np.float32)}))
+  with pytest.raises(ValueError, match=rf"{name}.*{file}.*\(32, 48\).*expected \(16, 48\)"):
+    hf.load(tmp_path / "m")
+
+
+def test_tied_lm_head_present_must_equal_embedding(hf_tiny_dirs, tmp_path):
+  src = hf_tiny_dirs["cohere"]
+  _edited_copy(src, tmp_path / "same", lambda t: t.update(
+      {"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+  _assert_same_params(hf.load(tmp_path / "same")[1], hf.load(src)[1])
+  _edited_copy(src, tmp_path / "diff", lambda t: t.update(
+      {"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
+  with pytest.raises(ValueError, match="lm_head.weight.*differs"):
+    hf.load(tmp_path / "diff")
+
+
+def test_unsupported_architecture_names_it_and_the_file(hf_tiny_dirs, tmp_path):
+  shutil.copytree(hf_tiny_dirs["llama"], tmp_path / "m")
+  path = tmp_path / "m" / "config.json"
+  with open(path) as f:
+    d = json.load(f)
+  d["architectures"] = ["GPT2LMHeadModel"]
+  with open(path, "w") as f:
+    json.dump(d, f)
+  with pytest.raises(ValueError, match=f"GPT2LMHeadModel.*{path}"):
+    hf.load(tmp_path / "m")
+
+
+def test_save_checks_params(tmp_path):
+  cfg = config_lib.tiny("llama")
+  params = {"embedder": {"embedding": np.zeros((97, 48), np.float32)}}
+  with pytest.raises(ValueError, match="final_norm/scale"):
+    hf.save(cfg, params, tmp_path)
