@@ -78,5 +78,44 @@ def main(argv):
   run_stage(config, _WORKDIR.value)
 
 
+def _valid_keys_hint(argv) -> str:
+  """For a failed `--config.a.b=` override: the fields that do exist."""
+  import sys
+  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_path is None:
+    return ""
+  try:
+    from ml_collections.config_flags import config_flags as cf
+    config = cf._LoadConfigModule("config", config_path.split(":")[0]).get_config(
+        *([config_path.split(":", 1)[1]] if ":" in config_path else []))
+  except Exception:  # the config itself is broken: its own error says why
+    return ""
+  hints = []
+  for a in argv:
+    if not a.startswith("--config.") or "=" not in a:
+      continue
+    path = a[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for i, key in enumerate(path):
+      if hasattr(node, "keys") and key in node.keys():
+        node = node[key]
+        continue
+      if hasattr(node, "keys"):
+        where = ".".join(["config"] + path[:i])
+        hints.append(f"--config.{'.'.join(path)}: {where} has no field {key!r}; valid fields: "
+                     f"{', '.join(sorted(node.keys()))}")
+      break
+  del sys
+  return "\n".join(hints)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    hint = _valid_keys_hint(argv)
+    raise SystemExit(f"error: {e}\n{hint}".rstrip()) from None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -216,7 +216,21 @@ def _encode(tokenizer, text: str) -> list[int]:
 def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
   """Ids that end an assistant turn: eos, the template's end-of-turn token
   (the token right after an assistant message's content) and any known
-  end-of-turn name in the vocabulary."""
+  end-of-turn name in the vocabulary. Cached on the tokenizer object (keyed
+  by its chat template and eos), since a 256k vocabulary is slow to scan."""
+  key = (tokenizer.chat_template, tokenizer.eos_token_id, len(tokenizer))
+  cached = getattr(tokenizer, '_aya_end_of_turn', None)
+  if cached is not None and cached[0] == key:
+    return cached[1]
+  ids = _end_of_turn_ids(tokenizer)
+  try:
+    tokenizer._aya_end_of_turn = (key, ids)  # pylint: disable=protected-access
+  except AttributeError:
+    pass
+  return ids
+
+
+def _end_of_turn_ids(tokenizer) -> tuple[int, ...]:
   ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
   marker = 'MARKER'
   try:
