@@ -66,13 +66,32 @@ class Checkpointer:
     self.manager.close()
 
 
+PARAMS_CHUNK_BYTES = 32 << 20
+
+
+def _params_save_args(params):
+  """One Orbax chunk per layer of a stacked 'layers/...' leaf, and chunks of at most
+  PARAMS_CHUNK_BYTES (split along the largest axis: the vocab) of the other big leaves, so
+  that merging streams a params/ dir a layer (a block) at a time."""
+
+  def args(kp, x):
+    top = str(getattr(kp[0], "key", kp[0])) if kp else ""
+    if top == "layers" and np.ndim(x) >= 1:
+      return ocp.SaveArgs(shard_axes=(0,))
+    if np.size(x) * np.dtype(x.dtype).itemsize > PARAMS_CHUNK_BYTES:
+      return ocp.SaveArgs(chunk_byte_size=PARAMS_CHUNK_BYTES)
+    return ocp.SaveArgs()
+
+  return jax.tree_util.tree_map_with_path(args, params)
+
+
 def save_params(path: str, cfg: ModelConfig, params) -> str:
   """Writes params/ (model config + Orbax arrays); replaces an existing one."""
   path = os.path.abspath(path)
   arrays = os.path.join(path, "arrays")
   os.makedirs(path, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(arrays, params, force=True)
+  checkpointer.save(arrays, params, save_args=_params_save_args(params), force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     with open(os.path.join(path, MODEL_CONFIG), "w") as f:
@@ -108,6 +127,20 @@ def _as_dict(tree) -> Any:
   if isinstance(tree, dict) or hasattr(tree, "items"):
     return {k: _as_dict(v) for k, v in tree.items()}
   return tree
+
+
+def peek_config(path: str) -> ModelConfig:
+  """The ModelConfig of a params/ dir or an HF dir, without reading arrays."""
+  if is_params_dir(path):
+    with open(os.path.join(path, MODEL_CONFIG)) as f:
+      return ModelConfig.from_dict(json.load(f))
+  if os.path.exists(os.path.join(path, "config.json")):
+    from aya_jax.models import hf
+    with open(os.path.join(path, "config.json")) as f:
+      return hf.config_from_hf(json.load(f))
+  raise FileNotFoundError(
+      f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}) nor a Hugging Face "
+      "directory (config.json)")
 
 
 def load_model(path: str, shardings=None):

@@ -21,6 +21,8 @@ from ml_collections import config_flags
 # stage name -> module with run(config, workdir). Only stages that exist.
 STAGES = {
     "sft": "aya_jax.train.sft",
+    "generate": "aya_jax.teachers",
+    "merge": "aya_jax.merging",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

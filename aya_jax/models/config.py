@@ -111,6 +111,15 @@ class ModelConfig:
     emb = v * d * (1 if self.tie_embeddings else 2)
     return self.n_layers * (attn + mlp) + emb
 
+  def train_flops_per_token(self, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 * matmul params + causal attention
+    (PaLM appendix B convention: 6 N + 12 L H Dh T, halved for the causal mask)."""
+    d, h, k, dh = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+    per_layer = d * dh * (h + 2 * k) + h * dh * d + 3 * d * self.d_ff
+    matmul = self.n_layers * per_layer + self.vocab_size * d  # + the unembedding
+    attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len / 2
+    return 6.0 * matmul + attn
+
 
 def _family_defaults(family: str) -> dict:
   if family == "cohere":
@@ -142,6 +151,12 @@ def tiny(family: str, **kw) -> ModelConfig:
 
 
 PRESETS = {
+    # The embedded world's models: the Aya Expanse architecture at toy size
+    # (vocab_size comes from the world tokenizer at setup).
+    "world_cohere": dict(
+        **_family_defaults("cohere"), vocab_size=1536, d_model=64, n_layers=2, n_heads=4,
+        n_kv_heads=2, head_dim=16, d_ff=192, logit_scale=1.0, max_seq_len=512,
+        bos_id=1, eos_ids=(2,), pad_id=0),
     # Aya Expanse 8B (CohereForCausalLM) as published on the HF hub.
     "aya_expanse_8b": dict(
         **_family_defaults("cohere"), vocab_size=256000, d_model=4096, n_layers=32,

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from typing import Callable, Iterator, Optional
 
@@ -43,7 +44,21 @@ def default_loop_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.max_nonfinite = 3
   c.seed = 0
+  c.eval_every = 0              # 0: evaluate only at the end (when an eval_fn is given)
+  c.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known
+  c.flops_per_token = 0.0       # set by the stage (models.config.train_flops_per_token)
   return c
+
+
+# Dense bf16 peak TFLOP/s per chip (published figures).
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "v5p": 459.0, "v5e": 197.0,
+               "v5 lite": 197.0, "v4": 275.0, "v6e": 918.0, "v6 lite": 918.0}
+
+
+def peak_tflops(device=None) -> float:
+  """Peak TFLOP/s of one device from its kind; 0.0 when unknown (CPU)."""
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
 
 
 class _SignalFlag:
@@ -68,13 +83,16 @@ class _SignalFlag:
 
 
 def train_loop(state, step_fn: Callable, batches: Iterator, cfg, workdir: str, mesh,
-               stop_after: Optional[int] = None, on_log: Optional[Callable] = None):
+               stop_after: Optional[int] = None, on_log: Optional[Callable] = None,
+               eval_fn: Optional[Callable] = None):
   """Runs step_fn until cfg.num_steps; returns the final state.
 
   `batches` yields dicts of per-process numpy arrays and may have
   get_state()/set_state() (grain iterators do): it is checkpointed too.
   `stop_after` stops (with a checkpoint) after that many steps of this call,
-  which is how tests simulate a killed run.
+  which is how tests simulate a killed run. `eval_fn(state) -> dict` runs
+  every `cfg.eval_every` steps and at the end; its metrics are logged with an
+  `eval_` prefix.
   """
   ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
   start = 0
@@ -85,6 +103,8 @@ def train_loop(state, step_fn: Callable, batches: Iterator, cfg, workdir: str, m
       batches.set_state(data_state)
     logging.info("resumed at step %d", start)
   writer = metrics_lib.MetricWriter(workdir)
+  peak = (cfg.peak_tflops_per_device or peak_tflops()) * 1e12 * jax.device_count()
+  progress = sys.stderr.isatty() and jax.process_index() == 0
   acc = metrics_lib.MeanAccumulator()
   base_rng = jax.random.key(cfg.seed)
   nonfinite_run, t0, tokens = 0, time.time(), 0
@@ -108,12 +128,21 @@ def train_loop(state, step_fn: Callable, batches: Iterator, cfg, workdir: str, m
         dt = max(time.time() - t0, 1e-9)
         scalars = _finalise(acc.result())
         scalars.update(steps_per_s=len_or(cfg.log_every, step) / dt, tokens_per_s=tokens / dt)
+        if peak and cfg.flops_per_token:
+          scalars["mfu"] = tokens / dt * cfg.flops_per_token / peak
         writer.write(step, scalars)
         if on_log:
           on_log(step, scalars)
         logging.info("step %d %s", step, {k: round(v, 4) for k, v in scalars.items()})
         t0, tokens = time.time(), 0
+      if progress:
+        sys.stderr.write(f"\rstep {step}/{cfg.num_steps} loss {float(m['loss']):.4f}")
+        sys.stderr.flush()
       done = step == cfg.num_steps
+      if eval_fn is not None and (done or (cfg.eval_every and step % cfg.eval_every == 0)):
+        ev = {f"eval_{k}": v for k, v in eval_fn(state).items()}
+        writer.write(step, ev)
+        logging.info("step %d eval %s", step, ev)
       stopping = flag.raised or (stop_after is not None and step - start >= stop_after)
       if done or stopping or step % cfg.checkpoint_every == 0:
         ckpt.save(step, state, data_state())

@@ -56,7 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = model_block()
   c.tokenizer = ""        # local HF tokenizer directory (with a chat template)
   c.data = ml_collections.ConfigDict()
-  c.data.train = ()       # JSONL files of SFT records
+  c.data.train = ()       # JSONL files of SFT records ("" tokenizer + no files: the world)
+  c.data.eval = ()        # held-out JSONL files: eval loss every loop.eval_every steps
+  c.data.eval_batches = 4
   c.data.seq_len = 256
   c.data.batch_size = 16  # global rows per step
   c.data.pack = True
@@ -74,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
 def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
   """(ModelConfig, params) on the mesh: loaded from mcfg.init or random."""
   if mcfg.init:
-    cfg, _ = _peek_config(mcfg.init)
+    cfg = checkpoint.peek_config(mcfg.init)
     cfg = cfg.replace(dtype=mcfg.dtype, remat=mcfg.remat, **overrides)
     shardings = sharding.param_shardings(cfg, mesh, rules)
     loaded_cfg, params = checkpoint.load_model(mcfg.init, shardings)
@@ -85,16 +87,6 @@ def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
   cfg = model_config.preset(mcfg.preset, vocab_size=vocab_size, dtype=mcfg.dtype,
                             remat=mcfg.remat, **overrides)
   return cfg, sharding.init_params_sharded(cfg, jax.random.key(seed), mesh, rules)
-
-
-def _peek_config(path):
-  import json
-  if checkpoint.is_params_dir(path):
-    with open(os.path.join(path, checkpoint.MODEL_CONFIG)) as f:
-      return model_config.ModelConfig.from_dict(json.load(f)), None
-  from aya_jax.models import hf
-  with open(os.path.join(path, "config.json")) as f:
-    return hf.config_from_hf(json.load(f)), None
 
 
 def parse_weights(text: str):
@@ -136,12 +128,62 @@ def finish(workdir, cfg, params, export_hf: bool):
   return out
 
 
+def embedded_data(workdir: str, n_per_language: int = 128, languages=None):
+  """The embedded default: the synthetic world's tokenizer, train and valid splits."""
+  from aya_jax.data import records, synthetic
+  root = os.path.join(workdir, "embedded")
+  tok_dir = os.path.join(root, "tokenizer")
+  if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    synthetic.build_tokenizer(tok_dir)
+  paths = {}
+  for split in ("train", "valid"):
+    path = os.path.join(root, f"{split}.jsonl")
+    if not os.path.exists(path):
+      n = n_per_language if split == "train" else max(4, n_per_language // 8)
+      kw = {} if languages is None else {"languages": tuple(languages)}
+      records.write_jsonl(path, synthetic.make_split(split, n, seed=0, **kw))
+    paths[split] = path
+  return tok_dir, paths["train"], paths["valid"]
+
+
+def save_config(config, workdir: str, name: str = "config.json"):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+
+def make_eval_fn(loss_fn, files, tok, config, mesh):
+  """Mean loss per token over the first `data.eval_batches` batches of `files`."""
+  if not files:
+    return None
+  grad_free = jax.jit(lambda p, b: loss_fn(p, b, steps.loss_token_count(b), None))
+
+  def eval_fn(state):
+    it, _ = pipeline.make_sft_iterator(
+        list(files), tok, seq_len=config.data.seq_len,
+        global_batch_size=config.data.batch_size, seed=0, pack=config.data.pack, num_epochs=1)
+    total, n = 0.0, 0.0
+    for i, batch in enumerate(it):
+      if i >= config.data.eval_batches:
+        break
+      loss, sums = grad_free(state.params, sharding.global_batch(batch, mesh))
+      total += float(sums["nll_sum"])
+      n += float(sums["n_tokens"])
+    return {"loss": total / max(n, 1.0)}
+  return eval_fn
+
+
 def run(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
+  if not config.tokenizer and not config.data.train:
+    tok_dir, train, valid = embedded_data(workdir)
+    with config.unlocked():
+      config.tokenizer, config.data.train, config.data.eval = tok_dir, (train,), (valid,)
   if not config.tokenizer:
     raise ValueError("config.tokenizer: a local HF tokenizer directory is required")
   if not config.data.train:
     raise ValueError("config.data.train: at least one JSONL file of SFT records is required")
+  save_config(config, workdir)
   tok = formatting.load_tokenizer(config.tokenizer)
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = axes.rules(config.mesh.rules)
@@ -156,8 +198,12 @@ def run(config, workdir: str):
   loss_fn = steps.sft_loss_fn(cfg, config.model.vocab_chunk)
   st, fn = make_trainer(config, cfg, params, loss_fn, mesh, rules)
   step = jit_for(fn, st, _example_batch(config), mesh)
+  loop_cfg = config.loop.copy_and_resolve_references()
+  with loop_cfg.unlocked():
+    loop_cfg.flops_per_token = cfg.train_flops_per_token(config.data.seq_len)
+  eval_fn = make_eval_fn(loss_fn, config.data.eval, tok, config, mesh)
   with sharding.activation_rules(mesh, rules):
-    st = loop_lib.train_loop(st, step, batches, config.loop, workdir, mesh)
+    st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, eval_fn=eval_fn)
   logging.info("data: %s", stats.as_dict())
   return finish(workdir, cfg, st.params, config.export_hf)
 

@@ -1,0 +1,370 @@
+"""The teacher pool: every prompt through every teacher, written as completions.
+
+A teacher is (name, model, tokenizer, sampling method, n samples,
+max_new_tokens). The model is a Hugging Face directory (config.json +
+safetensors) or, in memory, a `(ModelConfig, params)` pair; the tokenizer
+directory carries the chat template (default: the model directory).
+
+`TeacherPool.answer(prompts, out_path)` loads one teacher at a time, renders
+each prompt with that teacher's chat template, samples `n` completions per
+prompt with `aya_jax.sampling.generate` and appends CompletionRecords to
+`out_path` after every batch (flushed). Completion ids are
+`completion_id(prompt id, teacher, sample)` = "<prompt id>#<teacher>#<j>".
+
+Resuming: on start, the ids already in `out_path` (and in the sidecar
+`<out_path>.empty`, which lists samples that decoded to empty text and so
+have no record) are done and are not generated again; a half-written last
+line is dropped. Batches are fixed by the whole prompt list (sorted by
+token length) and each prompt's key comes from (seed, teacher, prompt id),
+so a run killed between batches and resumed writes the same file as one
+uninterrupted run.
+
+Prompts JSONL, one per line: {"id", "language", "messages": [...]} where the
+messages end with a user turn (same message rules as aya_jax.data.records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from aya_jax import axes as axes_lib
+from aya_jax import checkpoint
+from aya_jax import sharding as sharding_lib
+from aya_jax.data import formatting, records
+from aya_jax.models import hf
+from aya_jax.models.config import ModelConfig
+from aya_jax.sampling import methods as methods_lib
+from aya_jax.sampling import sampler
+
+SEP = "#"
+EMPTY_SUFFIX = ".empty"
+
+
+# ------------------------------------------------------------------ prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord(records._Record):  # pylint: disable=protected-access
+  """A conversation awaiting an answer (its last message is the user's)."""
+  id: str
+  language: str
+  messages: tuple
+  KIND = "prompt"
+  _CHECKS = {"id": records._text, "language": records._text,  # pylint: disable=protected-access
+             "messages": records._prompt}  # pylint: disable=protected-access
+
+
+def read_prompts(path) -> list[PromptRecord]:
+  """Reads a prompts JSONL file strictly; errors name the file, line and field."""
+  out, seen = [], {}
+  with open(path, "r", encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise records.RecordError(f"malformed JSON: {e}") from None
+        rec = PromptRecord.from_dict(obj)
+        if rec.id in seen:
+          raise records.RecordError(f"duplicate id {rec.id!r} (first on line {seen[rec.id]})",
+                                    field="id")
+      except records.RecordError as e:
+        raise e.located(path, lineno) from None
+      seen[rec.id] = lineno
+      out.append(rec)
+  if not out:
+    raise records.RecordError("empty file: no prompts", path=path)
+  return out
+
+
+def as_prompts(prompts) -> list[PromptRecord]:
+  """A path, or PromptRecords / dicts of that shape."""
+  if isinstance(prompts, (str, os.PathLike)):
+    return read_prompts(prompts)
+  out = [p if isinstance(p, PromptRecord) else PromptRecord.from_dict(p) for p in prompts]
+  ids = [p.id for p in out]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"prompts: duplicate ids {sorted({i for i in ids if ids.count(i) > 1})}")
+  if not out:
+    raise ValueError("prompts: none given")
+  return out
+
+
+def completion_id(prompt_id: str, teacher: str, sample: int) -> str:
+  return f"{prompt_id}{SEP}{teacher}{SEP}{sample}"
+
+
+def parse_completion_id(cid: str) -> tuple[str, str, int]:
+  """(prompt id, teacher, sample) of a completion id (prompt ids may hold '#')."""
+  prompt_id, teacher, sample = cid.rsplit(SEP, 2)
+  return prompt_id, teacher, int(sample)
+
+
+# ----------------------------------------------------------------- teachers
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """One teacher. model: an HF directory, an aya_jax params/ dir or an in-memory
+  (cfg, params)."""
+  name: str
+  model: Union[str, tuple]
+  tokenizer: Optional[str] = None
+  method: Any = methods_lib.Greedy()
+  n: int = 1
+  max_new_tokens: int = 256
+
+  def __post_init__(self):
+    if not self.name or SEP in self.name:
+      raise ValueError(f"teacher name {self.name!r}: must be non-empty without {SEP!r}")
+    if not (isinstance(self.n, int) and self.n >= 1):
+      raise ValueError(f"teacher {self.name}: n={self.n!r} must be an int >= 1")
+    if self.tokenizer is None and not isinstance(self.model, (str, os.PathLike)):
+      raise ValueError(f"teacher {self.name}: an in-memory model needs a tokenizer directory")
+
+
+@dataclasses.dataclass
+class Loaded:
+  cfg: ModelConfig
+  params: Any
+  tokenizer: Any
+  stop_ids: tuple
+  pad_id: int
+
+
+def load_teacher(teacher: Teacher, mesh=None, sharding_preset: str = "fsdp") -> Loaded:
+  """Model, params (on device, sharded when a mesh is given) and tokenizer."""
+  tok_dir = teacher.tokenizer or teacher.model
+  tok = formatting.load_tokenizer(tok_dir)
+  if isinstance(teacher.model, (str, os.PathLike)):
+    path = os.fspath(teacher.model)
+    try:
+      cfg = checkpoint.peek_config(path)
+    except FileNotFoundError as e:
+      raise ValueError(f"teacher {teacher.name}: {e}") from None
+    shardings = None
+    if mesh is not None:
+      shardings = sharding_lib.param_shardings(cfg, mesh, axes_lib.rules(sharding_preset))
+    cfg, params = checkpoint.load_model(path, shardings=shardings)
+    where = path
+  else:
+    cfg, params = teacher.model
+    where = "the in-memory model"
+  if mesh is None:
+    params = jax.tree.map(jnp.asarray, params)
+  if len(tok) > cfg.vocab_size:
+    raise ValueError(f"teacher {teacher.name}: tokenizer {tok_dir} has {len(tok)} tokens but "
+                     f"{where} has vocab_size {cfg.vocab_size} (tokenizer/model mismatch)")
+  stop = tuple(dict.fromkeys(formatting.end_of_turn_ids(tok) + tuple(cfg.eos_ids)))
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_id or 0)
+  return Loaded(cfg, params, tok, stop, int(pad))
+
+
+def prompt_keys(seed: int, teacher: str, prompt_ids: Sequence[str]):
+  """[B] PRNG keys, one per (seed, teacher, prompt id): independent of batching."""
+  words = np.asarray([np.frombuffer(hashlib.sha256(
+      f"{teacher}\0{pid}".encode()).digest()[:8], np.uint32) for pid in prompt_ids])
+  base = jax.random.key(seed)
+  fold = lambda w: jax.random.fold_in(jax.random.fold_in(base, w[0]), w[1])
+  return jax.vmap(fold)(jnp.asarray(words, jnp.uint32))
+
+
+# ------------------------------------------------------------------- output
+
+
+def _drop_partial_line(path: str):
+  """Cuts a half-written last line (no trailing newline) off a file."""
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      keep = data.rfind(b"\n") + 1
+      logging.warning("%s: dropping a half-written last line (%d bytes)", path,
+                      len(data) - keep)
+      f.truncate(keep)
+
+
+def done_ids(out_path) -> set:
+  """Completion ids already in `out_path` or its `.empty` sidecar."""
+  out_path = os.fspath(out_path)
+  done = set()
+  if os.path.exists(out_path):
+    _drop_partial_line(out_path)
+    with open(out_path, encoding="utf-8") as f:
+      has_lines = any(line.strip() for line in f)
+    if has_lines:  # iter_jsonl rejects an empty file
+      done.update(r.id for r in records.iter_jsonl(out_path, "completion"))
+  empty = out_path + EMPTY_SUFFIX
+  if os.path.exists(empty):
+    _drop_partial_line(empty)
+    with open(empty, encoding="utf-8") as f:
+      done.update(line.strip() for line in f if line.strip())
+  return done
+
+
+# --------------------------------------------------------------------- pool
+
+
+class TeacherPool:
+  """Named teachers answering prompt files; see the module docstring."""
+
+  def __init__(self, teachers: Sequence[Teacher], batch_size: int = 8, seed: int = 0,
+               mesh=None, sharding_preset: str = "fsdp"):
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+      raise ValueError(f"teacher pool: duplicate teacher names in {names}")
+    if batch_size < 1:
+      raise ValueError(f"teacher pool: batch_size={batch_size} must be >= 1")
+    self.teachers = {t.name: t for t in teachers}
+    self.batch_size, self.seed = batch_size, seed
+    self.mesh, self.sharding_preset = mesh, sharding_preset
+
+  def select(self, names: Optional[Iterable[str]]) -> list[Teacher]:
+    if names is None:
+      return list(self.teachers.values())
+    out = []
+    for name in names:
+      if name not in self.teachers:
+        raise ValueError(f"unknown teacher {name!r}; the pool has {sorted(self.teachers)}")
+      out.append(self.teachers[name])
+    return out
+
+  def answer(self, prompts, out_path, teachers: Optional[Iterable[str]] = None,
+             max_batches: Optional[int] = None) -> dict:
+    """Appends every (prompt, teacher, sample) not yet in `out_path` to it.
+
+    `max_batches` stops after that many generated batches (time-boxed runs,
+    tests); the next call resumes. Returns counts: written, empty, skipped
+    (already done), batches, and finished (False when stopped early).
+    """
+    prompts = as_prompts(prompts)
+    out_path = os.fspath(out_path)
+    selected = self.select(teachers)
+    done = done_ids(out_path)
+    stats = dict(written=0, empty=0, skipped=0, batches=0, finished=True)
+    writer = jax.process_index() == 0
+    for teacher in selected:
+      todo = [(i, j) for i, p in enumerate(prompts) for j in range(teacher.n)
+              if completion_id(p.id, teacher.name, j) not in done]
+      stats["skipped"] += len(prompts) * teacher.n - len(todo)
+      if not todo:
+        logging.info("teacher %s: all %d prompts done", teacher.name, len(prompts))
+        continue
+      if max_batches is not None and stats["batches"] >= max_batches:
+        stats["finished"] = False
+        return stats
+      loaded = load_teacher(teacher, self.mesh, self.sharding_preset)
+      tokens = _tokenize(teacher, loaded, prompts)
+      order = sorted(range(len(prompts)), key=lambda i: len(tokens[i]))  # stable
+      for start in range(0, len(order), self.batch_size):
+        batch = order[start:start + self.batch_size]
+        need = [i for i in batch if any(completion_id(prompts[i].id, teacher.name, j) not in done
+                                        for j in range(teacher.n))]
+        if not need:
+          continue
+        if max_batches is not None and stats["batches"] >= max_batches:
+          stats["finished"] = False
+          return stats
+        recs, empty = self._generate(teacher, loaded, [prompts[i] for i in need],
+                                     [tokens[i] for i in need], done)
+        if writer:
+          if empty:
+            with open(out_path + EMPTY_SUFFIX, "a", encoding="utf-8") as f:
+              f.write("".join(e + "\n" for e in empty))
+          if recs:
+            records.write_jsonl(out_path, recs, append=True)
+        done.update(r.id for r in recs)
+        done.update(empty)
+        stats["written"] += len(recs)
+        stats["empty"] += len(empty)
+        stats["batches"] += 1
+        logging.info("teacher %s: batch %d/%d, %d written, %d empty", teacher.name,
+                     start // self.batch_size + 1, -(-len(order) // self.batch_size), len(recs),
+                     len(empty))
+      del loaded
+      gc.collect()
+    return stats
+
+  def _generate(self, teacher, loaded, batch, tokens, done):
+    res = sampler.generate(
+        loaded.cfg, loaded.params, tokens, prompt_keys(self.seed, teacher.name,
+                                                      [p.id for p in batch]),
+        teacher.method, teacher.max_new_tokens, loaded.stop_ids, teacher.n, loaded.pad_id,
+        self.mesh, self.sharding_preset)
+    texts = res.texts(loaded.tokenizer, loaded.stop_ids)
+    recs, empty = [], []
+    for row, text in enumerate(texts):
+      p, j = batch[row // teacher.n], row % teacher.n
+      cid = completion_id(p.id, teacher.name, j)
+      if cid in done:
+        continue
+      if not text.strip():
+        empty.append(cid)
+        continue
+      recs.append(records.CompletionRecord(id=cid, language=p.language, prompt=p.messages,
+                                           completion=text, teacher=teacher.name))
+    return recs, empty
+
+
+def _tokenize(teacher: Teacher, loaded: Loaded, prompts: list[PromptRecord]) -> list:
+  """Prompt token ids under the teacher's chat template; checks their length."""
+  limit = loaded.cfg.max_seq_len - teacher.max_new_tokens
+  out = []
+  for p in prompts:
+    toks = formatting.tokenize_prompt(loaded.tokenizer, p.messages)
+    if len(toks) > limit:
+      raise ValueError(
+          f"prompt {p.id!r}: {len(toks)} tokens with teacher {teacher.name}'s template; "
+          f"with max_new_tokens={teacher.max_new_tokens} it exceeds the model's "
+          f"max_seq_len={loaded.cfg.max_seq_len}")
+    out.append(toks)
+  return out
+
+
+# -------------------------------------------------------------------- stage
+
+
+def teachers_from_config(config) -> list[Teacher]:
+  """config.teachers: {name: {model, tokenizer, n, max_new_tokens, temperature,
+  top_k, top_p}}; missing sampling fields come from config.sampling."""
+  out = []
+  default = config.sampling
+  for name, t in config.teachers.items():
+    get = lambda key: t.get(key) if t.get(key) is not None else default.get(key)
+    method = methods_lib.from_config(get("temperature"), get("top_k"), get("top_p"))
+    out.append(Teacher(name=name, model=t.model, tokenizer=t.get("tokenizer") or None,
+                       method=method, n=int(get("n")), max_new_tokens=int(get("max_new_tokens"))))
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  """The 'generate' stage: config.prompts through config.teachers ->
+  config.output (default workdir/completions.jsonl)."""
+  if not config.prompts:
+    raise ValueError("generate: config.prompts (a prompts JSONL file) is not set")
+  teachers = teachers_from_config(config)
+  mesh = None
+  if jax.device_count() > 1:
+    mesh = sharding_lib.make_mesh(tuple(config.mesh_shape))
+  out = config.output or os.path.join(workdir, "completions.jsonl")
+  pool = TeacherPool(teachers, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
+                     sharding_preset=config.sharding)
+  only = [s for s in config.only.split(",") if s] if config.get("only") else None
+  stats = pool.answer(config.prompts, out, teachers=only)
+  logging.info("generate: %s -> %s", stats, out)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "generate_stats.json"), "w") as f:
+      json.dump(dict(stats, output=out), f, indent=1)
+  return stats
