@@ -112,14 +112,14 @@ def load_params(path: str, shardings=None):
     cfg = ModelConfig.from_dict(json.load(f))
   checkpointer = ocp.StandardCheckpointer()
   arrays = os.path.join(os.path.abspath(path), "arrays")
-  if shardings is None:
-    params = checkpointer.restore(arrays)
-  else:
-    meta = checkpointer.metadata(arrays)
-    tree = getattr(meta, "item_metadata", meta)
-    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                          _as_dict(tree), shardings)
-    params = checkpointer.restore(arrays, target)
+  meta = checkpointer.metadata(arrays)
+  tree = _as_dict(getattr(meta, "item_metadata", meta))
+  if shardings is None:  # one device, whatever mesh saved it
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, tree)
+  target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                        tree, shardings)
+  params = checkpointer.restore(arrays, target)
   return cfg, _as_dict(params)
 
 

@@ -22,7 +22,9 @@ from ml_collections import config_flags
 STAGES = {
     "sft": "aya_jax.train.sft",
     "generate": "aya_jax.teachers",
-    "merge": "aya_jax.merging",
+    "merge": "aya_jax.merge_stream",
+    "reward_model": "aya_jax.train.reward_model",
+    "arbitrage": "aya_jax.arbitrage",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -148,3 +148,14 @@ def test_params_dir_round_trip_and_load_model(tmp_path):
   assert placed["embedder"]["embedding"].sharding == sh["embedder"]["embedding"]
   with pytest.raises(FileNotFoundError, match="neither an aya_jax params"):
     checkpoint.load_model(str(tmp_path))
+
+
+def test_params_saved_from_a_mesh_load_on_one_device(tmp_path):
+  mesh = sharding.make_mesh((1, 8, 1))
+  params = sharding.init_params_sharded(CFG, jax.random.key(5), mesh, axes.rules("fsdp"))
+  checkpoint.save_params(str(tmp_path / "p"), CFG, params)
+  _, loaded = checkpoint.load_model(str(tmp_path / "p"))
+  leaf = loaded["layers"]["attn"]["q"]["kernel"]
+  assert len(leaf.sharding.device_set) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               params, loaded)
