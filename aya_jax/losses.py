@@ -16,7 +16,7 @@ spread over micro-batches. Left at None it is the micro-batch's own count.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +199,215 @@ def chunked_sft_loss(hidden_btd: Array, unembed_dv: Array, targets_bt: Array,
   loss, nll_sum = masked_mean_nll(logp, mask_bt, normalizer)
   n_tokens = jnp.sum(mask_bt.astype(jnp.float32))
   return loss, {"n_tokens": n_tokens, "nll_sum": jax.lax.stop_gradient(nll_sum)}
+
+
+# ----------------------------------------------------------- Bradley-Terry
+# (reward model; aya_jax/train/reward_model.py)
+
+
+def bradley_terry_loss(r_chosen: Array, r_rejected: Array,
+                       margin: Optional[Array] = None, center_coef: float = 0.0,
+                       weights: Optional[Array] = None,
+                       normalizer: Optional[Array] = None) -> tuple[Array, dict]:
+  """Pairwise reward-model loss, summed then divided by ``normalizer``.
+
+  Per pair i: ``-log sigmoid(rc_i - rr_i - margin_i) + center_coef *
+  (rc_i + rr_i)**2``. With all weights 1 and the default normalizer this is
+  the mean over pairs, i.e. TRL's RewardTrainer objective
+  ``-logsigmoid(rc - rr - margin).mean() + coef * mean((rc + rr)**2)``; the
+  centring term (Eisenstein et al. 2023) pins the free additive constant of
+  Bradley-Terry rewards near 0 so rewards from different runs compare.
+
+  Args:
+    r_chosen, r_rejected: [N] rewards (any float dtype; reduced in fp32).
+    margin: optional [N] (or scalar) required gap, e.g. a rating difference.
+    center_coef: weight of the reward-centring term (0 disables it).
+    weights: optional [N] 0/1 (padding pairs 0) or importance weights.
+    normalizer: weighted pair count of the whole global batch (exact
+      gradient accumulation); default: this batch's ``sum(weights)``.
+  Returns:
+    (loss, aux) with additive sums: n_pairs, n_correct (rc > rr strictly),
+    margin_sum (sum of rc - rr), loss_sum (BT part only), center_sum.
+  """
+  rc = r_chosen.astype(jnp.float32)
+  rr = r_rejected.astype(jnp.float32)
+  w = jnp.ones_like(rc) if weights is None else jnp.asarray(weights, jnp.float32)
+  diff = rc - rr
+  shifted = diff if margin is None else diff - jnp.asarray(margin, jnp.float32)
+  bt = -jax.nn.log_sigmoid(shifted)
+  center = (rc + rr) ** 2
+  if normalizer is None:
+    normalizer = jnp.sum(w)
+  per_pair = bt + center_coef * center if center_coef else bt
+  loss = jnp.sum(w * per_pair) / _nonzero(normalizer)
+  sg = jax.lax.stop_gradient
+  aux = {
+      "n_pairs": sg(jnp.sum(w)),
+      "n_correct": sg(jnp.sum(w * (diff > 0).astype(jnp.float32))),
+      "margin_sum": sg(jnp.sum(w * diff)),
+      "loss_sum": sg(jnp.sum(w * bt)),
+      "center_sum": sg(jnp.sum(w * center)),
+  }
+  return loss, aux
+
+
+# =========================================================================
+# Preference optimisation: the DPO family and RLOO
+# =========================================================================
+#
+# Conventions (TRL 1.16 `DPOTrainer._compute_loss`, the reference the tests
+# re-derive): sequence log-probs are SUMS over completion tokens; the DPO
+# "logit" is delta = (pi_c - ref_c) - (pi_r - ref_r); rewards are
+# beta * (pi - ref) of the summed log-probs, whatever the loss type.
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+# Loss types that always use per-token averaged log-ratios (as TRL does).
+_AVERAGED_TYPES = ("ipo", "sigmoid_norm")
+
+
+def sequence_logps(logp_bt: Array, mask_bt: Array) -> tuple[Array, Array]:
+  """(sum of log-probs over the mask, mask count) per row, float32."""
+  mask = mask_bt.astype(jnp.float32)
+  return jnp.sum(logp_bt.astype(jnp.float32) * mask, -1), jnp.sum(mask, -1)
+
+
+def dpo_loss(chosen_logps: Array, rejected_logps: Array,
+             ref_chosen_logps: Array, ref_rejected_logps: Array,
+             chosen_lengths: Optional[Array] = None,
+             rejected_lengths: Optional[Array] = None, *,
+             loss_type: str = "sigmoid", beta: float = 0.1,
+             label_smoothing: float = 0.0,
+             average_logps: bool = False) -> tuple[Array, dict]:
+  """Per-pair DPO-family losses [B] and per-pair statistics.
+
+  All log-probs are [B] sums over completion tokens; lengths are the token
+  counts (needed by ipo, sigmoid_norm and `average_logps`). With
+  s = log-ratios (divided by the length for ipo, sigmoid_norm or
+  `average_logps`, "Averaging log-likelihoods in direct alignment") and
+  delta = s_chosen - s_rejected, eps = label_smoothing:
+
+    sigmoid       -(1-eps) logsig(beta delta) - eps logsig(-beta delta)
+                  (eps > 0: conservative DPO, cDPO)
+    ipo           (delta - 1/(2 beta))^2                   (IPO eq. 17)
+    hinge         relu(1 - beta delta)                     (SLiC)
+    robust        [-(1-eps) logsig(beta delta) + eps logsig(-beta delta)]
+                  / (1 - 2 eps)                            (rDPO)
+    sigmoid_norm  -logsig(beta delta) on per-token averages
+
+  Returns (loss_b, aux) with aux: chosen_rewards, rejected_rewards
+  (beta * summed log-ratio, no gradient), margins, accuracies (1.0 where
+  chosen reward > rejected reward).
+  """
+  if loss_type not in DPO_LOSS_TYPES:
+    raise ValueError(f"dpo loss_type={loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+  if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+  if label_smoothing and loss_type not in ("sigmoid", "robust"):
+    raise ValueError(f"label_smoothing={label_smoothing} has no effect on loss_type="
+                     f"{loss_type!r} (only sigmoid and robust use it)")
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  chosen_ratio = f32(chosen_logps) - f32(ref_chosen_logps)
+  rejected_ratio = f32(rejected_logps) - f32(ref_rejected_logps)
+  if loss_type in _AVERAGED_TYPES or average_logps:
+    if chosen_lengths is None or rejected_lengths is None:
+      raise ValueError(f"dpo loss_type={loss_type!r} / average_logps needs the lengths")
+    sc = chosen_ratio / jnp.maximum(f32(chosen_lengths), 1.0)
+    sr = rejected_ratio / jnp.maximum(f32(rejected_lengths), 1.0)
+  else:
+    sc, sr = chosen_ratio, rejected_ratio
+  delta = sc - sr
+  eps = label_smoothing
+  if loss_type in ("sigmoid", "sigmoid_norm"):
+    loss = -(1.0 - eps) * jax.nn.log_sigmoid(beta * delta)
+    if eps:
+      loss = loss - eps * jax.nn.log_sigmoid(-beta * delta)
+  elif loss_type == "ipo":
+    loss = (delta - 1.0 / (2.0 * beta)) ** 2
+  elif loss_type == "hinge":
+    loss = jax.nn.relu(1.0 - beta * delta)
+  else:  # robust
+    loss = (-(1.0 - eps) * jax.nn.log_sigmoid(beta * delta)
+            + eps * jax.nn.log_sigmoid(-beta * delta)) / (1.0 - 2.0 * eps)
+  chosen_rewards = jax.lax.stop_gradient(beta * chosen_ratio)
+  rejected_rewards = jax.lax.stop_gradient(beta * rejected_ratio)
+  aux = dict(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+             margins=chosen_rewards - rejected_rewards,
+             accuracies=(chosen_rewards > rejected_rewards).astype(jnp.float32))
+  return loss, aux
+
+
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins",
+               "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+
+def dpo_metric_sums(aux: dict, chosen_logps: Array, rejected_logps: Array,
+                    weights_b: Array, normalizer, language_b: Optional[Array] = None,
+                    languages: Sequence[str] = ()) -> dict:
+  """TRL-named metrics as additive sums (micro-batches add to batch means).
+
+  Global metrics are sum(w * x) / normalizer (the pair count of the whole
+  batch). Per language l: '<name>@<l>' holds the unnormalised sum over
+  that language's pairs and 'pairs@<l>' their count; the exact mean over
+  any window is sum / count (`per_language_means`).
+  """
+  w = weights_b.astype(jnp.float32)
+  values = dict(zip(DPO_METRICS, (
+      aux["chosen_rewards"], aux["rejected_rewards"], aux["margins"],
+      aux["accuracies"], jax.lax.stop_gradient(chosen_logps),
+      jax.lax.stop_gradient(rejected_logps))))
+  norm = _nonzero(normalizer)
+  out = {k: jnp.sum(w * v.astype(jnp.float32)) / norm for k, v in values.items()}
+  if languages:
+    onehot = jax.nn.one_hot(language_b, len(languages), dtype=jnp.float32) * w[:, None]
+    for i, lang in enumerate(languages):
+      out[f"pairs@{lang}"] = jnp.sum(onehot[:, i])
+      for k, v in values.items():
+        out[f"{k}@{lang}"] = jnp.sum(onehot[:, i] * v.astype(jnp.float32))
+  return out
+
+
+def per_language_means(sums: dict) -> dict:
+  """{'<name>/<lang>': sum/count} from `dpo_metric_sums` keys (any window)."""
+  out = {}
+  for key, value in sums.items():
+    if "@" not in key or key.startswith("pairs@"):
+      continue
+    name, lang = key.rsplit("@", 1)
+    count = sums.get(f"pairs@{lang}", 0.0)
+    if count:
+      out[f"{name}/{lang}"] = float(value) / float(count)
+  return out
+
+
+def rloo_advantages(rewards_pk: Array) -> Array:
+  """REINFORCE leave-one-out advantages for [P, k] rewards (k >= 2).
+
+  A_i = r_i - mean_{j != i} r_j = k / (k - 1) * (r_i - mean_j r_j)
+  ("Back to Basics", Ahmadian et al. 2024, eq. 5).
+  """
+  r = jnp.asarray(rewards_pk, jnp.float32)
+  k = r.shape[-1]
+  if k < 2:
+    raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
+  others = (jnp.sum(r, -1, keepdims=True) - r) / (k - 1)
+  return r - others
+
+
+def sequence_kl(policy_logps: Array, ref_logps: Array) -> Array:
+  """Per-sequence KL estimate log pi(y|x) - log pi_ref(y|x) (summed log-probs)."""
+  return jnp.asarray(policy_logps, jnp.float32) - jnp.asarray(ref_logps, jnp.float32)
+
+
+def rloo_rewards(scores: Array, policy_logps: Array, ref_logps: Array,
+                 kl_coef: float) -> Array:
+  """Score minus kl_coef * sequence KL (no gradient: rewards are data)."""
+  kl = sequence_kl(policy_logps, ref_logps)
+  return jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32) - kl_coef * kl)
+
+
+def reinforce_loss(seq_logps: Array, advantages: Array, weights: Array,
+                   normalizer) -> Array:
+  """-sum(w * A * log pi(y|x)) / normalizer (normalizer: samples in the batch)."""
+  a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+  w = jnp.asarray(weights, jnp.float32)
+  return -jnp.sum(w * a * seq_logps.astype(jnp.float32)) / _nonzero(normalizer)

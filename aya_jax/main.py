@@ -25,6 +25,8 @@ STAGES = {
     "merge": "aya_jax.merge_stream",
     "reward_model": "aya_jax.train.reward_model",
     "arbitrage": "aya_jax.arbitrage",
+    "dpo": "aya_jax.train.dpo",
+    "online_dpo": "aya_jax.train.online",  # RLOO: --config.online.algorithm=rloo
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -1,0 +1,205 @@
+"""Preference pairs -> [B, 2, L] batches (row 0 chosen, row 1 rejected).
+
+    pairs, stats = tokenize_pairs(records, tokenizer, seq_len)
+    it = PairIterator(pairs, global_batch_size=16, seq_len=256, seed=0,
+                      languages=languages, ref_logps=cached)   # or None
+    batch = next(it)
+
+Each pair is tokenised with `formatting.tokenize_prompt_completion`, so the
+prompt/answer boundary is exactly the one SFT trains on: prompt + answer +
+end-of-turn, one padded example per row. A batch is the pipeline contract
+(`pipeline.build_batch`: tokens, targets, loss_mask, segment_ids,
+positions), every array [B, 2, L], plus
+
+  pair_mask  [B]     1 for a real pair, 0 for padding (a short last batch)
+  language   [B]     index into `languages`
+  index      [B]     the pair's index in `pairs` (-1 on padding)
+  ref_logps  [B, 2]  summed reference log-probs of chosen / rejected (only
+                     when the iterator was given cached ones)
+
+`PairIterator` is checkpointable (`get_state`/`set_state`: the position in
+a stream of epochs, each a permutation drawn from (seed, epoch)); process p
+of P reads rows [p B/P, (p+1) B/P) of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from aya_jax.data import formatting, pipeline
+from aya_jax.data import records as records_lib
+
+PAIR_KEYS = pipeline.KEYS + ("pair_mask", "language", "index")
+
+
+class Pair(NamedTuple):
+  """A tokenised preference pair."""
+  prompt: np.ndarray    # int32 prompt tokens (with the assistant header)
+  chosen: np.ndarray    # int32 answer tokens (with the end of turn)
+  rejected: np.ndarray
+  language: str
+  id: str
+
+
+class _Row(NamedTuple):
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+
+
+@dataclasses.dataclass
+class PairStats:
+  n_records: int = 0
+  n_pairs: int = 0
+  n_truncated: int = 0   # pairs with an answer cut to fit seq_len
+  n_skipped: int = 0     # pairs whose answer is empty after truncation
+
+
+def read_pairs(paths: Sequence[str], skip_invalid: bool = False) -> list:
+  """PreferenceRecords from JSONL files (strict reader, ids unique per file)."""
+  out = []
+  for path in paths:
+    out += list(records_lib.read_jsonl(path, "preference", skip_invalid=skip_invalid))
+  return out
+
+
+def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int,
+                   skip_invalid: bool = False) -> tuple[list, PairStats]:
+  """Tokenised pairs; an answer that does not fit at all raises (or is
+  skipped and counted with `skip_invalid`)."""
+  stats, out = PairStats(), []
+  for rec in recs:
+    if not isinstance(rec, records_lib.PreferenceRecord):
+      rec = records_lib.PreferenceRecord.from_dict(rec)
+    stats.n_records += 1
+    prompt, full_c = formatting.tokenize_prompt_completion(tokenizer, rec.prompt, rec.chosen,
+                                                           example_id=rec.id)
+    _, full_r = formatting.tokenize_prompt_completion(tokenizer, rec.prompt, rec.rejected,
+                                                      example_id=rec.id)
+    room = max(0, seq_len - len(prompt))  # as tokenize_prompt_completion(max_len=seq_len)
+    prompt, chosen, rejected = prompt[:seq_len], full_c[:room], full_r[:room]
+    if len(chosen) == 0 or len(rejected) == 0:
+      msg = (f"pair {rec.id!r}: prompt of {len(prompt)} tokens leaves no room for the answer "
+             f"within seq_len {seq_len}")
+      if not skip_invalid:
+        raise ValueError(msg + " (raise seq_len or pass skip_invalid)")
+      stats.n_skipped += 1
+      logging.log_first_n(logging.WARNING, "skipping %s", 5, msg)
+      continue
+    stats.n_truncated += int(len(chosen) < len(full_c) or len(rejected) < len(full_r))
+    out.append(Pair(prompt, chosen, rejected, rec.language, rec.id))
+  stats.n_pairs = len(out)
+  if not out:
+    raise ValueError("no preference pairs left after tokenisation")
+  return out, stats
+
+
+def fingerprint(pairs: Sequence[Pair], seq_len: int) -> str:
+  """sha256 over the pairs' tokens in order (what the reference scores)."""
+  h = hashlib.sha256(f"seq_len={seq_len};n={len(pairs)};".encode())
+  for p in pairs:
+    for part in (p.prompt, p.chosen, p.rejected):
+      h.update(np.asarray(part, np.int32).tobytes())
+      h.update(b"|")
+  return h.hexdigest()
+
+
+def pair_batch(pairs: Sequence[Optional[Pair]], seq_len: int, pad_id: int,
+               languages: Sequence[str], indices: Optional[Sequence[int]] = None,
+               ref_logps: Optional[np.ndarray] = None) -> dict:
+  """The [B, 2, L] batch of `pairs` (None = a padding pair)."""
+  lang_index = {l: i for i, l in enumerate(languages)}
+  rows = []
+  for p in pairs:
+    if p is None:
+      rows += [[], []]
+      continue
+    zeros = np.zeros(len(p.prompt), np.int32)
+    for answer in (p.chosen, p.rejected):
+      rows.append([_Row(np.concatenate([p.prompt, answer]).astype(np.int32),
+                        np.concatenate([zeros, np.ones(len(answer), np.int32)]))])
+  flat = pipeline.build_batch(rows, seq_len, pad_id)
+  b = len(pairs)
+  batch = {k: v.reshape(b, 2, seq_len) for k, v in flat.items()}
+  batch["pair_mask"] = np.asarray([p is not None for p in pairs], np.int32)
+  batch["language"] = np.asarray([lang_index[p.language] if p is not None else 0
+                                  for p in pairs], np.int32)
+  idx = np.asarray([-1] * b if indices is None else indices, np.int32)
+  batch["index"] = idx
+  if ref_logps is not None:
+    ref = np.zeros((b, 2), np.float32)
+    ref[idx >= 0] = ref_logps[idx[idx >= 0]]
+    batch["ref_logps"] = ref
+  return batch
+
+
+def languages_of(pairs: Sequence[Pair]) -> tuple:
+  return tuple(sorted({p.language for p in pairs}))
+
+
+class PairIterator:
+  """Epochs of shuffled pairs as [B_local, 2, L] batches; checkpointable.
+
+  `num_epochs=None` repeats forever (train); with a number it ends after
+  that many passes, the last batch padded (pair_mask 0). `shuffle=False`
+  keeps the file order (evaluation, reference log-probs).
+  """
+
+  def __init__(self, pairs: Sequence[Pair], *, global_batch_size: int, seq_len: int,
+               pad_id: int = 0, seed: int = 0, languages: Sequence[str] = (),
+               ref_logps: Optional[np.ndarray] = None, shuffle: bool = True,
+               num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
+    self.pairs, self.seq_len, self.pad_id = list(pairs), seq_len, pad_id
+    self.languages = tuple(languages) or languages_of(self.pairs)
+    self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
+    pc = jax.process_count() if process_count is None else process_count
+    self.pi = jax.process_index() if process_index is None else process_index
+    if global_batch_size % pc:
+      raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
+                       f"process_count {pc}")
+    self.global_batch, self.rows = global_batch_size, global_batch_size // pc
+    if ref_logps is not None and len(ref_logps) != len(self.pairs):
+      raise ValueError(f"ref_logps has {len(ref_logps)} rows for {len(self.pairs)} pairs")
+    self.ref_logps = ref_logps
+    self.position = 0  # pairs of the stream consumed (global)
+    self._perm_epoch, self._perm = -1, None
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if self._perm_epoch != epoch:
+      n = len(self.pairs)
+      self._perm = (np.random.default_rng([self.seed, epoch]).permutation(n)
+                    if self.shuffle else np.arange(n))
+      self._perm_epoch = epoch
+    return self._perm
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    n = len(self.pairs)
+    total = None if self.num_epochs is None else self.num_epochs * n
+    if total is not None and self.position >= total:
+      raise StopIteration
+    start = self.position + self.pi * self.rows
+    indices = []
+    for g in range(start, start + self.rows):
+      if total is not None and g >= total:
+        indices.append(-1)
+      else:
+        indices.append(int(self._order(g // n)[g % n]))
+    self.position += self.global_batch
+    chosen = [self.pairs[i] if i >= 0 else None for i in indices]
+    return pair_batch(chosen, self.seq_len, self.pad_id, self.languages, indices,
+                      self.ref_logps)
+
+  def get_state(self) -> dict:
+    return {"position": int(self.position)}
+
+  def set_state(self, state: dict) -> None:
+    self.position = int(state["position"])

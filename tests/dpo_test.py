@@ -1,0 +1,192 @@
+"""Offline DPO: pair batches, learning on a toy preference set, the cached
+reference (reuse, invalidation, same trajectory as live), TR-DPO sync,
+chunked log-probs, 8 devices == 1 device."""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aya_jax import axes, checkpoint, sharding
+from aya_jax.data import formatting
+from aya_jax.data import preference_pipeline as pp
+from aya_jax.data import records
+from aya_jax.metrics import read_metrics
+from aya_jax.train import dpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = ["red", "blue", "green", "yellow", "purple", "orange"]
+BAD = ["cat", "dog", "fish", "horse", "mouse", "bird"]
+
+
+def _pairs(lo, hi, lang):
+  out = []
+  for i in range(lo, hi):
+    out.append(records.PreferenceRecord(
+        id=f"{lang}{i}", language=lang,
+        prompt=({"role": "user", "content": (f"name a thing number {i}" if lang == "en"
+                                             else f"nomme une chose {i}")},),
+        chosen=f"{GOOD[i % 6]} {GOOD[(i // 6) % 6]}", rejected=f"{BAD[(i * 5) % 6]} {BAD[i % 6]}",
+        chosen_score=1.0, rejected_score=0.0, source="toy"))
+  return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+  d = tmp_path_factory.mktemp("dpo")
+  train = _pairs(0, 24, "en") + _pairs(0, 24, "fr")
+  held = _pairs(40, 52, "en") + _pairs(40, 52, "fr")
+  records.write_jsonl(d / "train.jsonl", train)
+  records.write_jsonl(d / "eval.jsonl", held)
+  corpus = [f"name a thing number {i}" for i in range(60)] + [
+      f"nomme une chose {i}" for i in range(60)] + GOOD * 5 + BAD * 5
+  formatting.train_tokenizer(corpus, str(d / "tok"), vocab_size=300)
+  return d
+
+
+def _config(d, steps=30):
+  spec = importlib.util.spec_from_file_location("dpo_cfg", os.path.join(ROOT, "configs/dpo.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.tokenizer = str(d / "tok")
+  c.data.train, c.data.eval = (str(d / "train.jsonl"),), (str(d / "eval.jsonl"),)
+  c.data.seq_len, c.data.batch_size = 40, 8
+  c.optim.lr, c.optim.warmup_steps, c.optim.total_steps = 3e-3, 2, steps
+  c.loop.num_steps, c.loop.log_every, c.loop.checkpoint_every = steps, 1, 100
+  c.mesh.shape = (8, 1, 1)
+  c.dpo.beta = 0.5
+  return c
+
+
+def test_pair_batch_shares_the_prompt_and_matches_sft_tokenisation(toy):
+  tok = formatting.load_tokenizer(str(toy / "tok"))
+  rec = _pairs(3, 4, "en")[0]
+  pairs, stats = pp.tokenize_pairs([rec], tok, 48)
+  b = pp.pair_batch(pairs, 48, 0, ("en",), [0])
+  assert b["tokens"].shape == (1, 2, 48) and stats.n_pairs == 1 and stats.n_truncated == 0
+  n_prompt = len(pairs[0].prompt)
+  np.testing.assert_array_equal(b["tokens"][0, 0, :n_prompt], b["tokens"][0, 1, :n_prompt])
+  # exactly SFT's tokens and loss mask for the conversation prompt + chosen
+  sft = formatting.tokenize_chat(tok, list(rec.prompt) + [
+      {"role": "assistant", "content": rec.chosen}])
+  n = len(sft.tokens)
+  np.testing.assert_array_equal(b["tokens"][0, 0, :n], sft.tokens)
+  np.testing.assert_array_equal(b["loss_mask"][0, 0, :n - 1], sft.loss_mask[1:])
+  assert b["loss_mask"][0, 0].sum() == len(pairs[0].chosen)
+
+
+def test_dpo_stage_learns_held_out_preferences(toy, tmp_path):
+  c = _config(toy)
+  dpo.run(c, str(tmp_path))
+  logged = read_metrics(str(tmp_path))
+  assert logged[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+  ev = json.load(open(tmp_path / "eval_metrics.json"))
+  ref = np.load(next((tmp_path / "ref_logps").glob("*.npz")))
+  print("eval", {k: round(v, 3) for k, v in ev.items()})
+  assert ev["rewards/accuracies"] > 0.9
+  assert ev["rewards/accuracies/en"] > 0.9 and ev["rewards/accuracies/fr"] > 0.9
+  assert ev["rewards/margins"] > 1.0
+  assert ev["logps/margin"] > ev["ref_logps/margin"] + 5.0  # chosen - rejected log-prob
+  lang_log = [json.loads(l) for l in open(tmp_path / "metrics_language.jsonl")]
+  assert "rewards/accuracies/fr" in lang_log[-1]
+  cfg, params = checkpoint.load_model(str(tmp_path / "params"))
+  assert cfg.vocab_size == 300
+  del ref, params
+
+
+def _setup(toy, n_dev=8, **over):
+  c = _config(toy, steps=4)
+  for k, v in over.items():
+    setattr(c.dpo, k, v)
+  tok = formatting.load_tokenizer(str(toy / "tok"))
+  mesh = sharding.make_mesh((n_dev, 1, 1), jax.devices()[:n_dev])
+  rules = axes.rules("fsdp")
+  cfg, params = dpo.sft.setup_model(c.model, len(tok), mesh, rules, 0, pad_id=0, bos_id=1,
+                                    eos_ids=formatting.end_of_turn_ids(tok))
+  pairs, _ = pp.tokenize_pairs(records.read_jsonl(toy / "train.jsonl", "preference"), tok, 40)
+  return c, cfg, params, pairs, mesh, rules
+
+
+def test_reference_cache_reused_and_invalidated(toy, tmp_path):
+  c, cfg, params, pairs, mesh, rules = _setup(toy)
+  kw = dict(seq_len=40, batch_size=8, pad_id=0, mesh=mesh, rules=rules, vocab_chunk=0,
+            cache_dir=str(tmp_path))
+  langs = ("en", "fr")
+  a, path_a, hit = dpo.cached_reference_logps(cfg, params, pairs, langs, **kw)
+  assert not hit
+  b, path_b, hit = dpo.cached_reference_logps(cfg, params, pairs, langs, **kw)
+  assert hit and path_b == path_a
+  np.testing.assert_array_equal(a, b)
+  _, path_c, hit = dpo.cached_reference_logps(cfg, params, pairs[:-1], langs, **kw)  # data
+  assert not hit and path_c != path_a
+  other = jax.tree.map(lambda x: x * 1.001, params)  # reference
+  _, path_d, hit = dpo.cached_reference_logps(cfg, other, pairs, langs, **kw)
+  assert not hit and path_d not in (path_a, path_c)
+  assert len(os.listdir(tmp_path)) == 3
+
+
+def _train(toy, workdir, n_dev=8, stop_after=None, **over):
+  c, cfg, params, pairs, mesh, rules = _setup(toy, n_dev, **over)
+  out, _ = dpo.train_dpo(c, str(workdir), cfg, params, pairs, mesh, rules, stop_after=stop_after)
+  return out, read_metrics(str(workdir))
+
+
+def _close(a, b, atol=1e-5):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol),
+               a, b)
+
+
+def test_cached_reference_gives_the_live_trajectory_and_resumes(toy, tmp_path):
+  cached, m1 = _train(toy, tmp_path / "cached")
+  live, m2 = _train(toy, tmp_path / "live", reference="live")
+  _close(cached, live)
+  np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m2], rtol=1e-5)
+  with pytest.raises(dpo.loop_lib.Preempted):
+    _train(toy, tmp_path / "killed", stop_after=2)
+  resumed, _ = _train(toy, tmp_path / "killed")
+  _close(cached, resumed, atol=0)
+
+
+def test_eight_devices_equal_one(toy, tmp_path):
+  one, m1 = _train(toy, tmp_path / "one", n_dev=1)
+  eight, m8 = _train(toy, tmp_path / "eight", n_dev=8)
+  _close(one, eight, atol=2e-5)
+  np.testing.assert_allclose(m1[-1]["rewards/margins"], m8[-1]["rewards/margins"], rtol=1e-3)
+
+
+def test_rpo_term_and_chunked_logps(toy, tmp_path):
+  _, m = _train(toy, tmp_path / "rpo", rpo_alpha=1.0)
+  assert m[0]["nll_loss"] > 1.0
+  assert m[0]["loss"] == pytest.approx(m[0]["dpo_loss"] + m[0]["nll_loss"], rel=1e-5)
+  c, cfg, params, pairs, mesh, rules = _setup(toy, 1)
+  kw = dict(seq_len=40, batch_size=8, pad_id=0, mesh=mesh, rules=rules)
+  full = dpo.compute_pair_logps(cfg, params, pairs[:8], ("en", "fr"), **kw)
+  chunked = dpo.compute_pair_logps(cfg, params, pairs[:8], ("en", "fr"), vocab_chunk=64, **kw)
+  np.testing.assert_allclose(full[0], chunked[0], rtol=1e-5)
+  np.testing.assert_array_equal(full[1], chunked[1])
+
+
+def test_tr_dpo_sync_moves_the_reference():
+  tx = dpo.reference_sync(alpha=0.25, every=2)
+  p = {"w": jnp.asarray([1.0, 2.0])}
+  state = tx.init(p)
+  u = {"w": jnp.asarray([1.0, 1.0])}
+  _, state = tx.update(u, state, p)           # update 1: no sync
+  np.testing.assert_allclose(state.ref["w"], [1.0, 2.0])
+  _, state = tx.update(u, state, {"w": jnp.asarray([3.0, 3.0])})  # update 2: policy 4, 4
+  np.testing.assert_allclose(state.ref["w"], [0.25 * 4 + 0.75 * 1, 0.25 * 4 + 0.75 * 2])
+
+
+def test_tr_dpo_needs_live_reference_and_runs(toy, tmp_path):
+  with pytest.raises(ValueError, match="live"):
+    _train(toy, tmp_path / "bad", sync_every=2)
+  synced, m = _train(toy, tmp_path / "sync", reference="live", sync_every=2)
+  plain, _ = _train(toy, tmp_path / "plain", reference="live")
+  assert not np.allclose(np.asarray(synced["embedder"]["embedding"]),
+                         np.asarray(plain["embedder"]["embedding"]))
