@@ -27,6 +27,9 @@ STAGES = {
     "arbitrage": "aya_jax.arbitrage",
     "dpo": "aya_jax.train.dpo",
     "online_dpo": "aya_jax.train.online",  # RLOO: --config.online.algorithm=rloo
+    "world": "aya_jax.world",
+    "eval": "aya_jax.evaluation",
+    "pipeline": "aya_jax.recipe",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -1,0 +1,346 @@
+r"""Bootstrap of the synthetic world: tokenizer, base model, teacher pool, weak model.
+
+    python -m aya_jax.main --config=configs/world.py --workdir=runs/world
+
+`bootstrap(workdir, config) -> paths` builds, in workdir:
+
+  tokenizer/                 the world's sentencepiece tokenizer (HF dir)
+  base/params/               a tiny decoder pretrained on the world's raw text
+                             (lexicon lists, train-split prompts and answers as
+                             separate documents, never a prompt with its answer)
+  teachers/<family>/params/  the base fine-tuned (SFT, prompt -> gold answer) on
+                             the train split of one language family only
+  weak/params/               the base fine-tuned briefly on English only
+  (and <model>/hf/ when export_hf: transformers-loadable, tokenizer included)
+  world_report.json / .md    every model's mean verifier score per language on
+                             the validation split; own vs other family means
+
+Pretraining is the SFT stage on records whose assistant turn is the text (a
+fixed one-character user turn), so `train/sft.py` is used unchanged; the
+initial params come from `config.model` (random, saved as params/).
+
+Caching: each artifact has a spec (its config and its inputs' specs) in
+`world_spec.json` and a `world_done.json` once finished. A second call
+with the same config trains nothing (the returned `trained` list is empty);
+a changed spec retrains that artifact and everything after it. A killed run
+resumes from the SFT checkpoints of the artifact it was building.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from aya_jax import axes, checkpoint, evaluation, sharding
+from aya_jax.data import formatting, lexicon, records, synthetic
+from aya_jax.models import config as model_config
+from aya_jax.train import sft
+
+SPEC, DONE, DOC_USER = "world_spec.json", "world_done.json", "·"
+TRAIN_COUNT = {"n": 0}  # SFT runs started by this process (tests check caching)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "world"
+  c.seed = 0
+  c.languages = synthetic.LANGUAGES
+  c.tasks = synthetic.TASKS
+  # 'name:l1,l2;name:...'; "" = LANGUAGE_FAMILIES restricted to `languages`
+  c.families = ""
+  c.weak_languages = ("en",)
+  c.vocab_size = 0        # 0: the world's characters + 264 + 384 merges (x64)
+  c.model = ml_collections.ConfigDict(dict(
+      family="llama", d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=24, d_ff=256,
+      max_seq_len=256))
+  c.data = ml_collections.ConfigDict(dict(seq_len=96, batch_size=16))
+  c.pretrain = ml_collections.ConfigDict(dict(steps=500, lr=3e-3, n_per_language=600))
+  c.teacher = ml_collections.ConfigDict(dict(steps=400, lr=2e-3, n_per_language=500))
+  c.weak = ml_collections.ConfigDict(dict(steps=100, lr=2e-3, n_per_language=200))
+  c.report = ml_collections.ConfigDict(dict(n_per_language=40, max_new_tokens=40,
+                                            batch_size=64))
+  c.mesh_shape = (-1, 1, 1)
+  c.export_hf = True
+  return c
+
+
+def families(config) -> dict:
+  """{family name: languages}, each within config.languages."""
+  langs = tuple(config.languages)
+  if config.families:
+    out = {}
+    for part in [p for p in config.families.split(";") if p.strip()]:
+      if ":" not in part:
+        raise ValueError(f"config.families: {part!r} is not 'name:lang,lang'")
+      name, ls = part.split(":", 1)
+      fam = tuple(x.strip() for x in ls.split(",") if x.strip())
+      bad = [x for x in fam if x not in langs]
+      if bad:
+        raise ValueError(f"config.families: family {name} has languages {bad} not in "
+                         f"config.languages {langs}")
+      out[name.strip()] = fam
+    return out
+  common = set.intersection(*(set(f) for f in synthetic.LANGUAGE_FAMILIES.values()))
+  out = {}
+  for name, fam in synthetic.LANGUAGE_FAMILIES.items():
+    fam = tuple(x for x in fam if x in langs)
+    if set(fam) - common:  # a family of English alone is no family
+      out[name] = fam
+  return out
+
+
+# ------------------------------------------------------------------- data
+
+
+def pretrain_records(languages, tasks, n_per_language: int, seed: int,
+                     docs_per_record: int = 4) -> list:
+  """Raw world text as SFT records: lexicon lists, train prompts and answers
+  (separately, shuffled), `docs_per_record` documents per assistant turn."""
+  rng = np.random.default_rng(seed)
+  docs = {lang: [] for lang in languages}
+  for lang in languages:
+    for cat in ("numbers", "days", "colours", "nouns", "names"):
+      words = list(lexicon.LEXICON[lang][cat])
+      for _ in range(3):
+        docs[lang].append(lexicon.LIST_SEPARATORS.get(lang, ", ").join(words))
+        rng.shuffle(words)
+  for r in synthetic.make_split("train", n_per_language, seed, tuple(languages), tuple(tasks)):
+    docs[r.language] += [r.messages[0]["content"], r.messages[1]["content"]]
+  out = []
+  for lang in languages:
+    d = docs[lang]
+    order = rng.permutation(len(d))
+    for k in range(0, len(d), docs_per_record):
+      text = "\n".join(d[i] for i in order[k:k + docs_per_record])
+      out.append(records.SFTRecord(id=f"pretrain:{lang}:{k}", language=lang, messages=(
+          {"role": "user", "content": DOC_USER}, {"role": "assistant", "content": text})))
+  return out
+
+
+def sft_records(languages, tasks, n_per_language: int, seed: int) -> list:
+  """Train-split SFT records of `languages` (translation targets among them)."""
+  tasks = tuple(tasks)
+  if len(languages) < 2:  # no target language to translate into
+    tasks = tuple(t for t in tasks if t != "translate")
+  return synthetic.make_split("train", n_per_language, seed, tuple(languages), tasks)
+
+
+# --------------------------------------------------------------- artifacts
+
+
+def build_tokenizer(out_dir: str, languages, vocab_size: int = 0, seed: int = 0):
+  """The world's tokenizer trained on the text of `languages` only."""
+  texts = list(synthetic.world_corpus(16, seed, tuple(languages)))
+  n_chars = len(set("".join(texts)))
+  if not vocab_size:
+    vocab_size = -(-(n_chars + 264 + 384) // 64) * 64
+  return formatting.train_tokenizer(texts, out_dir, vocab_size=vocab_size, seed=seed)
+
+
+def _hash(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _cached(directory: str, spec: dict) -> bool:
+  """True if `directory` holds a finished artifact of `spec`; otherwise makes
+  sure it holds nothing of another spec (a partial run of this spec stays,
+  so the SFT stage resumes it)."""
+  spec = json.loads(json.dumps(spec))  # tuples -> lists, as read back
+  spec_path, done = os.path.join(directory, SPEC), os.path.join(directory, DONE)
+  if os.path.exists(spec_path):
+    with open(spec_path) as f:
+      if json.load(f) == spec:
+        return os.path.exists(done)
+    logging.warning("world: %s was built with another config; rebuilding", directory)
+    shutil.rmtree(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(spec_path, "w") as f:
+    json.dump(spec, f, indent=1)
+  return False
+
+
+def _finish(directory: str, **info):
+  ckpts = os.path.join(directory, "checkpoints")
+  if os.path.isdir(ckpts):
+    shutil.rmtree(ckpts)
+  with open(os.path.join(directory, DONE), "w") as f:
+    json.dump(info, f, indent=1)
+
+
+def _sft_config(config, init: str, train_path: str, tok_dir: str, steps: int, lr: float):
+  c = sft.default_config()
+  c.seed = config.seed
+  c.model.init = init
+  c.tokenizer = tok_dir
+  c.data.train = (train_path,)
+  c.data.seq_len, c.data.batch_size = config.data.seq_len, config.data.batch_size
+  c.optim.lr, c.optim.total_steps = lr, steps
+  c.optim.warmup_steps = max(1, min(50, steps // 10))
+  c.optim.weight_decay = 0.0
+  c.loop.num_steps, c.loop.log_every = steps, max(1, steps // 10)
+  c.loop.checkpoint_every = max(100, steps // 2)
+  c.loop.seed = config.seed
+  c.mesh.shape = tuple(config.mesh_shape)
+  c.export_hf = bool(config.export_hf)
+  return c
+
+
+def _train(config, directory: str, recs: list, init: str, tok_dir: str, steps: int,
+           lr: float, tokenizer) -> float:
+  """SFT of `init` on `recs` into directory/params (and hf/); seconds taken."""
+  t0 = time.time()
+  TRAIN_COUNT["n"] += 1
+  path = os.path.join(directory, "train.jsonl")
+  records.write_jsonl(path, recs)
+  sft.run(_sft_config(config, init, path, tok_dir, steps, lr), directory)
+  if config.export_hf:
+    tokenizer.save_pretrained(os.path.join(directory, "hf"))
+  return time.time() - t0
+
+
+def _init_params(config, directory: str, tokenizer) -> str:
+  m = config.model
+  cfg = model_config.tiny(m.family, vocab_size=len(tokenizer), d_model=m.d_model,
+                          n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                          head_dim=m.head_dim, d_ff=m.d_ff, max_seq_len=m.max_seq_len,
+                          pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
+                          eos_ids=formatting.end_of_turn_ids(tokenizer))
+  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  params = sharding.init_params_sharded(cfg, jax.random.key(config.seed), mesh,
+                                        axes.rules("fsdp"))
+  return checkpoint.save_params(os.path.join(directory, "init"), cfg, params)
+
+
+def bootstrap(workdir: str, config=None) -> dict:
+  """Builds (or reuses) every artifact; returns their paths, the report and
+  `trained` (the artifacts built by this call) with `seconds` per artifact."""
+  config = config or default_config()
+  workdir = os.path.abspath(workdir)
+  langs, tasks = tuple(config.languages), tuple(config.tasks)
+  fams = families(config)
+  trained, seconds = [], {}
+
+  tok_dir = os.path.join(workdir, "tokenizer")
+  tok_spec = dict(vocab_size=config.vocab_size, seed=config.seed, languages=langs)
+  if not _cached(tok_dir, tok_spec):
+    t0 = time.time()
+    build_tokenizer(tok_dir, langs, config.vocab_size, config.seed)
+    _finish(tok_dir)
+    trained.append("tokenizer")
+    seconds["tokenizer"] = time.time() - t0
+  tok = formatting.load_tokenizer(tok_dir)
+
+  base_dir = os.path.join(workdir, "base")
+  base_spec = dict(tok=tok_spec, model=config.model.to_dict(), data=config.data.to_dict(),
+                   pretrain=config.pretrain.to_dict(), languages=langs, tasks=tasks,
+                   seed=config.seed)
+  if not _cached(base_dir, base_spec):
+    init = _init_params(config, base_dir, tok)
+    recs = pretrain_records(langs, tasks, config.pretrain.n_per_language, config.seed)
+    seconds["base"] = _train(config, base_dir, recs, init, tok_dir, config.pretrain.steps,
+                             config.pretrain.lr, tok)
+    _finish(base_dir, seconds=seconds["base"])
+    trained.append("base")
+  base = os.path.join(base_dir, "params")
+
+  models = {}  # name -> (directory, languages, steps, lr, n)
+  for name, fam in fams.items():
+    models[f"teacher_{name}"] = (os.path.join(workdir, "teachers", name), fam,
+                                 config.teacher)
+  models["weak"] = (os.path.join(workdir, "weak"), tuple(config.weak_languages), config.weak)
+  for name, (directory, fam, tcfg) in models.items():
+    spec = dict(base=_hash(base_spec), languages=fam, tasks=tasks, train=tcfg.to_dict(),
+                data=config.data.to_dict(), seed=config.seed)
+    if _cached(directory, spec):
+      continue
+    recs = sft_records(fam, tasks, tcfg.n_per_language, config.seed)
+    seconds[name] = _train(config, directory, recs, base, tok_dir, tcfg.steps, tcfg.lr, tok)
+    _finish(directory, seconds=seconds[name])
+    trained.append(name)
+
+  paths = dict(tokenizer=tok_dir, base=base,
+               teachers={n[len("teacher_"):]: os.path.join(d, "params")
+                         for n, (d, _, _) in models.items() if n.startswith("teacher_")},
+               weak=os.path.join(models["weak"][0], "params"))
+  if config.export_hf:
+    paths["teachers_hf"] = {n: os.path.join(os.path.dirname(p), "hf")
+                            for n, p in paths["teachers"].items()}
+  report_spec = dict(models={n: _hash(_read_json(os.path.join(d, SPEC)))
+                             for n, (d, _, _) in models.items()},
+                     base=_hash(base_spec), report=config.report.to_dict())
+  report_path = os.path.join(workdir, "world_report.json")
+  report = None
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      report = json.load(f)
+    if report.get("spec") != json.loads(json.dumps(report_spec)):
+      report = None
+  if report is None:
+    t0 = time.time()
+    report = score_models(config, dict(base=base, weak=paths["weak"], **{
+        f"teacher_{n}": p for n, p in paths["teachers"].items()}), tok_dir, fams)
+    report["spec"] = report_spec
+    seconds["report"] = time.time() - t0
+    with open(report_path, "w") as f:
+      json.dump(report, f, indent=1)
+    with open(os.path.join(workdir, "world_report.md"), "w") as f:
+      f.write(report_markdown(report))
+    trained.append("report")
+  return dict(paths, report=report, trained=trained, seconds=seconds)
+
+
+def score_models(config, model_paths: dict, tok_dir: str, fams: dict) -> dict:
+  """Mean verifier score per language (validation split, greedy) of each model,
+  and for each teacher its mean over own-family and other languages."""
+  langs = tuple(config.languages)
+  prompts = evaluation.world_prompts("valid", config.report.n_per_language, langs,
+                                     tuple(config.tasks), config.seed)
+  scores = {}
+  for name, path in model_paths.items():
+    model = evaluation.Model(name, path, tok_dir, max_new_tokens=config.report.max_new_tokens,
+                             batch_size=config.report.batch_size, seed=config.seed)
+    v = evaluation.verifier_scores(prompts, model.answer(prompts))
+    scores[name] = {lang: float(x.mean()) for lang, x in evaluation.by_language(prompts, v).items()}
+  family = {}
+  for name, fam in fams.items():
+    s = scores[f"teacher_{name}"]
+    own = [s[l] for l in langs if l in fam]
+    other = [s[l] for l in langs if l not in fam]
+    family[name] = dict(languages=list(fam), own=float(np.mean(own)),
+                        other=float(np.mean(other)) if other else None)
+  return dict(languages=list(langs), n_per_language=config.report.n_per_language,
+              scores=scores, families=family)
+
+
+def report_markdown(report: dict) -> str:
+  langs = report["languages"]
+  lines = ["| model | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
+  for name, s in report["scores"].items():
+    lines.append(f"| {name} | " + " | ".join(f"{s[l]:.2f}" for l in langs) + " |")
+  lines += ["", "| teacher | family | own | other |", "|---|---|---|---|"]
+  for name, f in report["families"].items():
+    other = "-" if f["other"] is None else f"{f['other']:.3f}"
+    lines.append(f"| {name} | {','.join(f['languages'])} | {f['own']:.3f} | {other} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(config, workdir: str) -> dict:
+  out = bootstrap(workdir, config)
+  logging.info("world: trained %s in %s; report in %s", out["trained"],
+               {k: round(v, 1) for k, v in out["seconds"].items()},
+               os.path.join(workdir, "world_report.md"))
+  logging.info("world report:\n%s", report_markdown(out["report"]))
+  return out

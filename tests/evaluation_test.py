@@ -1,0 +1,228 @@
+"""Win rates under a judge: outcomes, bootstrap interval, prompt files, the eval stage."""
+
+import hashlib
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from aya_jax import checkpoint, evaluation, world
+from aya_jax.data import formatting, records, synthetic
+from aya_jax.models import config as model_config
+from aya_jax.models import hf, init_params
+from aya_jax.sampling import methods
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LANGS = ("en", "fr", "ru")
+
+
+def _prompts(n=12, split="test"):
+  return evaluation.world_prompts(split, n, LANGS)
+
+
+class Oracle:
+  """Answers with the gold answer; with `p_right` < 1, right on a fixed subset."""
+
+  def __init__(self, name="oracle", p_right=1.0):
+    self.name, self.p_right = name, p_right
+
+  def answer(self, prompts):
+    out = []
+    for p in prompts:
+      u = hashlib.sha256((p.id + "#oracle").encode()).digest()[0] / 256  # not the split hash
+      inst = synthetic.parse_id(p.id)
+      out.append(inst.answer() if u < self.p_right else "banana")
+    return out
+
+
+class Wrong:
+  name = "wrong"
+
+  def answer(self, prompts):
+    out = []
+    for p in prompts:  # a wrong answer of the right kind, in the right language
+      inst = synthetic.parse_id(p.id)
+      other = [q for q in _prompts(12, "valid") if q.language == inst.answer_language]
+      wrong = next(a for a in (synthetic.parse_id(q.id).answer() for q in other)
+                   if synthetic.Verifier().score_answer(inst, a) == 0)
+      out.append(wrong)
+    return out
+
+
+class Empty:
+  name = "empty"
+
+  def answer(self, prompts):
+    return ["" for _ in prompts]
+
+
+def test_bootstrap_interval_matches_hand_computation():
+  x = np.array([1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5])
+  n_boot, seed = 40, 7
+  lo, hi = evaluation.bootstrap_ci(x, n_boot=n_boot, seed=seed)
+  # by hand: the same resampling draws, means, then the 2.5 / 97.5 percentiles
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, len(x), size=(n_boot, len(x)))
+  means = sorted(sum(x[j] for j in row) / len(x) for row in draws)
+
+  def percentile(q):
+    pos = q / 100 * (n_boot - 1)   # 0.975 for q=2.5, 38.025 for q=97.5
+    k = int(pos)
+    return means[k] + (pos - k) * (means[k + 1] - means[k])
+
+  assert lo == pytest.approx(percentile(2.5), abs=1e-12)
+  assert hi == pytest.approx(percentile(97.5), abs=1e-12)
+  assert lo < x.mean() < hi
+  assert evaluation.bootstrap_ci(np.full(9, 0.5)) == (0.5, 0.5)
+
+
+def test_against_itself_is_half_and_against_wrong_is_one():
+  ps = _prompts()
+  half = evaluation.compare(Oracle("a", 0.6), Oracle("a2", 0.6), ps)
+  for lang, row in half["per_language"].items():
+    assert row["win_rate"] == 0.5 and row["ci"][0] <= 0.5 <= row["ci"][1], lang
+    assert row["ties"] == row["n"]
+  r = evaluation.compare(Oracle(), Wrong(), ps)
+  assert set(r["per_language"]) == set(LANGS) | {"all"}
+  for lang, row in r["per_language"].items():
+    assert row["win_rate"] == 1.0 and row["ci"] == [1.0, 1.0], lang
+    assert row["verifier_a"] == 1.0 and row["verifier_b"] == 0.0
+  # a partly right model: win rate = share right, interval around it
+  r = evaluation.compare(Oracle("half", 0.5), Wrong(), ps)["per_language"]["all"]
+  assert 0.2 < r["win_rate"] < 0.8 and r["ci"][0] < r["win_rate"] < r["ci"][1]
+  assert r["wins"] + r["ties"] == r["n"] and r["losses"] == 0
+
+
+def test_ties_and_empty_answers():
+  ps = _prompts(4)
+  out = evaluation.outcomes(synthetic.Verifier(), ps, Empty().answer(ps), Wrong().answer(ps))
+  np.testing.assert_array_equal(out, 0.0)   # empty loses to any answer
+  out = evaluation.outcomes(synthetic.Verifier(), ps, Empty().answer(ps), Empty().answer(ps))
+  np.testing.assert_array_equal(out, 0.5)
+  out = evaluation.outcomes(synthetic.Verifier(), ps, Wrong().answer(ps), Wrong().answer(ps))
+  np.testing.assert_array_equal(out, 0.5)   # both wrong: a tie (both score 0)
+
+
+class FirstBiasedJudge:
+  """Pairwise: prefers the better verifier score; on a tie, the first answer."""
+
+  def compare(self, first, second):
+    v = synthetic.Verifier()
+    a, b = v.score(first), v.score(second)
+    return np.where(a > b, 1.0, np.where(b > a, 0.0, 1.0))
+
+
+class RandomBiasedJudge:
+  """Pairwise: always prefers whatever is shown first."""
+
+  def compare(self, first, second):
+    return np.ones(len(first))
+
+
+def test_pairwise_judge_both_orders_cancel_position_bias():
+  ps = _prompts(6)
+  r = evaluation.compare(Oracle("x", 0.5), Oracle("y", 0.5), ps, judge=RandomBiasedJudge())
+  assert r["pairwise"] and r["per_language"]["all"]["win_rate"] == 0.5
+  r = evaluation.compare(Oracle("x", 0.5), Oracle("y", 0.5), ps, judge=FirstBiasedJudge())
+  assert r["per_language"]["all"]["win_rate"] == 0.5  # ties stay ties despite the bias
+  r = evaluation.compare(Oracle(), Wrong(), ps, judge=FirstBiasedJudge())
+  assert r["per_language"]["all"]["win_rate"] == 1.0
+
+
+def _write(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return str(path)
+
+
+def test_prompt_file_layouts_and_errors(tmp_path):
+  good = {"id": "syn:en:next_day:mon:t0", "language": "en",
+          "messages": [{"role": "user", "content": "What day comes after Monday?"}]}
+  arena = {"question_id": 17, "language": "fr", "cluster": "x", "prompt": "Bonjour ?"}
+  turns = {"question_id": "q3", "language": "ru", "turns": [{"content": "Привет?"}]}
+  ps = evaluation.read_prompts(_write(tmp_path / "ok.jsonl", [good, arena, turns]))
+  assert [p.id for p in ps] == ["syn:en:next_day:mon:t0", "17", "q3"]
+  assert ps[1].messages == ({"role": "user", "content": "Bonjour ?"},)
+  cases = [
+      ({"id": "a", "language": "xx", "prompt": "hi"}, "language", "unknown language 'xx'"),
+      ({"id": "a", "prompt": "hi"}, "language", "missing"),
+      ({"id": "a", "language": "en"}, "messages", "missing"),
+      ({"language": "en", "prompt": "hi"}, "id", "missing"),
+      ({"id": "a", "language": "en", "prompt": ""}, "prompt", "empty"),
+      (good, "id", "duplicate"),
+      ("{not json", None, "malformed JSON"),
+  ]
+  for row, field, what in cases:
+    path = _write(tmp_path / "bad.jsonl", [good, row])
+    with pytest.raises(records.RecordError) as e:
+      evaluation.read_prompts(path)
+    msg = str(e.value)
+    assert "bad.jsonl:2:" in msg and what in msg, msg
+    if field:
+      assert f"field '{field}'" in msg, msg
+  with pytest.raises(records.RecordError, match="language 'de'"):  # restricted languages
+    evaluation.read_prompts(_write(tmp_path / "de.jsonl", [dict(good, language="de")]),
+                            languages=("en",))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+  """A world tokenizer; a random params/ model and the same model as an HF dir."""
+  d = tmp_path_factory.mktemp("models")
+  tok = world.build_tokenizer(str(d / "tok"), LANGS)
+  cfg = model_config.tiny("llama", vocab_size=len(tok), pad_id=tok.pad_token_id,
+                          bos_id=tok.bos_token_id, eos_ids=formatting.end_of_turn_ids(tok))
+  params = init_params(cfg, jax.random.key(1))
+  checkpoint.save_params(str(d / "a" / "params"), cfg, params)
+  hf.save(cfg, jax.device_get(init_params(cfg, jax.random.key(2))), str(d / "b"))
+  tok.save_pretrained(str(d / "b"))
+  return dict(tok=str(d / "tok"), a=str(d / "a" / "params"), b=str(d / "b"), cfg=cfg,
+              params=params)
+
+
+@pytest.mark.slow
+def test_model_same_seed_same_answers(tiny_models):
+  ps = _prompts(2)
+  m = evaluation.Model("a", tiny_models["a"], tiny_models["tok"],
+                       method=methods.Sampling(temperature=1.0), max_new_tokens=8)
+  again = evaluation.Model("a_again", model=(tiny_models["cfg"], tiny_models["params"]),
+                           tokenizer=tiny_models["tok"], method=methods.Sampling(1.0),
+                           max_new_tokens=8, batch_size=3)  # other batching, same keys
+  ans = {"a": m.answer(ps), "a_again": again.answer(ps)}
+  assert ans["a"] == ans["a_again"] and len(set(ans["a"])) > 1
+  r = evaluation.compare(m, again, ps, answers=ans)
+  assert r["per_language"]["all"]["win_rate"] == 0.5
+
+
+def _eval_config():
+  spec = importlib.util.spec_from_file_location("eval_cfg", os.path.join(ROOT, "configs/eval.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+@pytest.mark.slow
+def test_eval_stage_writes_report(tiny_models, tmp_path):
+  c = _eval_config()
+  c.models = f"a={tiny_models['a']},b={tiny_models['b']}"
+  c.tokenizer = tiny_models["tok"]
+  c.languages, c.n_per_language, c.max_new_tokens = LANGS, 4, 6
+  results = evaluation.run(c, str(tmp_path))
+  report = json.load(open(tmp_path / "eval.json"))
+  assert report["comparisons"] == json.loads(json.dumps(results))
+  row = results[0]["per_language"]
+  assert results[0]["a"] == "a" and results[0]["b"] == "b"
+  assert set(row) == set(LANGS) | {"all"} and row["all"]["n"] == 12
+  assert 0 <= row["all"]["win_rate"] <= 1 and "verifier_a" in row["en"]
+  md = open(tmp_path / "eval.md").read()
+  assert "| fr | 4 |" in md
+  assert len(evaluation.read_prompts(str(tmp_path / "prompts.jsonl"))) == 12
+  c.models = "a=x"
+  with pytest.raises(ValueError, match="at least two"):
+    evaluation.run(c, str(tmp_path))
+  c.prompts = _write(tmp_path / "arena.jsonl", [{"question_id": 1, "language": "en",
+                                                 "prompt": "Write a poem."}])
+  with pytest.raises(ValueError, match="verifier judges only world prompts"):
+    evaluation.run(c, str(tmp_path))
