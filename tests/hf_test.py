@@ -249,6 +249,7 @@ def test_value_head_parity_with_sequence_classification(hf_tiny_dirs, tmp_path):
   forward = _forward()
   cfg, params = hf.load(hf_tiny_dirs["llama"])
   cfg = cfg.replace(value_head=True)
+  params.pop("lm_head", None)  # a value-head model has no LM head
   params["value_head"] = {"kernel": np.random.RandomState(1).randn(48, 1).astype(np.float32)}
   hf.save(cfg, params, tmp_path)
   model = _hf_model(tmp_path, transformers.AutoModelForSequenceClassification)
@@ -261,13 +262,14 @@ def test_value_head_parity_with_sequence_classification(hf_tiny_dirs, tmp_path):
 
 # --- value heads, shards, dtypes, shardings ------------------------------------------------
 @pytest.mark.parametrize("variant, arch, extra_files", [
-    ("llama", "LlamaForSequenceClassification", ["lm_head.safetensors"]),
+    ("llama", "LlamaForSequenceClassification", []),
     ("qwen2", "Qwen2ForSequenceClassification", []),
     ("cohere", "CohereForCausalLM", ["value_head.safetensors"]),
 ])
 def test_value_head_save_load(hf_tiny_dirs, variant, arch, extra_files, tmp_path):
   cfg, params = hf.load(hf_tiny_dirs[variant])
   cfg = cfg.replace(value_head=True)
+  params.pop("lm_head", None)  # a value-head model has no LM head
   params["value_head"] = {"kernel": np.random.RandomState(1).randn(48, 1).astype(np.float32)}
   hf.save(cfg, params, tmp_path)
   with open(tmp_path / "config.json") as f:

@@ -82,6 +82,11 @@ class ModelConfig:
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"ModelConfig.remat={self.remat!r}; use none | full | dots")
 
+  @property
+  def has_lm_head(self) -> bool:
+    """A separate output projection: untied and not a value-head (reward) model."""
+    return not self.tie_embeddings and not self.value_head
+
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 

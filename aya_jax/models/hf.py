@@ -11,9 +11,9 @@ Value heads (reward models): Llama, Gemma 2 and Qwen 2 are saved as
 `<Family>ForSequenceClassification` (num_labels=1, `score.weight`). Cohere has
 no such class in transformers, so a Cohere value-head model is saved as
 `CohereForCausalLM` with `score.weight` in the extra file
-`value_head.safetensors` (and `"aya_value_head": true` in config.json). A
-sequence-classification checkpoint has no LM head, so an untied `lm_head.weight`
-goes to the extra file `lm_head.safetensors`. transformers ignores both files.
+`value_head.safetensors` (and `"aya_value_head": true` in config.json;
+transformers ignores that file). A value-head model has no LM head
+(`ModelConfig.has_lm_head`), as a sequence classifier has none.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # tensors that an architecture has no slot for go to their own file
-SIDE_FILES = {"score.weight": ("ForCausalLM", "value_head.safetensors"),
-              "lm_head.weight": ("ForSequenceClassification", "lm_head.safetensors")}
+SIDE_FILES = {"score.weight": ("ForCausalLM", "value_head.safetensors")}
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 # family -> (causal LM class, sequence classification class or None)
@@ -75,7 +74,7 @@ def _norm(ours, hf):
 _ENDS = [
     ("embedder/embedding", "model.embed_tokens.weight", "copy", "V D", None),
     ("final_norm/scale", "model.norm.weight", "copy", "D", None),
-    ("lm_head/kernel", "lm_head.weight", "lin", "D V", "!tie_embeddings"),
+    ("lm_head/kernel", "lm_head.weight", "lin", "D V", "has_lm_head"),
     ("value_head/kernel", "score.weight", "lin", "D 1", "value_head"),
 ]
 _ATTN = [

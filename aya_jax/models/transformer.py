@@ -83,7 +83,7 @@ class Transformer(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers,
         unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
     self.final_norm = Norm(c, (c.d_model,), ("embed",), name="final_norm")
-    if not c.tie_embeddings:
+    if c.has_lm_head:
       self.lm_head = Weight((c.d_model, c.vocab_size), ("embed", "vocab"), "kernel", pdt,
                             name="lm_head")
     if c.value_head:

@@ -246,7 +246,9 @@ def _read_pairs(paths, skip_invalid):
   return out
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, stop_after: Optional[int] = None):
+  """The stage. `stop_after` (tests) stops after that many steps of this call
+  with a checkpoint and `loop.Preempted`; running again resumes."""
   os.makedirs(workdir, exist_ok=True)
   train_paths, valid_paths, tok_dir = config.data.train, config.data.eval, config.tokenizer
   if not train_paths and config.synthetic.n_per_language > 0:
@@ -293,12 +295,20 @@ def run(config, workdir: str):
   with loop_cfg.unlocked():
     loop_cfg.flops_per_token = cfg.train_flops_per_token(config.data.seq_len)
   with sharding.activation_rules(mesh, rules):
-    st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, on_log=on_log,
-                             eval_fn=eval_fn)
-  out = sft.finish(workdir, cfg, st.params, config.export_hf)
+    st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, stop_after=stop_after,
+                             on_log=on_log, eval_fn=eval_fn)
+  out = sft.finish(workdir, cfg, st.params, export_hf=False)
+  if config.export_hf and jax.process_index() == 0:
+    export_hf(cfg, st.params, os.path.join(workdir, "hf"))
   scorer.params = st.params
   evaluate(scorer, dict(valid=valid, train=train[:256]), workdir, stats)
   return out
+
+
+def export_hf(cfg, params, path: str):
+  """params -> a transformers ...ForSequenceClassification directory."""
+  from aya_jax.models import hf
+  hf.save(cfg, jax.device_get(params), path)
 
 
 def _scorer(cfg, params, tok, config, mesh):
