@@ -30,6 +30,7 @@ STAGES = {
     "world": "aya_jax.world",
     "eval": "aya_jax.evaluation",
     "pipeline": "aya_jax.recipe",
+    "plan": "aya_jax.planner",  # configs/aya_expanse_8b.py --config.dry_run=True
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

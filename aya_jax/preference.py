@@ -312,8 +312,11 @@ def corrupted_answers(record, pool_by_task: dict, rng) -> dict:
 
 def verifier_labelled_pairs(records, scorer=None, kinds=("english", "verbose"), seed: int = 0,
                             min_gap: float = 0.1, source: str = "verifier") -> list:
-  """PreferenceRecords from gold world SFT records: gold vs `kinds` of
-  corruption, labelled by `scorer` (default: the Verifier); ids '<id>#vp'."""
+  """PreferenceRecords from gold world SFT records: the gold answer against
+  each of `kinds` of corruption ('english': the answer in English, 'verbose':
+  repeated, 'wrong': another answer of the same task), labelled by `scorer`
+  (default: the Verifier); one pair per kind whose score gap is at least
+  `min_gap`, ids '<id>#vp-<kind>'."""
   if scorer is None:
     from aya_jax import reward
     scorer = reward.verifier_scorer()
@@ -325,17 +328,19 @@ def verifier_labelled_pairs(records, scorer=None, kinds=("english", "verbose"), 
   for r in records:
     rng = keyed_rng(seed, r.id)
     bad = corrupted_answers(r, pool, rng)
-    answers = [r.messages[-1]["content"]] + [bad[k] for k in kinds if k in bad]
-    if len(answers) < 2:
+    names = [k for k in kinds if k in bad]
+    if not names:
       continue
+    answers = [r.messages[-1]["content"]] + [bad[k] for k in names]
     prompt = list(r.messages[:-1])
     s = scorer.score([dict(id=r.id, language=r.language, prompt=prompt, completion=a)
                       for a in answers])
-    hi, lo = int(np.argmax(s)), int(np.argmin(s))
-    if s[hi] - s[lo] < min_gap:
-      continue
-    pairs.append(records_lib.PreferenceRecord(
-        id=f"{r.id}#vp", language=r.language, prompt=tuple(prompt), chosen=answers[hi],
-        rejected=answers[lo], chosen_score=float(s[hi]), rejected_score=float(s[lo]),
-        source=source))
+    for j, kind in enumerate(names, 1):
+      if abs(s[0] - s[j]) < min_gap:
+        continue
+      hi, lo = (0, j) if s[0] > s[j] else (j, 0)
+      pairs.append(records_lib.PreferenceRecord(
+          id=f"{r.id}#vp-{kind}", language=r.language, prompt=tuple(prompt),
+          chosen=answers[hi], rejected=answers[lo], chosen_score=float(s[hi]),
+          rejected_score=float(s[lo]), source=source))
   return pairs

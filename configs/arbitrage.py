@@ -35,63 +35,9 @@ sides scored) next to pairs_offline.jsonl and a contrast section in the report.
 Rerunning after a kill generates and scores only what is missing.
 """
 
-import ml_collections
-
-
-def _teacher(model: str = "") -> ml_collections.ConfigDict:
-  ref = ml_collections.FieldReference
-  return ml_collections.ConfigDict(dict(
-      model=model, tokenizer="", n=ref(None, field_type=int),
-      max_new_tokens=ref(None, field_type=int), temperature=ref(None, field_type=float),
-      top_k=ref(None, field_type=int), top_p=ref(None, field_type=float)))
+from aya_jax import arbitrage
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.stage = "arbitrage"
-  c.seed = 0
-  c.mode = "reward"          # reward | fixed | learned
-  c.prompts = ""             # prompts JSONL {"id", "language", "messages"}; "" = synthetic
-  # model teachers (aya_jax.teachers); a teacher with model "" is left out
-  c.batch_size = 16
-  c.mesh_shape = (-1, 1, 1)
-  c.sharding = "fsdp"
-  c.sampling = ml_collections.ConfigDict(dict(
-      temperature=0.7, top_k=0, top_p=0.95, n=2, max_new_tokens=256))
-  c.teachers = ml_collections.ConfigDict(dict(teacher_a=_teacher(), teacher_b=_teacher()))
-  # embedded synthetic world: prompts and teachers ('name:lang=p,...,*=p;...')
-  c.synthetic = ml_collections.ConfigDict()
-  c.synthetic.n_per_language = 40
-  c.synthetic.languages = ()
-  c.synthetic.n = 2
-  c.synthetic.teachers = ("eu:en=0.9,fr=0.9,es=0.9,de=0.9,*=0.2;"
-                          "asia:hi=0.9,ar=0.9,zh=0.9,*=0.2")
-  c.scorer = ml_collections.ConfigDict()
-  c.scorer.kind = "verifier"  # verifier | reward_model
-  c.scorer.path = ""          # reward model params/ or HF directory
-  c.scorer.tokenizer = ""
-  c.scorer.batch_size = 32
-  c.scorer.max_len = 0        # 0 = the model's max_seq_len
-  c.scorer.chunk = 256        # records per scoring call (appended after each)
-  c.routing = ml_collections.ConfigDict()
-  c.routing.min_gap = 0.1     # skip pairs whose best - worst score is smaller
-  c.routing.table = ""        # fixed mode: 'fr:teacher_a,de:teacher_b'
-  c.routing.default = ""      # fixed mode: teacher for languages not in the table
-  c.router = ml_collections.ConfigDict()
-  c.router.train = True       # reward mode: fit the learned router, report agreement
-  c.router.path = ""          # learned mode: router.npz
-  c.router.holdout_fraction = 0.2
-  c.router.dim = 1024
-  c.router.steps = 300
-  # translation-contrast pairs -> pairs_contrast.jsonl (preference.run_contrast)
-  c.contrast = ml_collections.ConfigDict()
-  c.contrast.enabled = False
-  c.contrast.strong = "eu"          # teacher whose in-language answer is chosen
-  c.contrast.weak = "asia"          # teacher whose English answer, translated, is rejected
-  c.contrast.translator = "lexicon"  # lexicon (the world's) | prompted (a teacher)
-  c.contrast.translator_teacher = ""  # prompted: the translating teacher ("" = strong)
-  c.contrast.untranslated_rate = 0.1  # lexicon: chance a word stays in English
-  c.contrast.min_gap = 0.0          # drop scored pairs with chosen - rejected < min_gap
-  c.lock()
-  return c
+  return arbitrage.default_config()

@@ -84,3 +84,24 @@ def test_sft_step_same_on_one_and_eight_devices():
   (p1, l1), (p8, l8) = results
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p1, p8)
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+  from aya_jax import optim
+  cfg = tiny("llama", n_heads=4, n_kv_heads=2, vocab_size=96)
+  mesh = sharding.make_mesh((1, 8, 1))
+  params = sharding.init_params_sharded(cfg, jax.random.key(0), mesh, axes.rules("fsdp"))
+  ocfg = optim.default_optim_config()
+  ocfg.weight_decay, ocfg.freeze = 0.1, ("layers/mlp/.*",)
+  for tx in (optax.adamw(1e-3), optim.make_optimizer(ocfg, params)):
+    params = sharding.init_params_sharded(cfg, jax.random.key(0), mesh, axes.rules("fsdp"))
+    st = state_lib.create_state(params, tx, jax.tree.map(lambda x: x.sharding, params))
+    params = st.params  # create_state donates its input
+    emb_spec = params["embedder"]["embedding"].sharding.spec
+    mirrored = [x for x in jax.tree.leaves(st.opt_state)
+                if getattr(x, "shape", None) == params["embedder"]["embedding"].shape]
+    assert mirrored and all(x.sharding.spec == emb_spec for x in mirrored)
+    per_device = sum(s.data.nbytes for x in jax.tree.leaves(st.opt_state)
+                     for s in x.addressable_shards if s.device == jax.devices()[0])
+    total = sum(x.nbytes for x in jax.tree.leaves(st.opt_state))
+    assert per_device < total / 4  # really split, not replicated

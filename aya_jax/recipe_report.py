@@ -1,0 +1,123 @@
+"""The pipeline's report: per language and stage, win rate vs the baseline.
+
+report.json (everything), report.md (the table + verdicts), report.png (bars
+grouped by stage, as in the Aya Expanse chart: win rate vs the single-teacher
+SFT baseline, with 95% bootstrap intervals, one bar per language).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+# The claims of issue 9, checked on the held-out test prompts: (claim, stage,
+# compared with, kind). 'better': strictly higher mean verifier score; 'match':
+# within MATCH_TOLERANCE or higher. Verdicts are computed, never assumed.
+CLAIMS = (
+    ("arbitrage SFT beats single-teacher SFT", "sft_mixed", "sft_single", "better"),
+    ("merged family models at least match mixed-data SFT", "sft_merged", "sft_mixed", "match"),
+    ("offline DPO improves on SFT", "dpo_merged", "sft_merged", "better"),
+    ("online rounds improve on offline DPO", "online_last", "dpo_merged", "better"),
+    ("online DPO beats RLOO", "online_last", "rloo", "better"),
+)
+MATCH_TOLERANCE = 0.01
+
+
+def _mean_verifier(res, lang="all"):
+  row = res["per_language"].get(lang, {})
+  return row.get("verifier_a")
+
+
+def write(workdir: str, ev: dict, meta: dict) -> dict:
+  results = ev["results"]
+  stages = list(results)
+  online = [s for s in stages if s.startswith("online_")]
+  langs = [l for l in next(iter(results.values()))["per_language"] if l != "all"]
+  rows = {}
+  for s in stages:
+    pl = results[s]["per_language"]
+    rows[s] = {l: dict(win_rate=pl[l]["win_rate"], ci=pl[l]["ci"],
+                       verifier=pl[l].get("verifier_a")) for l in langs + ["all"]}
+  alias = dict(online_last=online[-1] if online else None)
+  verdicts = []
+  for text, a, b, kind in CLAIMS:
+    a, b = alias.get(a, a), alias.get(b, b)
+    if a not in rows or b not in rows:
+      continue
+    va, vb = rows[a]["all"]["verifier"], rows[b]["all"]["verifier"]
+    if va is None or vb is None:
+      continue
+    holds = va > vb if kind == "better" else va >= vb - MATCH_TOLERANCE
+    verdicts.append(dict(claim=text, a=a, b=b, verifier_a=va, verifier_b=vb,
+                         holds=bool(holds)))
+  rep = dict(baseline=ev["baseline"], n_prompts=ev["n_prompts"], languages=langs,
+             stages=stages, rows=rows, verdicts=verdicts, **meta)
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(rep, f, indent=1, ensure_ascii=False)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(markdown(rep))
+  plot(rep, os.path.join(workdir, "report.png"))
+  return rep
+
+
+def table(rep: dict) -> str:
+  langs = rep["languages"] + ["all"]
+  lines = [f"win rate vs {rep['baseline']} (verifier score in brackets), "
+           f"{rep['n_prompts']} held-out prompts",
+           "| stage | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
+  for s in rep["stages"]:
+    cells = []
+    for l in langs:
+      r = rep["rows"][s][l]
+      v = "" if r["verifier"] is None else f" ({r['verifier']:.2f})"
+      cells.append(f"{r['win_rate']:.2f}{v}")
+    lines.append(f"| {s} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def markdown(rep: dict) -> str:
+  out = ["# Pipeline report", "", table(rep), "", "95% bootstrap intervals of the win rate "
+         "(all languages):", ""]
+  for s in rep["stages"]:
+    lo, hi = rep["rows"][s]["all"]["ci"]
+    out.append(f"- {s}: {rep['rows'][s]['all']['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]")
+  out += ["", "## Does each stage help? (mean verifier score, all languages)", ""]
+  for v in rep["verdicts"]:
+    word = "yes" if v["holds"] else "NO"
+    out.append(f"- {v['claim']}: **{word}** ({v['a']} {v['verifier_a']:.3f} vs "
+               f"{v['b']} {v['verifier_b']:.3f})")
+  secs = rep.get("step_seconds") or {}
+  out += ["", f"seed {rep.get('seed')}, wall time {rep.get('wall_seconds', 0):.0f} s "
+          f"(steps run now: {', '.join(rep.get('ran') or []) or 'none'})", "",
+          "| step | seconds |", "|---|---|"]
+  out += [f"| {k} | {v:.0f} |" for k, v in secs.items() if v is not None]
+  if rep.get("world_report"):
+    out += ["", "## The world's models (verifier score per language, validation split)", "",
+            rep["world_report"]]
+  return "\n".join(out) + "\n"
+
+
+def plot(rep: dict, path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  langs, stages = rep["languages"], rep["stages"]
+  fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(stages)), 4.5))
+  width = 0.8 / max(1, len(langs))
+  x = np.arange(len(stages))
+  for i, l in enumerate(langs):
+    wr = np.array([rep["rows"][s][l]["win_rate"] for s in stages])
+    ci = np.array([rep["rows"][s][l]["ci"] for s in stages])
+    err = np.stack([wr - ci[:, 0], ci[:, 1] - wr]).clip(0)
+    ax.bar(x + (i - len(langs) / 2 + 0.5) * width, wr, width, yerr=err, label=l, capsize=1.5)
+  ax.axhline(0.5, color="k", lw=0.8, ls="--")
+  ax.set_xticks(x, stages, rotation=20)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel(f"win rate vs {rep['baseline']}")
+  ax.set_title("Stage-by-stage gains on held-out prompts (judge: verifier)")
+  ax.legend(ncol=min(9, len(langs)), fontsize=7, loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

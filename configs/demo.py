@@ -1,0 +1,21 @@
+r"""What `make demo` runs: the whole pipeline on the embedded synthetic world.
+
+    python -m aya_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Same as configs/pipeline.py (default variant); see its docstring. Expected:
+about 15 minutes on 2 CPU cores; runs/demo/report.md, report.json and
+report.png with per-language win rates of every stage against single-teacher
+SFT on held-out prompts, and a verdict per stage.
+"""
+
+import importlib.util
+import os
+
+
+def get_config(arg=None):
+  here = os.path.dirname(os.path.abspath(__file__))
+  spec = importlib.util.spec_from_file_location("aya_pipeline_config",
+                                                os.path.join(here, "pipeline.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
