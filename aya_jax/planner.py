@@ -97,7 +97,8 @@ def abstract_params(cfg, mesh, rules):
 def abstract_state(tx, params, mode: str = "as_trained"):
   """(abstract TrainState, its shardings), as `state.create_state` makes it.
 
-  mode 'sharded': optimizer leaves that mirror a param take its sharding."""
+  Optimizer leaves that mirror a param take its sharding ('sharded' is kept
+  as an alias of 'as_trained', which now does the same)."""
   from aya_jax.train import state as state_lib
   psh = jax.tree.map(lambda x: x.sharding, params)
 
@@ -105,16 +106,10 @@ def abstract_state(tx, params, mode: str = "as_trained"):
     return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
   shapes = jax.eval_shape(init, params)
-  if mode == "as_trained":
-    shardings = jax.jit(init, in_shardings=(psh,)).lower(params).compile().output_shardings
-  elif mode == "sharded":
-    rep = jax.sharding.NamedSharding(next(iter(jax.tree.leaves(psh))).mesh,
-                                     jax.sharding.PartitionSpec())
-    opt = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, psh,
-                                transform_non_params=lambda _: rep)
-    shardings = state_lib.TrainState(step=rep, params=psh, opt_state=opt)
-  else:
+  if mode not in ("as_trained", "sharded"):
     raise ValueError(f"plan.opt_state={mode!r}: expected 'as_trained' or 'sharded'")
+  # create_state shards the optimizer state like the params (both modes agree)
+  shardings = state_lib.state_shardings_for(tx, params, psh)
   return _abstract(shapes, shardings), shardings
 
 

@@ -122,10 +122,16 @@ def _train_block(c, block, tok: str, init: str, mesh_shape):
   return c
 
 
-def _filter(path: str, out: str, languages) -> str:
+def _filter(path: str, out: str, languages, required: bool = True):
+  """The records of `path` in `languages`, written to `out`; None when there
+  are none and they are optional (an error naming the file otherwise)."""
   langs = set(languages)
   kind = "sft" if "sft" in os.path.basename(path) else "preference"
   recs = [r for r in records.read_jsonl(path, kind) if r.language in langs]
+  if not recs:
+    if required:
+      raise ValueError(f"{path}: no records in languages {sorted(langs)}")
+    return None
   records.write_jsonl(out, recs)
   return out
 
@@ -297,8 +303,8 @@ def _dpo(c, d, tok, init, arb, fam, mesh):
   dc.dpo.beta, dc.dpo.rpo_alpha = c.dpo.beta, c.dpo.rpo_alpha
   files = [_filter(arb["pairs"], os.path.join(d, "pairs.jsonl"), fam)]
   if arb.get("contrast") and os.path.exists(arb["contrast"]):
-    files.append(_filter(arb["contrast"], os.path.join(d, "contrast.jsonl"), fam))
-  dc.data.train = tuple(files)
+    files.append(_filter(arb["contrast"], os.path.join(d, "contrast.jsonl"), fam, False))
+  dc.data.train = tuple(f for f in files if f)
   return dict(params=dpo.run(dc, d))
 
 

@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.world.pretrain.steps = 300
   c.world.teacher.update(dict(steps=500, lr=3e-3))
   c.world.report.n_per_language = 24
-  c.reward_model = _train(200, 2e-3, 16, 96, n_per_language=48,
+  c.reward_model = _train(500, 1e-3, 32, 96, n_per_language=150,
                           kinds=("english", "verbose", "wrong"))
   c.arbitrage = ml_collections.ConfigDict(dict(
       n_per_language=200, k=2, temperature=0.7, max_new_tokens=32, batch_size=64,
