@@ -1,6 +1,6 @@
 """Merge benchmark: aya_jax.merge_stream vs mergekit 0.1.5 on the same random Llama checkpoints.
 
-  .venv/bin/python experiments/bench/merge_bench.py [--size small|medium] [--models 3]
+  .venv/bin/python experiments/bench/merge.py [--size small|medium] [--models 3]
 
 Writes N random bf16 HF Llama checkpoints, then for linear and ties runs each merge in a
 fresh process (ours: streaming merge_checkpoints -> params/, and -> params/ + HF; mergekit:
@@ -83,7 +83,7 @@ def main():
   ap.add_argument("--models", type=int, default=3)
   ap.add_argument("--root", default="")
   args = ap.parse_args()
-  root = args.root or tempfile.mkdtemp(prefix="merge_bench_")
+  root = args.root or tempfile.mkdtemp(prefix="merge_")
   cfg = make_inputs(root, args.size, args.models)
   print(f"{args.models} models (+ base for ties), {cfg.n_params / 1e9:.2f}B params each, bf16, "
         f"in {root}")
