@@ -92,27 +92,7 @@ def _parse_prompt(obj: Any, languages: Sequence[str]) -> Prompt:
 def read_prompts(path, languages: Optional[Sequence[str]] = None) -> list[Prompt]:
   """Prompts of a JSONL file; `languages` known (default: the world's)."""
   languages = tuple(languages or synthetic.LANGUAGES)
-  out, seen = [], {}
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise records.RecordError(f"malformed JSON: {e}") from None
-        p = _parse_prompt(obj, languages)
-        if p.id in seen:
-          raise records.RecordError(f"duplicate id {p.id!r} (first on line {seen[p.id]})",
-                                    field="id")
-      except records.RecordError as e:
-        raise e.located(path, lineno) from None
-      seen[p.id] = lineno
-      out.append(p)
-  if not out:
-    raise records.RecordError("empty file: no prompts", path=path)
-  return out
+  return records.read_parsed(path, lambda obj: _parse_prompt(obj, languages), "prompts")
 
 
 def write_prompts(path, prompts: Sequence[Prompt]):

@@ -66,27 +66,7 @@ class PromptRecord(records._Record):  # pylint: disable=protected-access
 
 def read_prompts(path) -> list[PromptRecord]:
   """Reads a prompts JSONL file strictly; errors name the file, line and field."""
-  out, seen = [], {}
-  with open(path, "r", encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise records.RecordError(f"malformed JSON: {e}") from None
-        rec = PromptRecord.from_dict(obj)
-        if rec.id in seen:
-          raise records.RecordError(f"duplicate id {rec.id!r} (first on line {seen[rec.id]})",
-                                    field="id")
-      except records.RecordError as e:
-        raise e.located(path, lineno) from None
-      seen[rec.id] = lineno
-      out.append(rec)
-  if not out:
-    raise records.RecordError("empty file: no prompts", path=path)
-  return out
+  return records.read_parsed(path, PromptRecord.from_dict, "prompts")
 
 
 def as_prompts(prompts) -> list[PromptRecord]:

@@ -368,3 +368,31 @@ def write_jsonl(path: PathLike, records: Iterable[Record],
       os.remove(tmp)
     raise
   return len(lines)
+
+
+def read_parsed(path: PathLike, parse, what: str = "records") -> list:
+  """Strictly reads a JSONL file of any layout: `parse(obj)` turns one JSON
+  object into an item with an `id` (raising RecordError with the field).
+  Errors name file, line and field: malformed JSON, parse errors, duplicate
+  ids (both lines), an empty file."""
+  out, seen = [], {}
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise RecordError(f"malformed JSON: {e}") from None
+        item = parse(obj)
+        if item.id in seen:
+          raise RecordError(f"duplicate id {item.id!r} (first on line {seen[item.id]})",
+                            field="id")
+      except RecordError as e:
+        raise e.located(path, lineno) from None
+      seen[item.id] = lineno
+      out.append(item)
+  if not out:
+    raise RecordError(f"empty file: no {what}", path=path)
+  return out
