@@ -43,7 +43,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aya_jax import axes, checkpoint, losses, optim, sharding
 from aya_jax.data import formatting
 from aya_jax.data import preference_pipeline as pp
-from aya_jax.models.transformer import Transformer, unembed_matrix
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import sft
 from aya_jax.train import state as state_lib
@@ -86,20 +85,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 def pair_logps_fn(cfg, vocab_chunk: int = 0):
   """(params, batch [b, 2, L]) -> (summed log-probs [b, 2], lengths [b, 2])."""
-  model = Transformer(cfg)
+  token_logps = steps.token_logps_fn(cfg, vocab_chunk)
 
   def fn(params, mb):
     b, _, length = mb["tokens"].shape
     flat = {k: mb[k].reshape(2 * b, length) for k in MODEL_KEYS}
-    args = (flat["tokens"], flat["positions"], flat["segment_ids"])
-    if vocab_chunk:
-      hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
-      logp = losses.chunked_token_logprobs(hidden, unembed_matrix(cfg, params), flat["targets"],
-                                           vocab_chunk, cfg.logit_scale, cfg.final_softcap)
-    else:
-      logits, _ = model.apply({"params": params}, *args)
-      logp = losses.token_logprobs(logits, flat["targets"])
-    s, n = losses.sequence_logps(logp, flat["loss_mask"])
+    s, n = losses.sequence_logps(token_logps(params, flat), flat["loss_mask"])
     return s.reshape(b, 2), n.reshape(b, 2)
 
   return fn

@@ -44,9 +44,8 @@ from aya_jax import axes, checkpoint, losses, sharding
 from aya_jax.data import formatting, pipeline
 from aya_jax.data import preference_pipeline as pp
 from aya_jax.data import records as records_lib
-from aya_jax.models.transformer import Transformer, unembed_matrix
 from aya_jax.sampling import methods, sampler
-from aya_jax.train import dpo, sft
+from aya_jax.train import dpo, sft, steps
 from aya_jax.train import loop as loop_lib
 
 
@@ -195,17 +194,10 @@ def round_report(prompts, scores_pk, lengths, stopped, prev_scores=None) -> dict
 
 def row_logps_fn(cfg, vocab_chunk=0):
   """(params, batch [B, L]) -> summed log-probs over loss_mask [B]."""
-  model = Transformer(cfg)
+  token_logps = steps.token_logps_fn(cfg, vocab_chunk)
 
   def fn(params, mb):
-    args = (mb["tokens"], mb["positions"], mb["segment_ids"])
-    if vocab_chunk:
-      hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
-      logp = losses.chunked_token_logprobs(hidden, unembed_matrix(cfg, params), mb["targets"],
-                                           vocab_chunk, cfg.logit_scale, cfg.final_softcap)
-    else:
-      logp = losses.token_logprobs(model.apply({"params": params}, *args)[0], mb["targets"])
-    return losses.sequence_logps(logp, mb["loss_mask"])[0]
+    return losses.sequence_logps(token_logps(params, mb), mb["loss_mask"])[0]
 
   return fn
 

@@ -94,6 +94,23 @@ def sft_loss_fn(cfg: ModelConfig, vocab_chunk: int = 0, z_loss_coef: float = 0.0
   return loss_fn
 
 
+def token_logps_fn(cfg: ModelConfig, vocab_chunk: int = 0):
+  """(params, rows) -> log-prob [B, T] of rows['targets'] given rows['tokens'],
+  'positions', 'segment_ids'; `vocab_chunk` > 0 never builds full logits."""
+  model = Transformer(cfg)
+
+  def fn(params, rows):
+    args = (rows["tokens"], rows["positions"], rows["segment_ids"])
+    if vocab_chunk:
+      hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
+      return losses.chunked_token_logprobs(hidden, unembed_matrix(cfg, params), rows["targets"],
+                                           vocab_chunk, cfg.logit_scale, cfg.final_softcap)
+    logits, _ = model.apply({"params": params}, *args)
+    return losses.token_logprobs(logits, rows["targets"])
+
+  return fn
+
+
 def loss_token_count(batch):
   return jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
