@@ -7,7 +7,8 @@ Layout (DESIGN.md "Checkpoints"):
   workdir/params/arrays/             the params tree (Orbax), nothing else
 
 `params/` is the unit that teachers, merging and evaluation consume;
-`load_model(path)` reads it or a Hugging Face directory alike.
+`load_model(path)` reads it or a Hugging Face directory alike, `open_reader(path)` one
+tensor (layer, block) at a time, and `ParamsWriter` writes one that way.
 """
 
 from __future__ import annotations
@@ -129,27 +130,152 @@ def _as_dict(tree) -> Any:
   return tree
 
 
-def peek_config(path: str) -> ModelConfig:
-  """The ModelConfig of a params/ dir or an HF dir, without reading arrays."""
+def _kind(path: str) -> str:
   if is_params_dir(path):
-    with open(os.path.join(path, MODEL_CONFIG)) as f:
-      return ModelConfig.from_dict(json.load(f))
+    return "params"
   if os.path.exists(os.path.join(path, "config.json")):
-    from aya_jax.models import hf
-    with open(os.path.join(path, "config.json")) as f:
-      return hf.config_from_hf(json.load(f))
+    return "hf"
   raise FileNotFoundError(
       f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}) nor a Hugging Face "
       "directory (config.json)")
+
+
+def peek_config(path: str) -> ModelConfig:
+  """The ModelConfig of a params/ dir or an HF dir, without reading arrays."""
+  if _kind(path) == "params":
+    with open(os.path.join(path, MODEL_CONFIG)) as f:
+      return ModelConfig.from_dict(json.load(f))
+  from aya_jax.models import hf_config
+  return hf_config.read_config(path)
 
 
 def load_model(path: str, shardings=None):
   """(ModelConfig, params) from an aya_jax params/ dir or a Hugging Face dir."""
-  if is_params_dir(path):
+  if _kind(path) == "params":
     return load_params(path, shardings)
-  if os.path.exists(os.path.join(path, "config.json")):
-    from aya_jax.models import hf
-    return hf.load(path, shardings=shardings)
-  raise FileNotFoundError(
-      f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}) nor a Hugging Face "
-      "directory (config.json)")
+  from aya_jax.models import hf
+  return hf.load(path, shardings=shardings)
+
+
+def open_reader(path: str):
+  """A per-tensor reader of a params/ dir (ParamsReader) or a HF dir (hf.Reader)."""
+  if _kind(path) == "params":
+    return ParamsReader(path)
+  from aya_jax.models import hf
+  return hf.Reader(path)
+
+
+# ---------------------------------------------------------------------------
+# params/ one leaf, layer or block at a time (streaming merges)
+# ---------------------------------------------------------------------------
+_ZARR_DTYPE = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "bfloat16": "bfloat16"}
+
+
+def _index(layer, span):
+  """Index of a layer slice and/or a block span = (axis in the slice, start, stop)."""
+  lead = () if layer is None else (layer,)
+  return lead + (() if span is None else (slice(None),) * span[0] + (slice(*span[1:]),))
+
+
+def _kvstore(arrays, name, ocdbt):
+  if ocdbt:
+    return {"driver": "ocdbt", "base": "file://" + arrays, "path": name}
+  return {"driver": "file", "path": os.path.join(arrays, name)}
+
+
+class ParamsReader:
+  """Reads leaves (a layer, a block) of a params/ dir with tensorstore, the store under
+  Orbax: `.cfg`, `.leaves` (paths 'a/b'), `shape`, `dtype`, `chunk`, `read(path, layer,
+  span)` (span = (axis in the layer slice, start, stop)). What the chunks do not split (a
+  stacked leaf saved as one chunk by older save_params) is read whole once, kept, sliced."""
+
+  def __init__(self, path):
+    self.path = path
+    with open(os.path.join(path, MODEL_CONFIG)) as f:
+      self.cfg = ModelConfig.from_dict(json.load(f))
+    self.arrays = os.path.join(os.path.abspath(path), "arrays")
+    with open(os.path.join(self.arrays, "_METADATA")) as f:
+      meta = json.load(f)
+    self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
+    self.leaves = {}
+    for entry in meta["tree_metadata"].values():
+      keys = [str(k["key"]) for k in entry["key_metadata"]]
+      self.leaves["/".join(keys)] = ".".join(keys)
+    self.opened, self.cache = {}, (None, None)
+
+  def _open(self, path):
+    if path not in self.opened:
+      import tensorstore as ts
+      spec = {"driver": "zarr3" if self.zarr3 else "zarr",
+              "kvstore": _kvstore(self.arrays, self.leaves[path], self.ocdbt)}
+      self.opened[path] = ts.open(spec, open=True, read=True).result()
+    return self.opened[path]
+
+  def shape(self, path):
+    return tuple(self._open(path).shape)
+
+  def dtype(self, path):
+    return np.dtype(self._open(path).dtype.numpy_dtype)
+
+  def chunk(self, path, axis):
+    """Rows of one read chunk along `axis` (of the whole leaf), or None if unsplit."""
+    arr = self._open(path)
+    c = arr.chunk_layout.read_chunk.shape[axis]
+    return c if c < arr.shape[axis] else None
+
+  def read(self, path, layer=None, span=None):
+    arr = self._open(path)
+    chunk, lead = arr.chunk_layout.read_chunk.shape, _index(layer, None)
+    by_layer = layer is not None and chunk[0] == 1
+    d = len(lead) + (span[0] if span else 0)
+    if (layer is None or by_layer) and (span is None or chunk[d] < arr.shape[d]):
+      return arr[_index(layer, span)].read().result()
+    unit = (path, layer if by_layer else None)
+    if self.cache[0] != unit:
+      self.cache = (None, None)
+      self.cache = (unit, (arr[lead] if by_layer else arr).read().result())
+    return self.cache[1][_index(None if by_layer else layer, span)]
+
+
+class ParamsWriter:
+  """Writes a params/ dir piece by piece: Orbax writes the tree metadata (use_ocdbt=False),
+  tensorstore the zarr arrays that Orbax restores, one chunk per layer and per block.
+  leaves: path -> (shape, dtype, chunk shape). Writes are asynchronous (at most `pending`
+  in flight) and not fsync'ed one by one; `close` waits for them and writes the config."""
+
+  def __init__(self, out, leaves: dict, cfg, pending: int = 4):
+    import tensorstore as ts
+    self.out, self.cfg, self.pending, self.futures = os.path.abspath(out), cfg, pending, []
+    self.arrays = os.path.join(self.out, "arrays")
+    os.makedirs(self.out, exist_ok=True)
+    if os.path.exists(os.path.join(self.out, MODEL_CONFIG)):
+      os.remove(os.path.join(self.out, MODEL_CONFIG))
+    skeleton = {}
+    for path, (_, dtype, _) in leaves.items():
+      node = skeleton
+      for k in path.split("/")[:-1]:
+        node = node.setdefault(k, {})
+      node[path.split("/")[-1]] = np.zeros((1,), dtype)
+    alone = ocp.options.MultiprocessingOptions(active_processes={jax.process_index()})
+    ckpt = ocp.Checkpointer(ocp.StandardCheckpointHandler(
+        use_ocdbt=False, multiprocessing_options=alone), multiprocessing_options=alone)
+    ckpt.save(self.arrays, args=ocp.args.StandardSave(skeleton), force=True)
+    context = ts.Context({"file_io_sync": False})
+    self.stores = {}
+    for path, (shape, dtype, chunks) in leaves.items():
+      spec = {"driver": "zarr", "kvstore": _kvstore(self.arrays, path.replace("/", "."), False),
+              "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None,
+                           "dtype": _ZARR_DTYPE[np.dtype(dtype).name]}}
+      self.stores[path] = ts.open(spec, create=True, delete_existing=True,
+                                  context=context).result()
+
+  def write(self, path, value, layer=None, span=None):
+    self.futures.append(self.stores[path][_index(layer, span)].write(value))
+    while len(self.futures) > self.pending:
+      self.futures.pop(0).result()
+
+  def close(self):
+    while self.futures:
+      self.futures.pop(0).result()
+    with open(os.path.join(self.out, MODEL_CONFIG), "w") as f:
+      json.dump(self.cfg.to_dict(), f, indent=1)

@@ -1,10 +1,12 @@
-"""Model merging: pure merges of params pytrees (merges over checkpoints: merge_stream.py).
+"""Model merging: pure merges of params pytrees (over checkpoints: merge_stream.py; methods'
+parameters by tensor name and depth, YAML specs: merge_spec.py).
 
 Methods (mergekit 0.1.5 names and semantics; accumulation in fp32, fp64 for fp64 inputs):
   linear            sum_i w_i x_i / sum_i w_i (normalize=True, the default) or sum_i w_i x_i
   task_arithmetic   b + lambda * sum_i w_i d_i (/ sum_i w_i if normalize), d_i = x_i - b
   ties              d_i -> top-density-fraction by |d_i| (exactly k = max(1, int(density n))
-                    kept); e_i = w_i d_i; sign s = sign(sum_i e_i) (>= 0 -> +1: a tie votes +);
+                    kept; equal |d| rank by position, as a stable sort); e_i = w_i d_i;
+                    sign s = sign(sum_i e_i) (>= 0 -> +1: a tie votes +);
                     b + lambda * sum_i [sign e_i = s] e_i / sum_i [sign e_i = s] w_i
                     (mergekit: weights are applied BEFORE the vote, and pruned or zero
                     entries never count in the divisor; normalize defaults to True)
@@ -24,160 +26,177 @@ Methods (mergekit 0.1.5 names and semantics; accumulation in fp32, fp64 for fp64
                     t * mean_i x_i + (1 - t) * b
 Every per-tensor statistic (top-k, norms, L1 rescale, cosines) is taken over one layer's
 tensor: a 'layers/...' leaf is merged slice by slice along its leading layer axis, as
-mergekit merges `model.layers.{i}.*` tensors. Element order inside a tensor does not matter
-to any method, so our [in, out] layout gives mergekit's numbers on [out, in] tensors.
+mergekit merges `model.layers.{i}.*` tensors. Ranks and sums follow the C order of our
+layout, so a transposed view (a HF tensor read in place) gives the same numbers as a copy.
 
-Parameters (mergekit's `parameters`): a scalar; a list of numbers, interpolated over depth
-(layer i of L at t = i / (L - 1), non-layer tensors at t = 0); or a list of
-`{filter: REGEX, value: ...}`, the first whose regex `re.search`es the tensor's name
-(our path like 'layers/attn/q/kernel' or, with a ModelConfig, its HF name like
-'model.layers.3.self_attn.q_proj.weight'; a plain mergekit substring is such a regex)
-wins. Per-model settings (weight, density, gamma) come before the shared ones.
+numpy inputs are merged in two passes: per-tensor statistics (the k-th largest |d| by
+selection on a sample-narrowed band, not a sort), then the elementwise combination in
+cache-sized blocks, in the inputs' memory order, on threads; jax inputs in one jnp pass.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
 import re
-import warnings
-import zlib
-from typing import Mapping, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-# method -> (needs base, sparsification, TIES vote, shared defaults, per-model defaults);
-# a per-model default of None means the parameter is required.
-_GTA_SHARED = dict(normalize=False, rescale=False, **{"lambda": 1.0})
-METHODS = {
-    "linear": (False, None, False, dict(normalize=True), dict(weight=None)),
-    "task_arithmetic": (True, None, False, _GTA_SHARED, dict(weight=None, density=1.0)),
-    "ties": (True, "magnitude", True, {**_GTA_SHARED, "normalize": True},
-             dict(weight=None, density=1.0)),
-    "dare_linear": (True, "random", False, {**_GTA_SHARED, "rescale": True},
-                    dict(weight=None, density=1.0)),
-    "dare_ties": (True, "random", True, {**_GTA_SHARED, "rescale": True},
-                  dict(weight=None, density=1.0)),
-    "breadcrumbs": (True, "outliers", False, _GTA_SHARED,
-                    dict(weight=None, density=1.0, gamma=0.01)),
-    "breadcrumbs_ties": (True, "outliers", True, _GTA_SHARED,
-                         dict(weight=None, density=1.0, gamma=0.01)),
-    "slerp": (True, None, False, dict(t=None), {}),
-    "model_stock": (True, None, False, dict(filter_wise=False), {}),
-}
-# mergekit parameters that change nothing here (int8_mask is a memory option)
-_IGNORED = ("int8_mask",)
+from aya_jax.merge_spec import METHODS, check_inputs, hf_names, tensor_parameters, warn_weights
+
+_CHUNK = 1 << 16  # elements of one block of the elementwise pass (fits in L2 with its temps)
+THREADS = max(1, min(4, os.cpu_count() or 1))  # blocks of one tensor run on this many threads
+_POOLS = {}  # process id -> thread pool (a forked child makes its own)
 
 
-# ---------------------------------------------------------------------------
-# Parameters that vary by tensor name and depth
-# ---------------------------------------------------------------------------
-def _is_scalar(v):
-  return isinstance(v, (bool, int, float, str, np.number))
+def _pool():
+  return _POOLS.get(os.getpid()) or _POOLS.setdefault(os.getpid(), ThreadPoolExecutor(THREADS))
 
 
-def resolve_setting(setting, names: Sequence[str], t: float = 0.0):
-  """Value of one mergekit-style setting for a tensor with `names` at depth t in [0, 1]."""
-  if setting is None or _is_scalar(setting):
-    return setting
-  if isinstance(setting, Mapping):
-    setting = [setting]
-  setting = list(setting)
-  if not setting:
-    return None
-  if all(_is_scalar(v) for v in setting):
-    if not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-               for v in setting):
-      return setting[int(t * (len(setting) - 1))]
-    x = t * (len(setting) - 1)
-    i0 = int(x)
-    i1 = min(len(setting) - 1, i0 + 1)
-    return (1 - (x - i0)) * float(setting[i0]) + (x - i0) * float(setting[i1])
-  for cond in setting:
-    if not isinstance(cond, Mapping) or "value" not in cond:
-      raise ValueError(f"parameter setting {setting!r}: expected numbers or "
-                       "{filter, value} entries")
-    f = cond.get("filter")
-    if f in (None, "*") or any(re.search(f, n) for n in names):
-      return resolve_setting(cond["value"], names, t)
-  return None
-
-
-def resolve_parameters(method: str, parameters: Optional[Mapping], model_parameters,
-                       n_models: int, names: Sequence[str], t: float) -> dict:
-  """Shared values and per-model lists of one tensor: {'normalize': .., 'weight': [..]}."""
-  if method not in METHODS:
-    raise ValueError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
-  _, _, _, shared_defaults, model_defaults = METHODS[method]
-  parameters = dict(parameters or {})
-  model_parameters = list(model_parameters or [{}] * n_models)
-  if len(model_parameters) != n_models:
-    raise ValueError(f"{len(model_parameters)} model_parameters for {n_models} models")
-  known = set(shared_defaults) | set(model_defaults) | set(_IGNORED)
-  for where, d in [("parameters", parameters)] + [
-      (f"model {i} parameters", m or {}) for i, m in enumerate(model_parameters)]:
-    bad = sorted(set(d) - known)
-    if bad:
-      raise ValueError(f"{where}: {bad} are not parameters of {method}; known: {sorted(known)}")
-  out = {}
-  for key, default in shared_defaults.items():
-    value = resolve_setting(parameters.get(key), names, t)
-    if value is None and default is None:
-      raise ValueError(f"{method} needs parameter {key!r} (tensor {names[0]})")
-    out[key] = default if value is None else value
-  for key, default in model_defaults.items():
-    values = []
-    for i, m in enumerate(model_parameters):
-      value = resolve_setting((m or {}).get(key), names, t)
-      if value is None:
-        value = resolve_setting(parameters.get(key), names, t)
-      if value is None and default is None:
-        raise ValueError(f"{method} needs parameter {key!r} for model {i} (tensor {names[0]})")
-      values.append(float(default if value is None else value))
-    out[key] = values
-  for d in out.get("density", ()):
-    if not 0.0 <= d <= 1.0:
-      raise ValueError(f"density {d} is outside [0, 1] for tensor {names[0]}")
-  if out.get("filter_wise"):
-    raise ValueError("model_stock filter_wise=True is not supported (its rows depend on the "
-                     "HF layout); use filter_wise=False")
-  return out
-
-
-# ---------------------------------------------------------------------------
-# Per-tensor kernels (numpy in, numpy out; jax in, jax out)
-# ---------------------------------------------------------------------------
 def _xp(*arrays):
   return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
 
-def _acc_dtype(x):
-  return np.float64 if np.dtype(x.dtype) == np.float64 else np.float32
+def _np_upcast(a, acc, order="K"):
+  """A new array: a in acc (bf16 -> fp32 exactly by a shift: ~10x ml_dtypes' astype)."""
+  if a.dtype == ml_dtypes.bfloat16 and acc == np.float32:
+    u = a.view(np.uint16).astype(np.uint32, order=order)
+    u <<= 16
+    return u.view(np.float32)
+  return a.astype(acc, order=order)
 
 
-def _keep_ranks(xp, x, lo, hi):
-  """Mask of the elements of x whose |x| rank (ascending, 0-based) is in [lo, hi)."""
-  w = xp.abs(x).reshape(-1)
-  n = w.shape[0]
-  if lo <= 0 and hi >= n:
-    return xp.ones(x.shape, bool)
-  if xp is np:
-    kth = [k for k in (lo, hi) if 0 <= k < n]
-    idx = np.argpartition(w, kth)[max(lo, 0):hi]  # O(n), no full sort
-    mask = np.zeros(n, bool)
-    mask[idx] = True
+def cast(x, dtype, out=None):
+  """x in dtype, in x's memory order (or written into `out`); numpy fp32 -> bf16 rounds to
+  nearest even with integer ops (~10x ml_dtypes' astype); no copy when x already is dtype."""
+  dtype = np.dtype(dtype)
+  if x.dtype == dtype or not isinstance(x, np.ndarray) or x.dtype != np.float32 or (
+      dtype != ml_dtypes.bfloat16 or x.size and np.isnan(x.max())):  # max: NaN propagates
+    if out is None:
+      return x if x.dtype == dtype else x.astype(dtype)
+    np.copyto(out, x, casting="unsafe")
+    return out
+  u = x.view(np.uint32)
+  r = u >> 16
+  r &= 1
+  r += 0x7FFF
+  r += u
+  r >>= 16
+  if out is None:
+    return r.astype(np.uint16).view(dtype)
+  np.copyto(out.view(np.uint16), r, casting="unsafe")
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Elementwise passes: whole jnp arrays, or numpy blocks in memory order
+# ---------------------------------------------------------------------------
+def _layout(a):
+  """The axis order in which `a` is C-contiguous (a transposed HF tensor: reversed), or
+  None when it is not contiguous in any."""
+  perm = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i] if a.shape[i] > 1 else 0))
+  return perm if a.transpose(perm).flags.c_contiguous else None
+
+
+def elementwise(fn, floats: Sequence, masks: Sequence = (), acc=np.float32, dtype=None,
+                threads: bool = True):
+  """fn(*floats upcast to acc, *masks) -> floats[0]'s shape, in `dtype` (default acc); fn
+  must be elementwise. numpy: over blocks in the inputs' common memory order (C order when
+  they share none), on threads; the result has that order. jax: one call on whole arrays."""
+  dtype = np.dtype(dtype or acc)
+  if _xp(*floats) is jnp:
+    return fn(*[jnp.asarray(a).astype(acc) for a in floats], *masks).astype(dtype)
+  floats = [np.asarray(a) for a in floats]
+  shape, perms = floats[0].shape, {_layout(a) for a in floats}
+  perm = perms.pop() if len(perms) == 1 and None not in perms else tuple(range(len(shape)))
+  flat = lambda a: np.ascontiguousarray(np.asarray(a).transpose(perm)).reshape(-1)
+  floats, masks = [flat(a) for a in floats], [None if m is None else flat(m) for m in masks]
+  out = np.empty(floats[0].size, dtype)
+
+  def run(lo, hi):
+    for s in range(lo, hi, _CHUNK):
+      e = min(hi, s + _CHUNK)
+      value = fn(*[_np_upcast(a[s:e], acc) for a in floats],
+                 *[None if m is None else m[s:e] for m in masks])
+      cast(value, dtype, out[s:e])
+
+  n = out.size
+  parts = THREADS if threads and n >= 4 * THREADS * _CHUNK else 1
+  bounds = [n * i // parts // _CHUNK * _CHUNK for i in range(parts)] + [n]
+  if parts == 1:
+    run(0, n)
   else:
-    idx = jnp.argsort(w)[max(lo, 0):hi]
-    mask = jnp.zeros(n, bool).at[idx].set(True)
-  return mask.reshape(x.shape)
+    list(_pool().map(run, bounds[:-1], bounds[1:]))
+  return out.reshape([shape[i] for i in perm]).transpose(np.argsort(perm))
 
 
-def _rescale_l1(xp, d, kept):
-  before, after = xp.abs(d).sum(), xp.abs(kept).sum()
-  ok = (before >= 1e-7) & (after >= 1e-7)
-  return xp.where(ok, kept * (before / xp.where(ok, after, 1.0)), kept)
+# ---------------------------------------------------------------------------
+# Per-tensor statistics
+# ---------------------------------------------------------------------------
+def _kth(flat, r: int):
+  """(v, below, equal): the r-th smallest (0-based) of a flat numpy array and how many
+  elements are < v and == v. Selects within a band that a strided sample brackets (a few
+  passes, no sort of the tensor); the whole array when the band misses."""
+  n = flat.size
+  if n > 1 << 16:
+    sample = np.sort(flat[::n // (1 << 14)])
+    m, q = sample.size, r / n
+    pos, margin = q * m, 6 * math.sqrt(m * q * (1 - q)) + 2
+    i0, i1 = int(pos - margin), int(pos + margin) + 1
+    lo = sample[i0] if i0 >= 0 else -np.inf
+    hi = sample[i1] if i1 < m else np.inf
+    below = np.count_nonzero(flat < lo)
+    band = flat[(flat >= lo) & (flat <= hi)]
+    if 0 <= r - below < band.size:
+      v = np.partition(band, r - below)[r - below]
+      return v, below + np.count_nonzero(band < v), np.count_nonzero(band == v)
+  v = np.partition(flat, r)[r]
+  return v, np.count_nonzero(flat < v), np.count_nonzero(flat == v)
+
+
+def _keep_ranks(xp, a, lo, hi):
+  """Mask of the elements of a whose rank is in [lo, hi): ascending by value, equal values
+  by C-order position (a stable argsort's ranks; numpy: by selection, any memory order)."""
+  n = a.size
+  if lo <= 0 and hi >= n:
+    return xp.ones(a.shape, bool)
+  if xp is jnp:
+    idx = jnp.argsort(a.reshape(-1), stable=True)[max(lo, 0):hi]
+    return jnp.zeros(n, bool).at[idx].set(True).reshape(a.shape)
+  perm = _layout(a)
+  flat = a.transpose(perm).reshape(-1)  # memory order: a view
+  ends = [_kth(flat, lo) if lo > 0 else None, _kth(flat, hi - 1) if hi < n else None]
+  if ends[0] is None:
+    keep = a < ends[1][0]
+  else:
+    keep = a > ends[0][0] if ends[1] is None else (a > ends[0][0]) & (a < ends[1][0])
+  for v, start, count in {e for e in ends if e is not None}:  # the values at the ends
+    first, last = max(lo, start) - start, min(hi, start + count) - start
+    if first == 0 and last == count:
+      keep |= a == v
+    elif first < last:  # some of the equal values: the first ones in C order
+      pos = np.unravel_index(np.flatnonzero((a == v).transpose(perm).reshape(-1)),
+                             [a.shape[i] for i in perm])
+      pos = [pos[i] for i in np.argsort(perm)]  # memory order -> C order of a
+      pos = np.sort(np.ravel_multi_index(pos, a.shape))[first:last]
+      keep[np.unravel_index(pos, a.shape)] = True
+  return keep
+
+
+def _select(xp, m, d):
+  """where(m, d, 0) of a float array d; numpy: with integer ops (no branch per element)."""
+  if xp is jnp:
+    return jnp.where(m, d, 0.0)
+  bits = m.astype(np.uint32 if d.dtype == np.float32 else np.uint64)
+  np.negative(bits, out=bits)
+  bits &= d.view(bits.dtype)
+  return bits.view(d.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -185,29 +204,59 @@ def _bernoulli(key, density, shape):
   return jax.random.bernoulli(key, density, shape)
 
 
-def _sparsify(xp, kind, d, density, gamma, rescale, key):
+def _sparsify(xp, kind, x, b, density, gamma, rescale, key, acc, threads=True):
+  """(keep mask or None, scale or None) of the delta x - b: kept entries are
+  where(keep, d, 0), then divided by scale (rescale='inverse') or multiplied by it (L1)."""
   if kind is None or density >= 1.0:
-    return d
-  n = d.size
-  if kind == "magnitude":
-    if density <= 0:
-      return xp.zeros_like(d)
-    mask = _keep_ranks(xp, d, n - max(1, int(density * n)), n)
-  elif kind == "outliers":
-    target, top = int(density * n), int(gamma * n)
-    lo = max(0, n - target - top)
-    mask = _keep_ranks(xp, d, lo, lo + target)
-  else:  # random
+    return None, None
+  if kind == "random":
     if key is None:
       raise ValueError("random sparsification (DARE) needs a key or seed")
-    mask = _bernoulli(key, density, tuple(d.shape))
-    mask = np.asarray(mask) if xp is np else mask
-  kept = xp.where(mask, d, 0.0)
-  if rescale == "inverse":
-    return kept / density if density > 0 else kept
-  if rescale:
-    return _rescale_l1(xp, d, kept)
-  return kept
+    keep = _bernoulli(key, density, tuple(np.shape(x)))
+    keep = np.asarray(keep) if xp is np else keep
+    if rescale == "inverse":
+      return keep, density if density > 0 else None
+    if not rescale:
+      return keep, None
+    d = elementwise(lambda x, b: x - b, [x, b], acc=acc, threads=threads)
+    d = np.ascontiguousarray(d) if xp is np else d  # sums in C order, whatever the layout
+    before, after = xp.abs(d).sum(), xp.abs(xp.where(keep, d, 0.0)).sum()
+    ok = (before >= 1e-7) & (after >= 1e-7)
+    return keep, xp.where(ok, before / xp.where(ok, after, 1.0), 1.0).astype(acc)
+  a = elementwise(lambda x, b: abs(x - b), [x, b], acc=acc, threads=threads)
+  n = a.size
+  if kind == "magnitude":
+    if density <= 0:
+      return xp.zeros(a.shape, bool), None
+    return _keep_ranks(xp, a, n - max(1, int(density * n)), n), None
+  target, top = int(density * n), int(gamma * n)  # outliers (breadcrumbs)
+  lo = max(0, n - target - top)
+  return _keep_ranks(xp, a, lo, lo + target), None
+
+
+def _gta(xp, p, vote, inverse, b, xs, keeps, scales):
+  """Generalized task arithmetic of one block: kept, scaled, weighted deltas, the TIES vote
+  or a sum, normalisation, b + lambda * mixed (mergekit's operation order, fp32)."""
+  w, deltas = p["weight"], []
+  for x, keep, s, wi in zip(xs, keeps, scales, w):
+    d = x - b
+    if keep is not None:
+      d = _select(xp, keep, d)
+    if s is not None:
+      d = d / s if inverse else d * s
+    deltas.append(wi * d)
+  if vote:
+    positive = sum(deltas) >= 0  # sign(e_i) == the elected sign, without where's branches:
+    masks = [(d > 0) & positive | (d < 0) & ~positive for d in deltas]
+    mixed = sum(_select(xp, m, d) for d, m in zip(deltas, masks))
+    divisor = sum(m * xp.asarray(wi, b.dtype) for wi, m in zip(w, masks))
+    divisor = divisor + (divisor == 0)  # 0 -> 1, exactly
+  else:
+    mixed = sum(deltas[1:], deltas[0])
+    divisor = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
+  if p["normalize"]:
+    mixed = mixed / divisor
+  return b + p["lambda"] * mixed
 
 
 def _slerp(xp, x0, x1, t, dot_threshold=0.9995, eps=1e-8):
@@ -245,100 +294,62 @@ def is_elementwise(method: str, p: dict) -> bool:
   return METHODS[method][1] is None or all(d >= 1.0 for d in p.get("density", [1.0]))
 
 
-def _np_upcast(a, acc, order="C"):
-  if a.dtype == ml_dtypes.bfloat16 and acc == np.float32:  # exact; ~10x ml_dtypes' astype
-    u = a.view(np.uint16).astype(np.uint32, order=order)
-    u <<= 16
-    return u.view(np.float32)
-  return a.astype(acc, order=order)
-
-
-def cast(x, dtype):
-  """x in dtype, in x's memory order; numpy fp32 -> bf16 rounds to nearest even with integer
-  ops (faster than ml_dtypes' astype); no copy when x already is dtype."""
-  dtype = np.dtype(dtype)
-  if x.dtype == dtype or not isinstance(x, np.ndarray) or x.dtype != np.float32 or (
-      dtype != ml_dtypes.bfloat16 or np.isnan(x).any()):
-    return x if x.dtype == dtype else x.astype(dtype)
-  u = x.view(np.uint32)
-  r = u >> 16
-  r &= 1
-  r += 0x7FFF
-  r += u
-  r >>= 16
-  return r.astype(np.uint16).view(dtype)
-
-
 def _wsum(xp, ws, xs):
-  """sum_i w_i x_i, in place for numpy (the same operation order as the builtin sum)."""
+  """sum_i w_i x_i (the builtin sum's operation order); numpy: in place, over xs."""
   if xp is not np:
     return sum(w * x for w, x in zip(ws, xs))
-  out = xs[0] * ws[0]
+  out = xs[0]
+  out *= ws[0]
   for w, x in zip(ws[1:], xs[1:]):
-    out += w * x
+    x *= w
+    out += x
   return out
 
 
 def merge_tensor(method: str, xs: Sequence, base=None, p: Optional[dict] = None, key=None,
-                 name: str = "tensor"):
+                 name: str = "tensor", dtype=None):
   """One merged tensor from inputs xs (and base), with resolved parameters p
-  (`resolve_parameters`); key: a jax PRNG key for DARE (already derived for this tensor).
-  Computes in fp32 (fp64 for fp64 inputs) and returns that dtype."""
+  (`merge_spec.resolve_parameters`); key: a jax PRNG key for DARE (already derived for this
+  tensor). Computes in fp32 (fp64 for fp64 inputs); returns `dtype` (default: that)."""
   needs_base, sparsify, vote, _, _ = METHODS[method]
   if needs_base and base is None:
     raise ValueError(f"{method} needs a base model (tensor {name})")
-  xp = _xp(base, *xs)
-  acc = _acc_dtype(xs[0])
-  # reductions (L1, norms) need C order to sum in one order whatever the inputs' strides;
-  # elementwise merges keep the inputs' order (a transposed view stays one, uncopied)
-  order = "K" if is_elementwise(method, p) else "C"
-  up = ((lambda a: _np_upcast(np.asarray(a), acc, order)) if xp is np else
-        (lambda a: jnp.asarray(a).astype(acc)))
-  xs = [up(x) for x in xs]
-  base = None if base is None else up(base)
+  xp, acc = _xp(base, *xs), np.float64 if np.dtype(xs[0].dtype) == np.float64 else np.float32
   if method == "linear":
     w = p["weight"]
-    out = _wsum(xp, w, xs)
-    if p["normalize"]:
-      if abs(sum(w)) < 1e-8:
-        raise ValueError(f"linear weights {w} sum to 0 for tensor {name}; cannot normalize")
-      out = out / sum(w)
-    return out
-  if method == "slerp":
-    if len(xs) != 1:
-      raise ValueError(f"slerp merges a base and one other model; got {len(xs)} others")
-    return _slerp(xp, base, xs[0], float(p["t"]))
-  if method == "model_stock":
-    if len(xs) < 2:
-      raise ValueError(f"model_stock needs a base and at least 2 other models; got {len(xs)}")
-    return _model_stock(xp, xs, base)
-  w = p["weight"]
+    if p["normalize"] and abs(sum(w)) < 1e-8:
+      raise ValueError(f"linear weights {w} sum to 0 for tensor {name}; cannot normalize")
+    norm = sum(w) if p["normalize"] else None
+
+    def linear(*xs):
+      out = _wsum(xp, w, xs)
+      return out if norm is None else out / norm if xp is jnp else np.divide(out, norm, out=out)
+
+    return elementwise(linear, xs, acc=acc, dtype=dtype)
+  if method in ("slerp", "model_stock"):
+    up = ((lambda a: _np_upcast(np.asarray(a), acc, "C")) if xp is np else
+          (lambda a: jnp.asarray(a).astype(acc)))
+    if method == "slerp":
+      if len(xs) != 1:
+        raise ValueError(f"slerp merges a base and one other model; got {len(xs)} others")
+      out = _slerp(xp, up(base), up(xs[0]), float(p["t"]))
+    else:
+      if len(xs) < 2:
+        raise ValueError(f"model_stock needs a base and 2 or more other models; got {len(xs)}")
+      out = _model_stock(xp, [up(x) for x in xs], up(base))
+    return cast(out, dtype or acc)
   density, gamma = p.get("density", [1.0] * len(xs)), p.get("gamma", [0.0] * len(xs))
-  deltas = []
-  for i, x in enumerate(xs):
-    k = None if key is None else jax.random.fold_in(key, i)
-    deltas.append(w[i] * _sparsify(xp, sparsify, x - base, density[i], gamma[i],
-                                   p["rescale"], k))
-  if vote:
-    majority = xp.where(sum(deltas) >= 0, 1.0, -1.0)
-    masks = [xp.sign(d) == majority for d in deltas]
-    mixed = sum(xp.where(m, d, 0.0) for d, m in zip(deltas, masks))
-    divisor = sum(xp.where(m, wi, 0.0) for wi, m in zip(w, masks))
-    divisor = xp.where(divisor == 0, 1.0, divisor)
-  else:
-    mixed = _wsum(xp, [1.0] * len(deltas), deltas) if len(deltas) > 1 else deltas[0]
-    divisor = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
-  if p["normalize"]:
-    mixed = mixed / divisor
-  return base + p["lambda"] * mixed
 
+  def stat(i, threads=True):  # numpy: the models' statistics on threads, one each
+    return _sparsify(xp, sparsify, xs[i], base, density[i], gamma[i], p["rescale"],
+                     None if key is None else jax.random.fold_in(key, i), acc, threads)
 
-def tensor_key(seed, path: str, layer: Optional[int] = None):
-  """The DARE key of one tensor: derived from (seed, tensor path, layer), so masks do not
-  depend on the order in which tensors are processed or on streaming vs in memory."""
-  key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-  key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-  return key if layer is None else jax.random.fold_in(key, layer + 1)
+  parallel = xp is np and len(xs) > 1 and np.size(base) >= _CHUNK and sparsify is not None
+  stats = (list(_pool().map(stat, range(len(xs)), [False] * len(xs))) if parallel else
+           [stat(i) for i in range(len(xs))])
+  (keeps, scales), n, inverse = zip(*stats), len(xs), p["rescale"] == "inverse"
+  return elementwise(lambda b, *rest: _gta(xp, p, vote, inverse, b, rest[:n], rest[n:], scales),
+                     [base, *xs], keeps, acc=acc, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -349,60 +360,8 @@ def _flat(tree) -> dict:
           for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def hf_names(cfg) -> dict:
-  """params path -> HF tensor name pattern ('{i}' = layer) for a ModelConfig."""
-  from aya_jax.models import hf
-  return {"/".join(leaf): name for leaf, name, *_ in hf._entries(cfg)}
-
-
-def tensor_parameters(method: str, parameters, model_parameters, n_models: int, path: str,
-                      layer: Optional[int], n_layers: int, hf_table: Optional[dict], seed=0):
-  """(names, resolved parameters, DARE key or None) of one tensor, or layer slice, whose
-  names are its path and, with hf_table (`hf_names`), its HF name; depth is mergekit's
-  gradient position t = i / (L - 1) in layers, 0 outside them."""
-  names = (path,) + ((hf_table[path].format(i=layer),) if hf_table and path in hf_table
-                     else ())
-  t = 0.0 if layer is None else layer / (n_layers - 1) if n_layers > 1 else 1.0
-  p = resolve_parameters(method, parameters, model_parameters, n_models, names, t)
-  return names, p, tensor_key(seed, path, layer) if METHODS[method][1] == "random" else None
-
-
-def check_inputs(shapes: Sequence[dict], labels: Sequence[str], dtypes: Sequence[dict],
-                 allow_dtype_mix: bool = False):
-  """Same paths, shapes and (unless allowed) dtypes in every input; errors name the path."""
-  ref = shapes[0]
-  for label, s, dt in zip(labels[1:], shapes[1:], dtypes[1:]):
-    missing, extra = sorted(set(ref) - set(s)), sorted(set(s) - set(ref))
-    if missing or extra:
-      raise ValueError(f"{label} has a different params tree than {labels[0]}: missing "
-                       f"{missing[:5]}, extra {extra[:5]}")
-    for path in ref:
-      if tuple(s[path]) != tuple(ref[path]):
-        what = ("vocab size differs: " if path in ("embedder/embedding", "lm_head/kernel")
-                else "")
-        raise ValueError(f"{what}params {path} has shape {tuple(s[path])} in {label} but "
-                         f"{tuple(ref[path])} in {labels[0]}")
-      if not allow_dtype_mix and np.dtype(dt[path]) != np.dtype(dtypes[0][path]):
-        raise ValueError(f"params {path} is {np.dtype(dt[path])} in {label} but "
-                         f"{np.dtype(dtypes[0][path])} in {labels[0]}; pass dtype= to "
-                         "cast every input")
-  for path, dt in dtypes[0].items():
-    if not np.issubdtype(np.dtype(dt), np.floating) and np.dtype(dt).name != "bfloat16":
-      raise ValueError(f"params {path} is {np.dtype(dt)}: only float tensors can be merged")
-
-
-def warn_weights(method, model_parameters, parameters):
-  """mergekit accepts negative weights (task negation) without a word; we warn once."""
-  ws = [m.get("weight", parameters.get("weight")) for m in model_parameters]
-  flat = [v for w in ws for v in (w if isinstance(w, (list, tuple)) else [w])
-          if isinstance(v, (int, float))]
-  if any(v < 0 for v in flat):
-    warnings.warn(f"{method}: negative weights {ws} (kept, as mergekit does: they subtract)")
-
-
-def merge(method: str, models: Sequence, base=None, parameters: Optional[Mapping] = None,
-          model_parameters: Optional[Sequence[Mapping]] = None, *, include: Optional[str] = None,
-          seed=0, cfg=None, dtype=None):
+def merge(method: str, models: Sequence, base=None, parameters=None, model_parameters=None,
+          *, include: Optional[str] = None, seed=0, cfg=None, dtype=None):
   """Merged params pytree of `models` (and `base`); see the module docstring.
 
   include: regex; paths it does not match are copied from base (or the first model).
@@ -420,7 +379,6 @@ def merge(method: str, models: Sequence, base=None, parameters: Optional[Mapping
   xflats, bflat = flats[-len(models):], flats[0] if base is not None else None
   out = {}
   for path, ref in flats[0].items():
-    out_dtype = dtype or ref.dtype
     if include is not None and not re.search(include, path):
       out[path] = ref
       continue
@@ -432,8 +390,8 @@ def merge(method: str, models: Sequence, base=None, parameters: Optional[Mapping
       sl = (lambda a: a) if layer is None else (lambda a: a[layer])
       names, p, key = tensor_parameters(method, parameters, model_parameters, len(models),
                                         path, layer, len(layers), hf_table, seed)
-      return cast(merge_tensor(method, [sl(x) for x in xs], None if b is None else sl(b), p,
-                               key, name=names[-1]), out_dtype)
+      return merge_tensor(method, [sl(x) for x in xs], None if b is None else sl(b), p, key,
+                          name=names[-1], dtype=dtype or ref.dtype)
 
     parts = [one(layer) for layer in layers]
     out[path] = parts[0] if layers == [None] else _xp(*parts).stack(parts)

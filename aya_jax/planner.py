@@ -274,11 +274,12 @@ def plan(config) -> dict:
   """The plan (needs the mesh's devices in this process)."""
   from aya_jax import axes, checkpoint, sharding
   from aya_jax.models import config as model_config
+  from aya_jax.train import sft
   mesh_shape = tuple(config.mesh.shape)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:num_devices(config)])
   rules = axes.rules(config.mesh.rules)
   m = config.model
-  over = dict(dtype=m.dtype, remat=m.remat)
+  over = sft.execution(m)
   if m.init and os.path.exists(m.init):
     cfg = checkpoint.peek_config(m.init).replace(**over)
   else:
@@ -321,7 +322,7 @@ def format_report(r: dict) -> str:
   m = r["model"]
   lines = [f"# Dry-run plan: {m['family']} d_model={m['d_model']} layers={m['n_layers']} "
            f"vocab={m['vocab_size']} ({m['n_params'] / 1e9:.2f}B params), dtype={m['dtype']} "
-           f"remat={m['remat']}",
+           f"remat={m['remat']} attention_chunk={m.get('attention_chunk', 0)}",
            f"mesh {r['mesh']} = {r['n_devices']} devices, rules '{r['rules']}', "
            f"optimizer state '{r['opt_state_mode']}'" +
            (f", compiled {r['dry_run_layers']}- and {2 * r['dry_run_layers']}-layer slices "

@@ -344,3 +344,53 @@ def verifier_labelled_pairs(records, scorer=None, kinds=("english", "verbose"), 
           chosen=answers[hi], rejected=answers[lo], chosen_score=float(s[hi]),
           rejected_score=float(s[lo]), source=source))
   return pairs
+
+
+def sample_labelled_pairs(completions, scorer=None, gold: bool = True, min_gap: float = 0.25,
+                          max_per_prompt: int = 4, seed: int = 0,
+                          source: str = "verifier_samples") -> list:
+  """PreferenceRecords from models' own answers, labelled by `scorer` (default:
+  the world's Verifier): the distribution a reward model used as an arbiter
+  is asked to judge (how reward models are trained: model answers, labelled).
+
+  `completions` are CompletionRecords (ids '<prompt id>#<teacher>#<j>'); per
+  prompt, distinct answers (plus the world's gold answer when `gold`) are
+  scored, and up to `max_per_prompt` pairs whose score gap is at least
+  `min_gap` are drawn (keyed by the prompt id, so the set does not depend on
+  order); ids '<prompt id>#sp-<i>'."""
+  if scorer is None:
+    from aya_jax import reward
+    scorer = reward.verifier_scorer()
+  by_prompt: dict = {}
+  for r in completions:
+    pid = teachers_lib.parse_completion_id(r.id)[0]
+    answers = by_prompt.setdefault(pid, (r, {}))[1]
+    answers.setdefault(r.completion, None)
+  rows, index = [], []
+  for pid, (r, answers) in by_prompt.items():
+    if gold:
+      answers.setdefault(synthetic.parse_id(pid).answer(), None)
+    for a in answers:
+      rows.append(dict(id=pid, language=r.language, prompt=list(r.prompt), completion=a))
+      index.append((pid, a))
+  scores = np.asarray(scorer.score(rows), np.float64) if rows else np.zeros(0)
+  if np.isnan(scores).any():
+    bad = [index[i][0] for i in np.flatnonzero(np.isnan(scores))[:3]]
+    raise ValueError(f"sample_labelled_pairs: NaN scores for prompts {bad}")
+  for (pid, a), s in zip(index, scores):
+    by_prompt[pid][1][a] = float(s)
+  pairs = []
+  for pid, (r, answers) in by_prompt.items():
+    items = sorted(answers.items(), key=lambda kv: (-kv[1], kv[0]))
+    cand = [(i, j) for i in range(len(items)) for j in range(i + 1, len(items))
+            if items[i][1] - items[j][1] >= min_gap]
+    if not cand:
+      continue
+    rng = keyed_rng(seed, pid)
+    pick = rng.permutation(len(cand))[:max_per_prompt]
+    for n, c in enumerate(sorted(pick)):
+      (ca, cs), (ra, rs) = items[cand[c][0]], items[cand[c][1]]
+      pairs.append(records_lib.PreferenceRecord(
+          id=f"{pid}#sp-{n}", language=r.language, prompt=tuple(r.prompt), chosen=ca,
+          rejected=ra, chosen_score=cs, rejected_score=rs, source=source))
+  return pairs

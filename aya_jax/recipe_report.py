@@ -13,8 +13,11 @@ import os
 import numpy as np
 
 # The claims of issue 9, checked on the held-out test prompts: (claim, stage,
-# compared with, kind). 'better': strictly higher mean verifier score; 'match':
-# within MATCH_TOLERANCE or higher. Verdicts are computed, never assumed.
+# compared with, kind). 'better': strictly higher measure; 'match': within
+# MATCH_TOLERANCE or higher. The measure is the mean verifier score when every
+# stage has one (the world), else the win rate vs the baseline under the judge
+# (real inputs: a proxy, the two stages are not judged head to head).
+# Verdicts are computed, never assumed.
 CLAIMS = (
     ("arbitrage SFT beats single-teacher SFT", "sft_mixed", "sft_single", "better"),
     ("merged family models at least match mixed-data SFT", "sft_merged", "sft_mixed", "match"),
@@ -23,11 +26,9 @@ CLAIMS = (
     ("online DPO beats RLOO", "online_last", "rloo", "better"),
 )
 MATCH_TOLERANCE = 0.01
-
-
-def _mean_verifier(res, lang="all"):
-  row = res["per_language"].get(lang, {})
-  return row.get("verifier_a")
+MEASURES = dict(verifier="mean verifier score",
+                win_rate="win rate vs {baseline} under the judge, {judge}; a proxy: the two "
+                "stages are not judged head to head")
 
 
 def write(workdir: str, ev: dict, meta: dict) -> dict:
@@ -41,19 +42,20 @@ def write(workdir: str, ev: dict, meta: dict) -> dict:
     rows[s] = {l: dict(win_rate=pl[l]["win_rate"], ci=pl[l]["ci"],
                        verifier=pl[l].get("verifier_a")) for l in langs + ["all"]}
   alias = dict(online_last=online[-1] if online else None)
+  measure = ("verifier" if all(rows[s]["all"]["verifier"] is not None for s in stages)
+             else "win_rate")
   verdicts = []
   for text, a, b, kind in CLAIMS:
     a, b = alias.get(a, a), alias.get(b, b)
     if a not in rows or b not in rows:
       continue
-    va, vb = rows[a]["all"]["verifier"], rows[b]["all"]["verifier"]
-    if va is None or vb is None:
-      continue
+    va, vb = rows[a]["all"][measure], rows[b]["all"][measure]
     holds = va > vb if kind == "better" else va >= vb - MATCH_TOLERANCE
-    verdicts.append(dict(claim=text, a=a, b=b, verifier_a=va, verifier_b=vb,
+    verdicts.append(dict(claim=text, a=a, b=b, measure=measure, value_a=va, value_b=vb,
                          holds=bool(holds)))
-  rep = dict(baseline=ev["baseline"], n_prompts=ev["n_prompts"], languages=langs,
-             stages=stages, rows=rows, verdicts=verdicts, **meta)
+  judge = ev.get("judge") or "verifier"
+  rep = dict(baseline=ev["baseline"], n_prompts=ev["n_prompts"], judge=judge, languages=langs,
+             stages=stages, rows=rows, verdict_measure=measure, verdicts=verdicts, **meta)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(rep, f, indent=1, ensure_ascii=False)
   with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -64,8 +66,8 @@ def write(workdir: str, ev: dict, meta: dict) -> dict:
 
 def table(rep: dict) -> str:
   langs = rep["languages"] + ["all"]
-  lines = [f"win rate vs {rep['baseline']} (verifier score in brackets), "
-           f"{rep['n_prompts']} held-out prompts",
+  lines = [f"win rate vs {rep['baseline']} under the judge ({rep.get('judge', 'verifier')}; "
+           f"verifier score in brackets when there is one), {rep['n_prompts']} held-out prompts",
            "| stage | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
   for s in rep["stages"]:
     cells = []
@@ -83,16 +85,19 @@ def markdown(rep: dict) -> str:
   for s in rep["stages"]:
     lo, hi = rep["rows"][s]["all"]["ci"]
     out.append(f"- {s}: {rep['rows'][s]['all']['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]")
-  out += ["", "## Does each stage help? (mean verifier score, all languages)", ""]
+  what = MEASURES[rep.get("verdict_measure", "verifier")].format(**rep)
+  out += ["", f"## Does each stage help? ({what}, all languages)", ""]
   for v in rep["verdicts"]:
     word = "yes" if v["holds"] else "NO"
-    out.append(f"- {v['claim']}: **{word}** ({v['a']} {v['verifier_a']:.3f} vs "
-               f"{v['b']} {v['verifier_b']:.3f})")
+    out.append(f"- {v['claim']}: **{word}** ({v['a']} {v['value_a']:.3f} vs "
+               f"{v['b']} {v['value_b']:.3f})")
   secs = rep.get("step_seconds") or {}
   out += ["", f"seed {rep.get('seed')}, wall time {rep.get('wall_seconds', 0):.0f} s "
           f"(steps run now: {', '.join(rep.get('ran') or []) or 'none'})", "",
           "| step | seconds |", "|---|---|"]
   out += [f"| {k} | {v:.0f} |" for k, v in secs.items() if v is not None]
+  if rep.get("inputs"):
+    out += ["", "## Inputs", ""] + [f"- {k}: {v}" for k, v in rep["inputs"].items() if v]
   if rep.get("world_report"):
     out += ["", "## The world's models (verifier score per language, validation split)", "",
             rep["world_report"]]
@@ -116,7 +121,7 @@ def plot(rep: dict, path: str):
   ax.set_xticks(x, stages, rotation=20)
   ax.set_ylim(0, 1)
   ax.set_ylabel(f"win rate vs {rep['baseline']}")
-  ax.set_title("Stage-by-stage gains on held-out prompts (judge: verifier)")
+  ax.set_title(f"Stage-by-stage gains on held-out prompts (judge: {rep.get('judge', 'verifier')})")
   ax.legend(ncol=min(9, len(langs)), fontsize=7, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -72,20 +72,21 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def families(config) -> dict:
-  """{family name: languages}, each within config.languages."""
+def families(config, prefix: str = "config") -> dict:
+  """{family name: languages}, each within config.languages; errors name the
+  fields as `prefix`.families / `prefix`.languages."""
   langs = tuple(config.languages)
   if config.families:
     out = {}
     for part in [p for p in config.families.split(";") if p.strip()]:
       if ":" not in part:
-        raise ValueError(f"config.families: {part!r} is not 'name:lang,lang'")
+        raise ValueError(f"{prefix}.families: {part!r} is not 'name:lang,lang'")
       name, ls = part.split(":", 1)
       fam = tuple(x.strip() for x in ls.split(",") if x.strip())
       bad = [x for x in fam if x not in langs]
       if bad:
-        raise ValueError(f"config.families: family {name} has languages {bad} not in "
-                         f"config.languages {langs}")
+        raise ValueError(f"{prefix}.families: family {name} has languages {bad} not in "
+                         f"{prefix}.languages {langs}")
       out[name.strip()] = fam
     return out
   common = set.intersection(*(set(f) for f in synthetic.LANGUAGE_FAMILIES.values()))

@@ -10,28 +10,51 @@ and MFU on v5p / v5e / H100, and whether it fits; ~1-2 min on 2 CPU cores):
 Writes runs/plan_8b/plan.md and plan.json. Try --config.mesh.shape='(1,32,2)'
 --config.mesh.rules=fsdp_tp, --config.sft.seq_len=4096,
 --config.plan.opt_state=sharded, --config.plan.dry_run_layers=2 (compile 2-
-and 4-layer slices and extrapolate), --config.model.remat=dots.
+and 4-layer slices and extrapolate), --config.model.remat=dots,
+--config.model.attention_chunk=0 (dense [heads, T, T] attention: 8B DPO then
+needs 92.5 GB per device instead of 29.7 GB).
 
-The real run (same paths, one stage at a time; every host of the slice runs
-the same command, see experiments/launch/):
+The real run, the whole recipe on these paths (variant 'pipeline': stage
+'pipeline', configs/pipeline.py with `inputs` set; every host of the slice
+runs the same command, see experiments/launch/):
 
-  1. generate:  every teacher in `teachers` answers `prompts`
-       (configs/generate.py with --config.teachers / --config.prompts)
-  2. arbitrage: the reward model `reward_model` scores, routes -> sft.jsonl,
-       pairs_offline.jsonl (configs/arbitrage.py)
-  3. sft:       configs/sft.py --config.model.init=<base> --config.tokenizer=<base>
-       --config.data.train=<sft.jsonl> with this file's sft/optim/mesh values
-  4. merge, dpo (configs/dpo.py, pairs_offline.jsonl), merge, online_dpo.
+    python -m aya_jax.main --config=configs/aya_expanse_8b.py:pipeline \
+      --workdir=/data/runs/aya_8b
+
+  arbitrage: both teachers answer /data/prompts/train.jsonl (k=2), the reward
+      model scores, reward routing -> sft.jsonl, pairs_offline.jsonl (and the
+      first teacher's answers: the single-teacher baseline)
+  sft: the base on the baseline data, on all the data, and per language family
+      (lr 1e-5) -> linear merge -> offline DPO per family -> merge
+  online: 3 rounds of online DPO (4 samples per prompt, ranked by the reward model)
+  eval: every stage vs single-teacher SFT on /data/prompts/eval.jsonl
+      (m-ArenaHard layout), judged by the reward model -> report.md/json/png
+
+Resumable like every pipeline run (a re-run skips finished steps; a changed
+path or block re-runs what reads it). Translation contrast is off (it needs
+--config.inputs.weak and --config.inputs.translator=<teacher>); the RLOO
+ablation is off (--config.ablations.rloo=True). Each stage also runs alone
+(configs/generate.py, arbitrage.py, sft.py, merge.py, dpo.py, online_dpo.py)
+with this file's paths and sft/optim/mesh values.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
 from aya_jax import optim, planner
 from aya_jax.train import dpo, sft
 
+FAMILIES = "european:en,fr,es,de;slavic_turkic:en,ru,tr;asian_semitic:en,ar,hi,ja,zh"
+
 
 def get_config(arg=None):
-  del arg
+  if arg == "pipeline":
+    return pipeline_config(get_config())
+  if arg:
+    raise ValueError(f"configs/aya_expanse_8b.py:{arg}: variants are '' (the dry-run planner) "
+                     "and 'pipeline' (the whole recipe on the real inputs)")
   c = ml_collections.ConfigDict()
   c.stage = "plan"
   c.dry_run = False
@@ -50,6 +73,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
   c.model.vocab_chunk = 16384      # never materialise [tokens, 256k] logits
+  c.model.attention_chunk = 512    # nor [heads, 8k, 8k] attention scores (flash-style tiles)
   # --- steps
   c.sft = ml_collections.ConfigDict(dict(seq_len=8192, batch_size=64, grad_accum=1))
   c.dpo = dpo.dpo_block()
@@ -66,4 +90,38 @@ def get_config(arg=None):
   c.mesh.rules = "fsdp"
   c.distributed = sft.distributed_block()
   c.plan = planner.plan_block()
+  return c
+
+
+def pipeline_config(plan):
+  """configs/pipeline.py with `plan`'s paths, model settings and mesh, at 8B sizes."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  spec = importlib.util.spec_from_file_location("aya_pipeline_config",
+                                                os.path.join(here, "pipeline.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.seed = plan.seed
+  c.inputs.update(dict(
+      base=plan.base, tokenizer=plan.tokenizer, reward_model=plan.reward_model,
+      teachers=";".join(f"{os.path.basename(t)}:{t}" for t in plan.teachers),
+      families=FAMILIES, languages=plan.languages, prompts=plan.prompts,
+      eval_prompts="/data/prompts/eval.jsonl"))  # held out, m-ArenaHard layout
+  c.mesh_shape, c.mesh_rules = plan.mesh.shape, plan.mesh.rules
+  c.distributed = plan.distributed  # multi-host: explicit, or from the environment
+  c.model.update({k: plan.model[k] for k in c.model})  # bf16, remat, chunked vocab/attention
+  # samples of 8B teachers on real prompts: long answers, large batches
+  c.arbitrage.update(dict(k=2, temperature=0.7, max_new_tokens=2048, batch_size=256,
+                          min_gap=0.1, contrast=False))   # min_gap in reward-model units
+  c.sft.update(dict(steps=2000, lr=plan.optim.lr, batch_size=plan.sft.batch_size,
+                    seq_len=plan.sft.seq_len, checkpoint_every=200))
+  # Aya Expanse trains the family models in parallel from the (already capable) base
+  c.sft_family.update(dict(c.sft.to_dict(), init="base"))
+  c.dpo.update(dict(steps=500, lr=5e-7, batch_size=plan.dpo.batch_size,
+                    seq_len=plan.dpo.seq_len, beta=0.1, rpo_alpha=0.0, checkpoint_every=100))
+  c.online.update(dict(steps=200, lr=5e-7, batch_size=64, seq_len=4096, iterations=3, k=4,
+                       beta=0.1, rpo_alpha=0.0, max_new_tokens=1024, temperature=1.0,
+                       checkpoint_every=100))
+  c.ablations.update(dict(mixed=True, rloo=False))
+  c.eval.update(dict(max_new_tokens=1024, batch_size=64, n_boot=1000))
   return c

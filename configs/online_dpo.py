@@ -13,6 +13,15 @@ worst (runs/online/iter_<i>/{samples,pairs}.jsonl, params/), and
 runs/online/report.jsonl gives per round the mean score, the win rate vs the
 previous round (per language), mean answer length and the fraction of
 answers without an end of turn. Expected: mean score rises round by round.
+
+Merge between iterations (off by default): with
+  --config.online.merge.method=linear \
+  --config.online.merge.models='("policy", "previous")' \
+  --config.online.merge.weights='(0.5, 0.5)'
+each iteration's trained policy is averaged with the policy it started from
+before the next iteration samples (runs/online/iter_<i>/merged/). Models are
+'policy', 'previous', 'initial' (model.init) or params/ / HF directories; any
+merging method works (online.merge.base, online.merge.parameters as JSON).
 """
 
 from aya_jax.train import online

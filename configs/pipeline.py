@@ -12,6 +12,11 @@ test prompts under the verifier. Writes report.md / report.json / report.png
 in the workdir and prints the table. Re-running skips finished steps; a
 changed block re-runs that step and those after it.
 
+Real inputs: set `inputs.base` (and the other `inputs` fields: teachers,
+reward_model, prompts, eval_prompts, families) to run the same pipeline on
+local models and prompt files instead of the world; configs/aya_expanse_8b.py:pipeline
+is the worked example.
+
 Variants: '' (the default: what `make demo` runs, about 15 minutes on 2 CPU
 cores) and 'smoke' (tiny sizes, a couple of minutes, for CI).
 """
@@ -28,12 +33,34 @@ def _train(steps, lr, batch_size, seq_len, **extra):
 
 def get_config(arg=None):
   variant = arg or "default"
-  if variant not in ("default", "smoke"):
-    raise ValueError(f"configs/pipeline.py:{variant}: variants are '' (default) and 'smoke'")
+  if variant not in ("default", "smoke", "gains"):
+    raise ValueError(f"configs/pipeline.py:{variant}: variants are '' (default), 'smoke' "
+                     "and 'gains'")
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.seed = 0
   c.mesh_shape = (-1, 1, 1)
+  c.mesh_rules = "fsdp"   # axes presets: dp | fsdp | fsdp_tp (training, sampling, scoring)
+  # the stages' model settings (compute dtype, rematerialisation, vocab-chunked
+  # loss, flash-style attention tiles)
+  c.model = ml_collections.ConfigDict(dict(dtype="float32", remat="none", vocab_chunk=0,
+                                           attention_chunk=0))
+  # Real inputs (aya_jax/recipe_inputs.py): all empty = the embedded world. With
+  # inputs.base set, the world and reward_model steps are skipped and these
+  # local paths are used; see configs/aya_expanse_8b.py:pipeline.
+  c.inputs = ml_collections.ConfigDict(dict(
+      base="",              # the student: HF dir or aya_jax params/ dir
+      tokenizer="",         # HF tokenizer dir with a chat template ("" = base's)
+      teachers="",          # 'name:path;name:path' (HF or params/ dirs)
+      weak="",              # optional weak model (one sample; contrast's rejected side)
+      translator="",        # teacher name: translation contrast on (needs weak); "" = off
+      families="",          # 'name:l1,l2;name:...' (each family with English)
+      languages=(),         # () = the families' languages
+      reward_model="",      # the arbiter: params/ (value head) or HF ...ForSequenceClassification
+      reward_tokenizer="",  # "" = the reward model dir's, else inputs.tokenizer
+      judge="",             # eval judge reward model ("" = reward_model)
+      prompts=(),           # JSONL file(s) {"id", "language", "messages"}: arbitrage, online
+      eval_prompts=""))     # held-out JSONL (m-ArenaHard layout): eval
   c.world = world.default_config()
   c.world.export_hf = False
   # 7 languages in 4 scripts and 3 families; the tasks a CPU-sized model learns
@@ -43,18 +70,43 @@ def get_config(arg=None):
   c.world.pretrain.steps = 300
   c.world.teacher.update(dict(steps=500, lr=3e-3))
   c.world.report.n_per_language = 24
-  c.reward_model = _train(500, 1e-3, 32, 96, n_per_language=150,
+  # the arbiter: gold answers against corrupted ones, and the world models' own
+  # answers to other training prompts labelled by the verifier (samples)
+  c.reward_model = _train(1000, 1e-3, 32, 48, n_per_language=150,
                           kinds=("english", "verbose", "wrong"))
+  c.reward_model.samples = ml_collections.ConfigDict(dict(
+      n_per_language=250, k=2, temperature=1.0, max_new_tokens=32, batch_size=64,
+      max_pairs_per_prompt=4, min_gap=0.25))
   c.arbitrage = ml_collections.ConfigDict(dict(
       n_per_language=200, k=2, temperature=0.7, max_new_tokens=32, batch_size=64,
-      min_gap=0.1, contrast=True, baseline_teacher=""))
+      min_gap=0.1, contrast=True, baseline_teacher=""))  # baseline "" = the first teacher
   c.sft = _train(300, 2e-3, 16, 96)
+  # the family models continue from sft_mixed, a shared multilingual warm start
+  # (merged models need a shared trajectory; the world's base knows no task);
+  # init='base' trains them from the base model like the other SFT runs
+  c.sft_family = _train(150, 2e-3, 16, 96, init="mixed")
   c.dpo = _train(60, 5e-4, 16, 96, beta=0.1, rpo_alpha=0.5)
-  c.online = _train(30, 3e-4, 16, 96, iterations=3, k=4, beta=0.1, rpo_alpha=0.5,
+  # conservative on purpose: at lr 3e-4 / beta 0.1 the policy games the learned
+  # arbiter (its reward rises, the verifier's score on validation prompts falls)
+  c.online = _train(30, 1e-4, 16, 96, iterations=3, k=4, beta=0.3, rpo_alpha=0.5,
                     max_new_tokens=32, temperature=1.0, per_family=False)
   c.ablations = ml_collections.ConfigDict(dict(mixed=True, rloo=True))
   c.eval = ml_collections.ConfigDict(dict(n_per_language=24, max_new_tokens=32, batch_size=64,
                                           n_boot=1000))
+  if variant == "gains":  # the slow test's run: 3 languages in 2 families, fewer steps
+    c.world.languages = ("en", "fr", "zh")
+    c.world.families = "european:en,fr;asian_semitic:en,zh"
+    c.world.teacher.update(dict(steps=300))
+    c.world.pretrain.update(dict(steps=250))
+    c.reward_model.update(dict(steps=500))
+    c.reward_model.samples.update(dict(n_per_language=200))
+    c.arbitrage.update(dict(n_per_language=150))
+    c.sft.update(dict(steps=200))
+    c.sft_family.update(dict(steps=100))
+    c.dpo.update(dict(steps=40))
+    c.online.update(dict(steps=20))
+    c.eval.update(dict(n_per_language=40))
+    c.ablations.rloo = False
   if variant == "smoke":
     c.world.languages = ("en", "fr", "ru")
     c.world.model.update(dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
@@ -65,8 +117,9 @@ def get_config(arg=None):
     c.world.report.update(dict(n_per_language=4, max_new_tokens=12))
     c.world.data.update(dict(seq_len=64, batch_size=8))
     c.reward_model.update(dict(steps=10, n_per_language=8, seq_len=64, batch_size=8))
+    c.reward_model.samples.update(dict(n_per_language=4, k=1, max_new_tokens=12))
     c.arbitrage.update(dict(n_per_language=6, max_new_tokens=12))
-    for block in (c.sft, c.dpo, c.online):
+    for block in (c.sft, c.sft_family, c.dpo, c.online):
       block.update(dict(steps=6, seq_len=64, batch_size=8))
     c.online.update(dict(iterations=2, k=2, max_new_tokens=12))
     c.eval.update(dict(n_per_language=4, max_new_tokens=12, n_boot=200))

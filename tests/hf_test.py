@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from aya_jax.models import config as config_lib
-from aya_jax.models import hf
+from aya_jax.models import hf, hf_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -101,18 +101,18 @@ def _hf_logits(model, tokens, mask):
     config_lib.tiny("qwen2", value_head=True, pad_id=None, eos_ids=()),
 ], ids=lambda c: c.family)
 def test_config_round_trip(cfg):
-  d = hf.config_to_hf(cfg)
-  assert hf.config_from_hf(json.loads(json.dumps(d))) == cfg
+  d = hf_config.config_to_hf(cfg)
+  assert hf_config.config_from_hf(json.loads(json.dumps(d))) == cfg
   # transformers rebuilds the same config from it
   hf_cfg = transformers.AutoConfig.for_model(**d)
-  assert hf.config_from_hf(hf_cfg.to_dict()) == cfg
+  assert hf_config.config_from_hf(hf_cfg.to_dict()) == cfg
   assert config_lib.ModelConfig.from_hf(hf_cfg) == cfg
 
 
 def test_config_from_hf_fields(hf_tiny_dirs):
   def cfg(variant):
     with open(os.path.join(hf_tiny_dirs[variant], "config.json")) as f:
-      return hf.config_from_hf(json.load(f))
+      return hf_config.config_from_hf(json.load(f))
   c = cfg("cohere_qk")
   assert (c.family, c.norm, c.block, c.qk_norm, c.logit_scale, c.tie_embeddings,
           c.rope_interleaved, c.norm_eps) == ("cohere", "layernorm", "parallel", True, 0.0625,
@@ -137,14 +137,14 @@ def test_config_from_hf_old_style_keys():
   base = dict(vocab_size=97, hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
               intermediate_size=96, num_hidden_layers=4, max_position_embeddings=256)
   # transformers 4 layout: top-level rope_theta, rope_scaling with 'type', eos as a list
-  c = hf.config_from_hf(dict(base, architectures=["LlamaForCausalLM"], rope_theta=5e5,
+  c = hf_config.config_from_hf(dict(base, architectures=["LlamaForCausalLM"], rope_theta=5e5,
                              rope_scaling={"type": "llama3", "factor": 8.0,
                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0},
                              eos_token_id=[2, 5], bos_token_id=1))
   assert c.rope_theta == 5e5 and c.eos_ids == (2, 5) and c.head_dim == 16
   assert c.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 256)
   # gemma2 without layer_types: even layers slide
-  c = hf.config_from_hf(dict(base, model_type="gemma2", sliding_window=7, head_dim=16,
+  c = hf_config.config_from_hf(dict(base, model_type="gemma2", sliding_window=7, head_dim=16,
                              hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=16))
   assert c.sliding_windows == (7, None, 7, None) and c.query_scale == 0.25
 
@@ -160,7 +160,7 @@ def test_config_from_hf_errors(d, match):
   base = dict(vocab_size=97, hidden_size=48, num_attention_heads=3, intermediate_size=96,
               num_hidden_layers=2)
   with pytest.raises(ValueError, match=match):
-    hf.config_from_hf(dict(base, **d), source="my/config.json")
+    hf_config.config_from_hf(dict(base, **d), source="my/config.json")
 
 
 @pytest.mark.parametrize("cfg, field", [
@@ -171,7 +171,7 @@ def test_config_from_hf_errors(d, match):
 ])
 def test_config_to_hf_refuses_what_hf_cannot_express(cfg, field):
   with pytest.raises(ValueError, match=field):
-    hf.config_to_hf(cfg)
+    hf_config.config_to_hf(cfg)
 
 
 # --- 2./3. round trips through our params and through transformers -------------------------
@@ -184,7 +184,7 @@ def test_hf_params_hf_round_trip_is_bit_identical(hf_tiny_dirs, variant, tmp_pat
   hf.save(cfg, params, tmp_path)
   _assert_same_tensors(src, tmp_path)
   with open(os.path.join(src, "config.json")) as f, open(tmp_path / "config.json") as g:
-    assert hf.config_from_hf(json.load(f)) == hf.config_from_hf(json.load(g))
+    assert hf_config.config_from_hf(json.load(f)) == hf_config.config_from_hf(json.load(g))
   assert hf.load(tmp_path)[0] == cfg
   _assert_same_params(hf.load(tmp_path)[1], params)
 

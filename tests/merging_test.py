@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, merge_search, merge_stream, merging
+from aya_jax import checkpoint, merge_search, merge_spec, merge_stream, merging
 from aya_jax.models import config as config_lib
 from aya_jax.models import hf
 
@@ -86,6 +86,58 @@ def test_ties_trims_by_magnitude():
   # density 0.4: keep k = int(0.4*5) = 2 largest |d|: 5, -4; normalize by the kept weight
   out = _m("ties", [x], b, mp=[{"weight": 0.5, "density": 0.4}])
   np.testing.assert_allclose(out["w"], [5.0, -4.0, 0.0, 0.0, 0.0])
+  # equal |d| at the threshold rank by position, as a stable sort: [1, 2, 2, 2, 2] keeps
+  # the ranks 2..4 = the last three 2s
+  out = _m("ties", [{"w": A([1.0, -2.0, 2.0, 2.0, -2.0])}], b,
+           mp=[{"weight": 1.0, "density": 0.6}])
+  np.testing.assert_array_equal(out["w"], [0.0, 0.0, 2.0, 2.0, -2.0])
+
+
+@pytest.mark.parametrize("lo, hi", [(250_000, 400_000), (0, 123_457), (399_990, 400_000)])
+def test_rank_selection_equals_a_stable_sort(lo, hi):
+  # numpy selects the k-th |d| on a sample-narrowed band (not a sort); with many equal
+  # values (bf16 deltas) and any memory order it must keep what jax's stable argsort keeps
+  rng = np.random.default_rng(0)
+  a = np.abs(rng.normal(size=(800, 500)).astype(ml_dtypes.bfloat16).astype(A))
+  want = np.asarray(merging._keep_ranks(jax.numpy, jax.numpy.asarray(a), lo, hi))
+  assert want.sum() == hi - lo
+  for view in (a, np.asfortranarray(a), np.ascontiguousarray(a.T).T):
+    np.testing.assert_array_equal(merging._keep_ranks(np, view, lo, hi), want)
+  # permuted 3-D layout (a HF q_proj read in place): C-order ties, whatever the strides
+  a3 = np.ascontiguousarray(a.reshape(800, 20, 25).transpose(1, 2, 0)).transpose(2, 0, 1)
+  assert merging._layout(a3) == (1, 2, 0)
+  np.testing.assert_array_equal(merging._keep_ranks(np, a3, lo, hi), want.reshape(a3.shape))
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs_ties"])
+def test_numpy_blocks_equal_jax_and_any_layout(method):
+  # numpy: blocks on threads in the inputs' memory order; jax: one pass of whole arrays.
+  # Same operations in the same order; XLA on CPU divides by multiplying with the
+  # reciprocal, so normalised results may differ by 1 bf16 ulp. Transposed: the same bits.
+  rng = np.random.default_rng(1)
+  mk = lambda: rng.normal(size=(300, 700)).astype(ml_dtypes.bfloat16)
+  b, xs = mk(), [mk() for _ in range(3)]
+  known = merge_spec.METHODS[method][4]
+  mp = [{k: v for k, v in dict(weight=w, density=0.4, gamma=0.01).items() if k in known}
+        for w in (0.5, 0.3, -0.2)]
+  p = merge_spec.resolve_parameters(method, None, mp, 3, ("x",), 0)
+  key = merge_spec.tensor_key(3, "x")
+  got = merging.merge_tensor(method, xs, b, p, key, dtype=ml_dtypes.bfloat16)
+  ref = merging.merge_tensor(method, [jax.numpy.asarray(x) for x in xs], jax.numpy.asarray(b),
+                             p, key, dtype=ml_dtypes.bfloat16)
+  ulps = np.abs(got.view(np.uint16).astype(int) - np.asarray(ref).view(np.uint16))
+  assert ulps.max() <= 1 and ulps.mean() < 0.01, (ulps.max(), ulps.mean())
+  t = merging.merge_tensor(method, [np.ascontiguousarray(x.T).T for x in xs],
+                           np.ascontiguousarray(b.T).T, p, key, dtype=ml_dtypes.bfloat16)
+  assert t.flags.f_contiguous  # the inputs' memory order
+  np.testing.assert_array_equal(t.view(np.uint16), got.view(np.uint16))
+
+
+def test_select_is_where():
+  d = A([1.5, -2.0, np.nan, -0.0, np.inf, 3.0])
+  m = np.array([True, False, True, True, False, False])
+  np.testing.assert_array_equal(merging._select(np, m, d).view(np.uint32),
+                                np.where(m, d, A(0)).view(np.uint32))
 
 
 def test_dare_density_one_is_task_arithmetic_and_rescales():
@@ -229,7 +281,7 @@ def test_matches_mergekit(method, llama_dirs, tmp_path):
   run_merge(MergeConfiguration.model_validate(d), str(tmp_path / "mk"),
             MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
   import yaml
-  spec = merge_stream.spec_from_yaml(yaml.safe_dump(d))
+  spec = merge_spec.spec_from_yaml(yaml.safe_dump(d))
   merge_stream.merge_from_spec(spec, str(tmp_path / "ours"))
   ref, ours = _load(str(tmp_path / "mk")), _load(str(tmp_path / "ours"))
   assert set(ref) == set(ours)
@@ -249,7 +301,7 @@ def test_streaming_equals_in_memory(llama_dirs, tmp_path, as_params, method, mon
   if as_params:  # aya_jax params/ checkpoints (Orbax), as SFT writes them
     inputs = [checkpoint.save_params(str(tmp_path / f"p{i}"), c, t)
               for i, (c, t) in enumerate(zip(cfg, trees))]
-    assert merge_stream.open_checkpoint(inputs[0]).chunk("embedder/embedding", 0) < 97
+    assert checkpoint.open_reader(inputs[0]).chunk("embedder/embedding", 0) < 97
   mp = [{"weight": 0.6, "density": 0.5}, {"weight": 0.5, "density": 0.7}]
   params = {"lambda": [1.0, 0.8]}
   if method == "task_arithmetic":
@@ -322,7 +374,7 @@ def test_yaml_and_config_stage(llama_dirs, tmp_path):
       parameters: {{normalize: false}}
       dtype: float32
       """))
-  spec = merge_stream.spec_from_yaml(str(yml))
+  spec = merge_spec.spec_from_yaml(str(yml))
   assert spec.models == [llama_dirs[1]] and spec.base == llama_dirs[0]
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   from configs import merge as merge_config
@@ -337,7 +389,7 @@ def test_yaml_and_config_stage(llama_dirs, tmp_path):
   config = merge_config.get_config()
   config.merge.models = tuple(llama_dirs[1:])
   config.merge.model_parameters.weight = (0.25, 0.75)
-  spec = merge_stream.spec_from_config(config.merge)
+  spec = merge_spec.spec_from_config(config.merge)
   assert spec.model_parameters == [{"weight": 0.25}, {"weight": 0.75}]
 
 
@@ -353,7 +405,7 @@ if mode == "make":
   rng = np.random.default_rng(0)
   for i in range(4):
     p = {}
-    for leaf, name, transform, shape, is_layer in hf._entries(cfg):
+    for leaf, name, transform, shape, is_layer in hf.entries(cfg):
       node = p
       for k in leaf[:-1]:
         node = node.setdefault(k, {})

@@ -1,10 +1,16 @@
 """Two processes x 2 CPU devices (gloo, 127.0.0.1) == one process x 4 devices.
 
-Each worker runs 3 SFT steps of a fixed tiny model on fixed batches over a
-(1, 4, 1) FSDP mesh, each process feeding its half of the global batch
-(`sharding.global_batch`), and writes the final params cooperatively
-(`checkpoint.save_params`, Orbax). The test restores both params/ dirs and
-compares them leaf by leaf, and the logged losses. Slow (~1 min): marked.
+One launch per topology runs, in each worker:
+- SFT: 3 steps of a fixed tiny model on fixed batches over a (1, 4, 1) FSDP mesh, each
+  process feeding its half of the global batch (`sharding.global_batch`); params written
+  cooperatively (`checkpoint.save_params`, Orbax), also after step 0 and step 1;
+- sampling: `sampler.generate` with the trained (globally sharded) params, the batch of
+  ragged prompts sharded over the 4-device mesh, temperature sampling, 2 samples each;
+- merge: the merge stage's call on every process, `merge_stream.merge_checkpoints` of the
+  step-1 and final params with DARE-TIES against the step-0 params (the cooperatively
+  written checkpoints), into one shared params/ dir.
+The test compares losses, params, generated tokens (every process's and the single run's)
+and the merged params. Slow (~1-2 min on 2 cores): marked.
 
     python tests/multihost_test.py WORKER_ID NUM_PROCESSES PORT OUT_DIR
 """
@@ -18,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-STEPS, ROWS, SEQ = 3, 8, 16
+STEPS, ROWS, SEQ, NEW_TOKENS = 3, 8, 16, 8
 
 
 def _worker(pid: int, nproc: int, port: int, out: str):
@@ -27,6 +33,7 @@ def _worker(pid: int, nproc: int, port: int, out: str):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                                process_id=pid)
   from aya_jax import axes, checkpoint, optim, sharding
+  from aya_jax.sampling import methods, sampler
   from aya_jax.models import config as model_config
   from aya_jax.train import state as state_lib
   from aya_jax.train import steps
@@ -53,6 +60,8 @@ def _worker(pid: int, nproc: int, port: int, out: str):
   losses = []
   with sharding.activation_rules(mesh, rules):
     for i, b in enumerate(batches):
+      if i < 2:  # inputs of the merge below
+        checkpoint.save_params(os.path.join(out, f"params_{i}"), cfg, st.params)
       gb = sharding.global_batch({k: v[lo:lo + local] for k, v in b.items()}, mesh)
       st, m = step(st, gb, jax.random.fold_in(jax.random.key(1), i))
       losses.append(float(jax.device_get(m["loss"])))
@@ -61,6 +70,24 @@ def _worker(pid: int, nproc: int, port: int, out: str):
     with open(os.path.join(out, "losses.json"), "w") as f:
       json.dump(losses, f)
 
+  # sampling: every process passes the same prompts and key, gets every row
+  prompts = [rs.randint(3, cfg.vocab_size, (n,)).astype(np.int32) for n in (3, 7, 5, 9, 4, 6)]
+  res = sampler.generate(cfg, st.params, prompts, jax.random.key(2), methods.from_config(1.0),
+                         max_new_tokens=NEW_TOKENS, n=2, mesh=mesh)
+  np.savez(os.path.join(out, f"samples_{jax.process_index()}.npz"), tokens=res.tokens,
+           lengths=res.lengths, logprobs=res.logprobs)
+
+  _merge(out, os.path.join(out, "merged"))  # what the 'merge' stage runs on every host
+
+
+def _merge(run: str, out: str):
+  """DARE-TIES of a run's step-1 and final params against its step-0 params."""
+  from aya_jax import merge_stream
+  merge_stream.merge_checkpoints(
+      [os.path.join(run, "params_1"), os.path.join(run, "params")], "dare_ties",
+      dict(density=0.5), out=out, base=os.path.join(run, "params_0"),
+      model_params=[dict(weight=1.0), dict(weight=0.5)], seed=3)
+
 
 def _free_port() -> int:
   with socket.socket() as s:
@@ -68,36 +95,72 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(nproc: int, out: str):
+def _launch(nproc: int, out: str, timeout: int = 400):
+  """Runs the workers; on a failure or a hang, every log in the assertion message."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // nproc}")
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(nproc), str(port), out],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(nproc)]
-  logs = [p.communicate(timeout=300)[0].decode() for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  logs = [os.path.join(out, f"worker_{i}.log") for i in range(nproc)]
+  os.makedirs(out)
+  procs = []
+  for i in range(nproc):
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-X", "faulthandler", __file__, str(i), str(nproc), str(port), out],
+          env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    for p in procs:
+      p.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()  # a peer that died leaves the others in a collective
+      p.wait()
+  texts = [open(path).read() for path in logs]
+  failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+  assert not failed, f"workers (index, returncode) {failed} of {nproc}:\n" + "\n".join(
+      f"--- worker {i}\n{t[-3000:]}" for i, t in enumerate(texts))
+
+
+def _assert_same_params(path_a: str, path_b: str, **tol):
+  import jax
+  from aya_jax import checkpoint
+  _, pa = checkpoint.load_params(path_a)
+  _, pb = checkpoint.load_params(path_b)
+  flat_a = jax.tree_util.tree_flatten_with_path(pa)[0]
+  flat_b = jax.tree.leaves(pb)
+  assert len(flat_a) == len(flat_b) > 5
+  for (path, a), b in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), err_msg=f"{path_a}: "
+                               f"{jax.tree_util.keystr(path)}", **tol)
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-  import jax
-  from aya_jax import checkpoint
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   _launch(2, multi)
   _launch(1, single)
+  # SFT: losses and trained params
   with open(os.path.join(multi, "losses.json")) as f, \
        open(os.path.join(single, "losses.json")) as g:
     np.testing.assert_allclose(json.load(f), json.load(g), rtol=1e-5)
-  _, pm = checkpoint.load_params(os.path.join(multi, "params"))
-  _, ps = checkpoint.load_params(os.path.join(single, "params"))
-  flat_m = jax.tree_util.tree_flatten_with_path(pm)[0]
-  flat_s = jax.tree.leaves(ps)
-  assert len(flat_m) == len(flat_s) > 5
-  for (path, a), b in zip(flat_m, flat_s):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  _assert_same_params(os.path.join(multi, "params"), os.path.join(single, "params"),
+                      rtol=1e-5, atol=1e-6)
+  # sampling: both processes got every row, the single run's tokens
+  runs = [np.load(os.path.join(multi, f"samples_{i}.npz")) for i in range(2)]
+  runs.append(np.load(os.path.join(single, "samples_0.npz")))
+  assert runs[0]["tokens"].shape == (12, NEW_TOKENS)
+  for r in runs[1:]:
+    np.testing.assert_array_equal(r["tokens"], runs[0]["tokens"])
+    np.testing.assert_array_equal(r["lengths"], runs[0]["lengths"])
+    np.testing.assert_allclose(r["logprobs"], runs[0]["logprobs"], rtol=1e-4, atol=1e-5)
+  assert len({tuple(t) for t in runs[0]["tokens"]}) > 6  # sampled, not one row repeated
+  # merge: written once by the two processes, exactly the merge of the same inputs in
+  # this one process; close to the single run's (its inputs differ in float rounding)
+  here = str(tmp_path / "merged_here")
+  _merge(multi, here)
+  _assert_same_params(os.path.join(multi, "merged"), here, rtol=0, atol=0)
+  _assert_same_params(os.path.join(multi, "merged"), os.path.join(single, "merged"),
+                      rtol=1e-4, atol=1e-5)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Online iterative DPO and RLOO: a scorer that prefers answers containing
 'red' makes a policy that says 'red' or 'cat' (50/50 after SFT) say 'red'
-more often, round after round; per-iteration artefacts; resume."""
+more often, round after round; per-iteration artefacts; resume; the merge
+step between iterations (reference: `merging.merge` and the linear formula
+sum_i w_i x_i / sum_i w_i written out by hand)."""
 
 import importlib.util
 import json
@@ -10,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from aya_jax import checkpoint, merging
 from aya_jax.data import formatting, records
 from aya_jax.train import online, sft
 
@@ -79,6 +82,10 @@ def test_online_rounds_raise_the_preferred_property(sft_model, tmp_path, algorit
     assert key in reports[-1]
   assert (tmp_path / "iter_0" / "samples.jsonl").exists()
   assert (tmp_path / "iter_1" / "params" / "model_config.json").exists()
+  # merging is off by default: no merge, the final policy is the last iteration's
+  assert c.online.merge.method == "" and "merge" not in reports[0]
+  assert not (tmp_path / "iter_0" / "merged").exists()
+  _assert_trees_equal(_load(tmp_path / "params"), _load(tmp_path / "iter_1" / "params"), 0.0)
   if algorithm == "dpo":
     pairs = records.read_jsonl(tmp_path / "iter_0" / "pairs.jsonl", "preference")
     assert all("red" in p.chosen and "red" not in p.rejected for p in pairs)
@@ -99,3 +106,63 @@ def test_best_worst_pairs_and_report_by_hand():
   assert rep["mean_length"] == pytest.approx(15 / 6)
   assert rep["frac_no_stop"] == pytest.approx(1 / 6)
   assert rep["win_rate_vs_prev/fr"] == 0.5 and rep["win_rate_vs_prev/en"] == pytest.approx(2 / 3)
+
+
+def _load(path):
+  return jax.device_get(checkpoint.load_model(str(path))[1])
+
+
+def _assert_trees_equal(a, b, atol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+def test_merge_step_between_iterations(sft_model, tmp_path):
+  """policy_{i+1} = linear(0.7 trained_i, 0.3 policy_i): each iteration starts
+  from the previous one's merge, and the final params are the last merge."""
+  c = _config(sft_model, "dpo")
+  c.online.merge.method, c.online.merge.weights = "linear", (0.7, 0.3)  # policy, previous
+  _, reports = online.run(c, str(tmp_path), scorer=LikesRed())
+  assert [r.get("merge") for r in reports] == ["linear(policy 0.7, previous 0.3)"] * 2 + [None]
+  previous = _load(sft_model / "sft" / "params")
+  for i in range(2):
+    trained, merged = _load(tmp_path / f"iter_{i}" / "params"), _load(
+        tmp_path / f"iter_{i}" / "merged")
+    want = merging.merge("linear", [trained, previous],
+                         model_parameters=[{"weight": 0.7}, {"weight": 0.3}])
+    _assert_trees_equal(merged, want, 1e-7)
+    _assert_trees_equal(merged, jax.tree.map(lambda t, p: (0.7 * t + 0.3 * p) / 1.0, trained,
+                                             previous), 1e-6)
+    moved = max(float(np.max(np.abs(t - p))) for t, p in zip(jax.tree.leaves(trained),
+                                                             jax.tree.leaves(previous)))
+    assert moved > 1e-3  # the iteration trained, so the merge is not the identity
+    previous = merged
+  _assert_trees_equal(_load(tmp_path / "params"), previous, 0.0)
+
+
+def test_merge_policy_by_hand(tmp_path):
+  """merge_policy reads 'policy', 'previous', 'initial' and checkpoint paths, with a base."""
+  tree = lambda v: {"a": np.full((3, 2), v, np.float32), "b": {"c": np.full(5, 2 * v, np.float32)}}
+  named = {"policy": tree(1.0), "previous": tree(3.0), "initial": tree(0.5), "/ckpt": tree(7.0)}
+  mc = online.merge_block()
+  mc.method, mc.models, mc.weights = "linear", ("policy", "previous", "/ckpt"), (1.0, 2.0, 1.0)
+  out = online.merge_policy(mc, named, cfg=None)
+  _assert_trees_equal(out, tree((1.0 + 6.0 + 7.0) / 4.0), 1e-6)
+  mc.method, mc.models, mc.weights, mc.base = "task_arithmetic", ("policy",), (0.5,), "initial"
+  _assert_trees_equal(online.merge_policy(mc, named, cfg=None), tree(0.5 + 0.5 * 0.5), 1e-6)
+  mc.method, mc.models, mc.weights, mc.base, mc.parameters = ("slerp", ("previous",), (),
+                                                              "policy", '{"t": 0.25}')
+  _assert_trees_equal(online.merge_policy(mc, named, cfg=None), tree(1.5), 1e-6)  # parallel
+  assert online.merge_description(mc) == "slerp(previous, base policy)"
+  mc.method, mc.models, mc.weights, mc.base, mc.parameters = ("linear", ("policy", "x"), (1, 1),
+                                                              "", "")
+  with pytest.raises(ValueError, match="no params for"):
+    online.merge_policy(mc, named, cfg=None)
+  with pytest.raises(ValueError, match="not one of"):
+    online.load_merge_inputs(mc, None)
+  mc.models = ("policy",)
+  with pytest.raises(ValueError, match="one weight per model"):
+    online.merge_policy(mc, named, cfg=None)
+  mc.method = ""
+  assert online.merge_names(mc) == ()

@@ -110,3 +110,19 @@ def test_report_says_whether_it_fits():
   t = s["matmul_flops"] / 8 / 197e12
   assert v5e["step_s"] >= t and 0 < v5e["mfu"] <= 1
   del mesh
+
+
+def test_attention_chunk_reaches_the_model_and_cuts_temporaries():
+  """model.attention_chunk goes into the planned ModelConfig; at T = 1024 the
+  dense [heads, T, T] scores dominate the step's temporaries, the tiles do not."""
+  temps = {}
+  for chunk in (0, 128):
+    config = _config(mesh_shape=(1, 8, 1), rules="fsdp")
+    config.sft.seq_len, config.sft.batch_size = 1024, 8
+    config.plan.steps = ("sft",)
+    config.model.attention_chunk = chunk
+    result = planner.plan(config)
+    assert result["model"]["attention_chunk"] == chunk
+    temps[chunk] = result["steps"]["sft"]["temp"]
+  scores = 3 * 1024 * 1024 * 4  # one row's float32 [heads, T, T] on each device
+  assert temps[0] > scores and temps[128] < temps[0] - scores, temps

@@ -1,14 +1,19 @@
-"""The whole recipe (smoke variant) end to end: artefacts, resume, re-run on change."""
+"""The whole recipe (smoke variant) end to end: artefacts, resume, re-run on change;
+and on real inputs (local HF teachers and base, a reward model, prompt files)."""
 
 import importlib.util
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, recipe, recipe_report
-from aya_jax.data import records
+from aya_jax import checkpoint, recipe, recipe_inputs, recipe_report, teachers, world
+from aya_jax.data import formatting, records
+from aya_jax.models import config as model_config
+from aya_jax.models import hf, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,14 +34,14 @@ class Killed(RuntimeError):
 def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypatch):
   c = _config()
   work = str(tmp_path / "p")
-  real_dpo = recipe.dpo.run
+  real_dpo = recipe.steps.dpo.run
   # 1. killed during the first offline DPO step
   def killed(*a, **k):
     raise Killed("simulated kill")
-  monkeypatch.setattr(recipe.dpo, "run", killed)
+  monkeypatch.setattr(recipe.steps.dpo, "run", killed)
   with pytest.raises(Killed):
     recipe.run(c, work)
-  monkeypatch.setattr(recipe.dpo, "run", real_dpo)
+  monkeypatch.setattr(recipe.steps.dpo, "run", real_dpo)
   # 2. the re-run continues where it stopped: nothing before DPO is redone
   rep = recipe.run(c, work)
   assert rep["ran"][0] == "dpo_european", rep["ran"]
@@ -58,7 +63,7 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
       assert 0.0 <= row["win_rate"] <= 1.0 and row["ci"][0] <= row["win_rate"] <= row["ci"][1]
       assert 0.0 <= row["verifier"] <= 1.0
   assert saved["rows"]["sft_single"]["all"]["win_rate"] == 0.5  # the baseline against itself
-  assert len(saved["verdicts"]) == 5
+  assert len(saved["verdicts"]) == 5 and saved["verdict_measure"] == "verifier"
   md = open(os.path.join(work, "report.md")).read()
   assert "| sft_merged |" in md and "Does each stage help?" in md
   for d in ("sft_single", "sft_merged", "dpo_merged", "reward_model"):
@@ -108,3 +113,157 @@ def test_runner_skips_a_finished_step_and_reruns_a_changed_one(tmp_path):
   r2 = recipe.Runner(str(tmp_path))  # a new process reads pipeline_state.json
   assert r2.step("a", {"k": 1}, fn)[0] == {"x": 1} and len(calls) == 1
   assert r2.step("a", {"k": 2}, fn)[0] == {"x": 2} and r2.ran == ["a"]
+
+
+# ------------------------------------------------------------- real inputs
+
+LANGS = ("en", "fr", "ru")
+
+
+def _prompts(path, prefix, n, langs):
+  with open(path, "w", encoding="utf-8") as f:
+    for lang in langs:
+      for i in range(n):
+        f.write(json.dumps(dict(id=f"{prefix}-{lang}-{i}", language=lang, messages=[
+            dict(role="user", content=f"{lang} question {i}: one two three")])) + "\n")
+  return str(path)
+
+
+def _random_params(cfg, seed: int) -> dict:
+  """Params of cfg's shapes, normal(0, 0.1) from numpy (no init compile)."""
+  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.1).astype(s.dtype), shapes)
+
+
+@pytest.fixture(scope="module")
+def real_dirs(tmp_path_factory):
+  """A world tokenizer; base and two teachers as tiny random HF dirs (the
+  teachers with their own tokenizer); a random value-head reward model as
+  params/; train and eval prompts with ids that are not the world's."""
+  d = tmp_path_factory.mktemp("real")
+  tok = world.build_tokenizer(str(d / "tok"), LANGS)
+  cfg = model_config.tiny("llama", vocab_size=len(tok), pad_id=tok.pad_token_id,
+                          bos_id=tok.bos_token_id, eos_ids=formatting.end_of_turn_ids(tok))
+  out = dict(tokenizer=str(d / "tok"))
+  for i, name in enumerate(("base", "teacher_a", "teacher_b")):
+    out[name] = str(d / name)
+    hf.save(cfg, _random_params(cfg, i), out[name])
+    if name != "base":
+      tok.save_pretrained(out[name])
+  rm_cfg = cfg.replace(value_head=True)
+  out["rm"] = checkpoint.save_params(str(d / "rm" / "params"), rm_cfg, _random_params(rm_cfg, 7))
+  out["train"] = _prompts(d / "train.jsonl", "q", 4, LANGS + ("de",))  # de: not used
+  out["eval"] = _prompts(d / "eval.jsonl", "e", 3, LANGS)
+  return out
+
+
+def _real_config(dirs):
+  c = _config()
+  c.inputs.update(dict(
+      base=dirs["base"], tokenizer=dirs["tokenizer"], reward_model=dirs["rm"],
+      teachers=f"a:{dirs['teacher_a']};b:{dirs['teacher_b']}",
+      families="european:en,fr;slavic:en,ru", prompts=(dirs["train"],),
+      eval_prompts=dirs["eval"]))
+  c.ablations.update(dict(mixed=False, rloo=False))  # the world's smoke test runs them
+  for block in (c.sft, c.dpo, c.online):
+    block.update(dict(steps=2, checkpoint_every=2))
+  c.online.iterations = 1
+  c.arbitrage.min_gap = 0.0  # a random reward model's scores are close together
+  return c
+
+
+def test_real_inputs_errors_name_the_field(real_dirs):
+  c = _real_config(real_dirs)
+  with c.unlocked():
+    c.inputs.teachers = f"a:{real_dirs['teacher_a']};b:/nonexistent/teacher"
+  with pytest.raises(FileNotFoundError, match=r"config\.inputs\.teachers \(b\)"):
+    recipe_inputs.resolve(c)
+  c = _real_config(real_dirs)
+  c.inputs.reward_model = ""
+  with pytest.raises(ValueError, match=r"config\.inputs\.reward_model is empty"):
+    recipe_inputs.resolve(c)
+  c = _real_config(real_dirs)
+  c.inputs.translator = "a"  # contrast needs a weak model
+  with pytest.raises(ValueError, match=r"config\.inputs\.weak is empty"):
+    recipe_inputs.resolve(c)
+  c = _real_config(real_dirs)
+  c.inputs.tokenizer = ""  # the base dir has none
+  with pytest.raises(ValueError, match=r"config\.inputs\.tokenizer is empty and neither "
+                                       r"config\.inputs\.base="):
+    recipe_inputs.resolve(c)
+  c = _real_config(real_dirs)
+  c.inputs.families = "european:en,fr;slavic:en,de"
+  c.inputs.languages = LANGS
+  with pytest.raises(ValueError, match=r"config\.inputs\.families: family slavic"):
+    recipe_inputs.resolve(c)
+
+
+class Stop(RuntimeError):
+  pass
+
+
+@pytest.mark.slow
+def test_real_inputs_pipeline_without_the_world(real_dirs, tmp_path, monkeypatch):
+  c = _real_config(real_dirs)
+  work = str(tmp_path / "p")
+  rep = recipe.run(c, work)
+  assert "world" not in rep["ran"] and "reward_model" not in rep["ran"]
+  assert rep["ran"][0] == "arbitrage" and rep["ran"][-1] == "eval"
+  with open(os.path.join(work, "report.json")) as f:
+    saved = json.load(f)
+  stages = ["sft_single", "sft_merged", "dpo_merged", "online_1"]
+  assert saved["stages"] == stages and saved["languages"] == list(LANGS)
+  assert saved["judge"] == f"reward model {real_dirs['rm']}" and saved["n_prompts"] == 9
+  for s in stages:
+    for lang in saved["languages"] + ["all"]:
+      row = saved["rows"][s][lang]
+      assert 0.0 <= row["win_rate"] <= 1.0 and row["ci"][0] <= row["win_rate"] <= row["ci"][1]
+      assert row["verifier"] is None  # not the world's prompts: no verifier
+  assert saved["rows"]["sft_single"]["all"]["win_rate"] == 0.5
+  # verdicts compare the win rate under the judge, and the report says so
+  assert saved["verdict_measure"] == "win_rate" and len(saved["verdicts"]) == 2
+  for v in saved["verdicts"]:
+    assert v["value_a"] == saved["rows"][v["a"]]["all"]["win_rate"]
+  md = open(os.path.join(work, "report.md")).read()
+  assert "win rate vs sft_single under the judge, reward model" in md
+  assert f"- base: {real_dirs['base']}" in md
+  with open(os.path.join(work, "report.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  prompts = teachers.read_prompts(os.path.join(work, "arbitrage", "prompts_only.jsonl"))
+  assert len(prompts) == 12 and {p.language for p in prompts} == set(LANGS)  # de dropped
+  comp = records.read_jsonl(os.path.join(work, "arbitrage", "completions.jsonl"), "completion")
+  assert {r.teacher for r in comp} == {"a", "b"}
+  assert not os.path.exists(os.path.join(work, "arbitrage", "pairs_contrast.jsonl"))
+  for d in ("sft_single", "sft_merged", "dpo_merged"):
+    cfg, params = checkpoint.load_model(os.path.join(work, d, "params"))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  assert recipe.run(c, work)["ran"] == []
+  # a changed eval prompt file re-runs eval alone
+  moved = str(tmp_path / "eval_copy.jsonl")
+  shutil.copy(real_dirs["eval"], moved)
+  c.inputs.eval_prompts = moved
+  assert recipe.run(c, work)["ran"] == ["eval"]
+  # a changed base re-runs SFT first; arbitrage (which does not read it) is kept
+  calls = []
+
+  def stop(name):
+    def fn(c, d, *a, **k):
+      calls.append(os.path.basename(d))
+      raise Stop(name)
+    return fn
+  base2 = str(tmp_path / "base_copy")
+  shutil.copytree(real_dirs["base"], base2)
+  c.inputs.base = base2
+  monkeypatch.setattr(recipe.steps, "run_arbitrage", stop("arbitrage"))
+  monkeypatch.setattr(recipe.steps, "run_sft", stop("sft"))
+  with pytest.raises(Stop, match="sft"):
+    recipe.run(c, work)
+  assert calls == ["sft_single"]
+  # a changed reward model (the arbiter) re-runs arbitrage first
+  rm2 = str(tmp_path / "rm_copy")
+  shutil.copytree(real_dirs["rm"], rm2)
+  c.inputs.reward_model = rm2
+  with pytest.raises(Stop, match="arbitrage"):
+    recipe.run(c, work)
+  assert calls == ["sft_single", "arbitrage"]

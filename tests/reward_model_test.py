@@ -162,6 +162,39 @@ def test_verifier_labelled_pairs_are_labelled_by_the_verifier():
   assert any(p.rejected_score == 0.5 for p in fr)  # English answer: half credit
 
 
+def test_sample_labelled_pairs_rank_model_answers_by_the_verifier():
+  recs = synthetic.make_split("train", 3, languages=("en", "fr"), tasks=("next_day",))
+  v = synthetic.Verifier()
+  comps = []
+  for r in recs:
+    inst = synthetic.parse_id(r.id)
+    answers = [inst.answer(), inst.answer("en"), "xyz", inst.answer()]  # right, English, wrong, dup
+    comps += [records.CompletionRecord(id=f"{r.id}#t{j % 2}#{j // 2}", language=r.language,
+                                       prompt=r.messages[:-1], completion=a, teacher=f"t{j % 2}")
+              for j, a in enumerate(answers)]
+  pairs = preference.sample_labelled_pairs(comps, min_gap=0.25, max_per_prompt=2)
+  by_prompt = {}
+  for p in pairs:
+    pid = p.id.split("#")[0]
+    by_prompt.setdefault(pid, []).append(p)
+    assert p.chosen_score == pytest.approx(v.score_answer(pid, p.chosen))
+    assert p.rejected_score == pytest.approx(v.score_answer(pid, p.rejected))
+    assert p.chosen_score - p.rejected_score >= 0.25 and p.source == "verifier_samples"
+  assert set(by_prompt) == {r.id for r in recs}
+  assert all(len(ps) <= 2 for ps in by_prompt.values())
+  en = [p for p in pairs if p.language == "en"]  # en: right vs wrong only (English = right)
+  assert en and all(p.chosen_score == 1.0 and p.rejected_score == 0.0 for p in en)
+  fr_pairs = {(p.chosen, p.rejected) for p in pairs if p.language == "fr"}
+  assert len(fr_pairs) > len([r for r in recs if r.language == "fr"])  # more than one kind
+  # order-independent; a larger budget gives every pair with a big enough gap
+  again = preference.sample_labelled_pairs(comps[::-1], min_gap=0.25, max_per_prompt=2)
+  dump = lambda ps: sorted(json.dumps(p.to_dict(), sort_keys=True) for p in ps)  # noqa: E731
+  assert dump(again) == dump(pairs)
+  fr = [c for c in comps if c.language == "fr"]
+  full = preference.sample_labelled_pairs(fr, min_gap=0.25, max_per_prompt=10, gold=False)
+  assert len(full) == 3 * len(fr) // 4  # (right, en), (right, wrong), (en, wrong) per prompt
+
+
 def _stage_config(tok_dir):
   """The toy ranking run shared by the stage tests (uninterrupted in `trained`)."""
   c = _config()

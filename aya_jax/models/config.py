@@ -16,6 +16,9 @@ import dataclasses
 from typing import Any, Optional
 
 FAMILIES = ("cohere", "llama", "gemma2", "qwen2")
+# fields that change how a model is computed, not what it computes (a config
+# that differs only in these is the same model: conversion, merging)
+EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (checkpoint policy per layer)
   scan_unroll: int = 1  # layers are always scanned; unroll=n_layers unrolls
+  # > 0: attention without a cache in chunk x chunk tiles with an online softmax
+  # (flash-style, O(T * chunk) memory instead of O(T^2)); 0: dense logits
+  attention_chunk: int = 0
   value_head: bool = False  # scalar head on the backbone (reward model)
 
   def __post_init__(self):
@@ -81,6 +87,9 @@ class ModelConfig:
           f"{self.n_layers} layers")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"ModelConfig.remat={self.remat!r}; use none | full | dots")
+    if self.attention_chunk < 0 or int(self.attention_chunk) != self.attention_chunk:
+      raise ValueError(f"ModelConfig.attention_chunk={self.attention_chunk!r}; use 0 (dense) "
+                       "or a positive tile length")
 
   @property
   def has_lm_head(self) -> bool:
@@ -104,8 +113,8 @@ class ModelConfig:
   @classmethod
   def from_hf(cls, hf: Any) -> "ModelConfig":
     """From a transformers config object or its config.json dict."""
-    from aya_jax.models import hf as hf_lib  # local import: hf imports config
-    return hf_lib.config_from_hf(hf if isinstance(hf, dict) else hf.to_dict())
+    from aya_jax.models import hf_config  # local import: hf_config imports config
+    return hf_config.config_from_hf(hf if isinstance(hf, dict) else hf.to_dict())
 
   @property
   def n_params(self) -> int:

@@ -23,7 +23,9 @@ t)`. A row's tokens depend only on its key and its logits, not on the batch.
 Everything from prefill to the end of decode is one jitted function, built
 once per (config, method, max_new_tokens, n, stop ids, pad id, mesh) and
 compiled by jit once per (batch, prompt) bucket. With a mesh, the batch is
-sharded over ('data', 'fsdp') and params as in training (`axes.rules`).
+sharded over ('data', 'fsdp') and params as in training (`axes.rules`). A
+mesh may span several processes (multi-host): every process passes the same
+prompts and rng and gets every row back.
 """
 
 from __future__ import annotations
@@ -190,8 +192,13 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray], rng,
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params)
     out = fn(params, tokens, positions, segments, lengths, keys)
-  else:
+  else:  # every process holds the same inputs; device_put makes global arrays of them
     params = sharding_lib.shard_tree(params, _param_shardings(cfg, mesh, sharding_preset))
+    b2, b1 = sharding_lib.batch_sharding(mesh, 2), sharding_lib.batch_sharding(mesh, 1)
+    tokens, positions, segments = (jax.device_put(x, b2) for x in (tokens, positions, segments))
+    lengths = jax.device_put(lengths, b1)
+    keys = jax.random.wrap_key_data(  # typed keys cannot be put on other hosts' devices
+        jax.device_put(np.asarray(jax.random.key_data(keys)), b2), impl=jax.random.key_impl(keys))
     with sharding_lib.activation_rules(mesh, axes_lib.rules(sharding_preset)):
       out = fn(params, tokens, positions, segments, lengths, keys)
   out = jax.device_get(out)

@@ -15,7 +15,13 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
            both log-probs recomputed by the training forward pass (not the
            sampler's), leave-one-out advantages over the k samples,
            REINFORCE on the summed log-prob of the sampled tokens;
-  4. params -> iter_<i>/params/.
+  4. params -> iter_<i>/params/;
+  5. optional merge (online.merge.method, off by default): the policy for the
+     next iteration becomes `merging.merge` of named models: 'policy' (this
+     iteration's trained params), 'previous' (the policy the iteration
+     started from), 'initial' (pi_0) or a params/ or HF directory; e.g.
+     linear with models=('policy', 'previous'), weights=(0.5, 0.5). The
+     merged params -> iter_<i>/merged/, and the report gets `merge`.
 Every step is resumable: a finished iteration is not trained again (its
 params are loaded; its samples are re-drawn, same seed, same samples, for
 the report), and an interrupted one resumes from iter_<i>/checkpoints.
@@ -40,7 +46,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aya_jax import axes, checkpoint, losses, sharding
+from aya_jax import axes, checkpoint, losses, merging, sharding
 from aya_jax.data import formatting, pipeline
 from aya_jax.data import preference_pipeline as pp
 from aya_jax.data import records as records_lib
@@ -63,6 +69,18 @@ def online_block() -> ml_collections.ConfigDict:
   c.sample_batch = 64        # prompts per generate call
   c.kl_coef = 0.05           # RLOO: beta of the sequence KL penalty
   c.scorer = "verifier"      # verifier (the synthetic world's)
+  c.merge = merge_block()
+  return c
+
+
+def merge_block() -> ml_collections.ConfigDict:
+  """online.merge: after each iteration the policy becomes a merge (see `merge_policy`)."""
+  c = ml_collections.ConfigDict()
+  c.method = ""              # '' = off; a merging.METHODS name: linear, slerp, ties, ...
+  c.models = ("policy", "previous")  # policy | previous | initial | a params/ or HF dir
+  c.weights = (0.5, 0.5)     # one per model; () for methods without weights (slerp)
+  c.base = ""                # the base of task_arithmetic, ties, slerp, ...: a name as above
+  c.parameters = ""          # JSON of the method's shared parameters, e.g. '{"t": 0.3}'
   return c
 
 
@@ -250,6 +268,53 @@ def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, mesh, rules)
   return st.params, {"mean_kl": float(np.mean(pol - ref)), "mean_reward": float(np.mean(rewards))}
 
 
+# ------------------------------------------------------------------- merge
+
+MERGE_NAMES = ("policy", "previous", "initial")
+
+
+def merge_names(mc) -> tuple:
+  """The models (and base) a merge step reads; () when merging is off."""
+  return (tuple(mc.models) + ((mc.base,) if mc.base else ())) if mc.method else ()
+
+
+def load_merge_inputs(mc, shardings) -> dict:
+  """{path: params} of the checkpoint directories among online.merge's models and base."""
+  out = {}
+  for name in merge_names(mc):
+    if name in MERGE_NAMES or name in out:
+      continue
+    if not (checkpoint.is_params_dir(name) or os.path.exists(os.path.join(name, "config.json"))):
+      raise ValueError(f"online.merge: {name!r} is not one of {MERGE_NAMES} nor a params/ or "
+                       "HF directory")
+    out[name] = checkpoint.load_model(name, shardings)[1]
+  return out
+
+
+def merge_policy(mc, named: dict, cfg, shardings=None, seed=0):
+  """`merging.merge(mc.method, ...)` of the models online.merge names, looked up
+  in `named` ({'policy', 'previous', 'initial', or a path: params})."""
+  missing = [n for n in merge_names(mc) if named.get(n) is None]
+  if missing:
+    raise ValueError(f"online.merge: no params for {missing}")
+  weights = tuple(mc.weights)
+  if weights and len(weights) != len(mc.models):
+    raise ValueError(f"online.merge.weights {weights} needs one weight per model in "
+                     f"online.merge.models {tuple(mc.models)}")
+  merged = merging.merge(
+      mc.method, [named[n] for n in mc.models], base=named[mc.base] if mc.base else None,
+      parameters=json.loads(mc.parameters) if mc.parameters else None,
+      model_parameters=[{"weight": float(w)} for w in weights] if weights else None,
+      seed=seed, cfg=cfg)
+  return merged if shardings is None else jax.device_put(merged, shardings)
+
+
+def merge_description(mc) -> str:
+  ws = tuple(mc.weights) or ("",) * len(mc.models)
+  parts = ", ".join(f"{n} {w}".strip() for n, w in zip(mc.models, ws))
+  return f"{mc.method}({parts}{', base ' + mc.base if mc.base else ''})"
+
+
 # --------------------------------------------------------------------- run
 
 
@@ -276,8 +341,10 @@ def run(config, workdir: str, scorer=None):
                                 pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
                                 eos_ids=formatting.end_of_turn_ids(tok))
   pshard = sharding.param_shardings(cfg, mesh, rules)
-  keep_init = oc.algorithm == "rloo" or not oc.reset_reference
+  mc = oc.merge
+  keep_init = oc.algorithm == "rloo" or not oc.reset_reference or "initial" in merge_names(mc)
   init = jax.tree.map(jnp.copy, params) if keep_init else None
+  extra_models = load_merge_inputs(mc, pshard)
   prompts = read_prompts(list(config.data.prompts))
   pad_id = cfg.pad_id if cfg.pad_id is not None else 0
   reports, prev = [], None
@@ -295,7 +362,9 @@ def run(config, workdir: str, scorer=None):
       reports.append(rep)
       break
     done = os.path.join(d, "params")
-    ref = init if init is not None else jax.tree.map(jnp.copy, params)
+    ref = init  # used by RLOO and by DPO without reset_reference, which keep pi_0
+    # pi_i for the merge, copied: training donates the params' buffers
+    start = jax.tree.map(jnp.copy, params) if "previous" in merge_names(mc) else None
     if checkpoint.is_params_dir(done):  # finished before: reuse, do not retrain
       _, params = checkpoint.load_model(done, pshard)
     elif oc.algorithm == "dpo":
@@ -315,6 +384,11 @@ def run(config, workdir: str, scorer=None):
       params, extra = train_rloo(config, d, cfg, params, ref, rows, scores, mesh, rules)
       rep.update(extra)
       checkpoint.save_params(done, cfg, params)
+    if mc.method:
+      named = dict(extra_models, policy=params, previous=start, initial=init)
+      params = merge_policy(mc, named, cfg, pshard, seed=config.seed + i)
+      checkpoint.save_params(os.path.join(d, "merged"), cfg, params)
+      rep["merge"] = merge_description(mc)
     reports.append(rep)
     logging.info("online round %d: %s", i, rep)
   if jax.process_index() == 0:

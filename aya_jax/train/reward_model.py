@@ -97,7 +97,7 @@ def setup_reward_model(mcfg, vocab_size: int, mesh, rules, seed: int, **override
   if loaded_cfg.vocab_size < vocab_size:
     raise ValueError(f"model {mcfg.init} has vocab {loaded_cfg.vocab_size} but the tokenizer "
                      f"has {vocab_size} tokens")
-  cfg = loaded_cfg.replace(value_head=True, dtype=mcfg.dtype, remat=mcfg.remat, **overrides)
+  cfg = loaded_cfg.replace(value_head=True, **sft.execution(mcfg), **overrides)
   shardings = sharding.param_shardings(cfg, mesh, rules)
   params = {k: v for k, v in params.items() if k in shardings}  # the LM head goes
   if "value_head" not in params:

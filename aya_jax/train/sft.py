@@ -31,7 +31,13 @@ def model_block() -> ml_collections.ConfigDict:
   c.dtype = "float32"     # compute dtype
   c.remat = "none"        # none | full | dots
   c.vocab_chunk = 0       # >0: log-probs over vocab chunks (large vocabularies)
+  c.attention_chunk = 0   # >0: flash-style attention in chunk x chunk tiles (long context)
   return c
+
+
+def execution(mcfg) -> dict:
+  """The ModelConfig fields a stage's model block sets on any checkpoint."""
+  return dict(dtype=mcfg.dtype, remat=mcfg.remat, attention_chunk=mcfg.attention_chunk)
 
 
 def mesh_block() -> ml_collections.ConfigDict:
@@ -77,15 +83,15 @@ def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
   """(ModelConfig, params) on the mesh: loaded from mcfg.init or random."""
   if mcfg.init:
     cfg = checkpoint.peek_config(mcfg.init)
-    cfg = cfg.replace(dtype=mcfg.dtype, remat=mcfg.remat, **overrides)
+    cfg = cfg.replace(**execution(mcfg), **overrides)
     shardings = sharding.param_shardings(cfg, mesh, rules)
     loaded_cfg, params = checkpoint.load_model(mcfg.init, shardings)
     if loaded_cfg.vocab_size < vocab_size:
       raise ValueError(f"model {mcfg.init} has vocab {loaded_cfg.vocab_size} but the tokenizer "
                        f"has {vocab_size} tokens")
     return cfg, params
-  cfg = model_config.preset(mcfg.preset, vocab_size=vocab_size, dtype=mcfg.dtype,
-                            remat=mcfg.remat, **overrides)
+  cfg = model_config.preset(mcfg.preset, vocab_size=vocab_size, **execution(mcfg),
+                            **overrides)
   return cfg, sharding.init_params_sharded(cfg, jax.random.key(seed), mesh, rules)
 
 

@@ -60,9 +60,9 @@ def ours(cfg, batch, seq, steps):
 def peer(cfg, batch, seq, steps):
   import torch
   import transformers
-  from aya_jax.models import hf
+  from aya_jax.models import hf_config
   torch.manual_seed(0)
-  hcfg = transformers.LlamaConfig(**{k: v for k, v in hf.config_to_hf(cfg).items()
+  hcfg = transformers.LlamaConfig(**{k: v for k, v in hf_config.config_to_hf(cfg).items()
                                      if k not in ("architectures", "model_type")})
   model = transformers.LlamaForCausalLM(hcfg).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

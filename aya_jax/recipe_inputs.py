@@ -1,0 +1,155 @@
+"""The pipeline's real inputs (`config.inputs`): local paths instead of the world.
+
+With `config.inputs.base` set, `recipe.run` skips the world and reward_model
+steps and uses these paths (all local; nothing is downloaded):
+
+  base              the student: an HF dir (config.json + safetensors) or an
+                    aya_jax params/ dir; every SFT starts from it
+  tokenizer         its HF tokenizer dir with a chat template ("" = base's)
+  teachers          'name:path;name:path' (HF or params/ dirs); a teacher uses
+                    its own directory's tokenizer when it has one, else `tokenizer`
+  weak              optional weak model: joins the pool with one sample and is
+                    the rejected side of translation contrast
+  translator        a teacher's name: translation contrast on (with
+                    arbitrage.contrast and `weak`); that teacher answers in
+                    language and translates (prompted); "" = contrast off
+  families          'name:l1,l2;name:...' (give every family English)
+  languages         () = the families' languages; prompts in others are dropped
+  reward_model      the arbiter: aya_jax params/ with a value head, or an HF
+                    ...ForSequenceClassification dir
+  reward_tokenizer  "" = the reward model dir's tokenizer, else `tokenizer`
+  judge             the eval judge, a reward model like reward_model ("" = the
+                    arbiter itself)
+  prompts           JSONL file(s), {"id", "language", "messages"} per line: what
+                    arbitrage routes and online rounds sample on
+  eval_prompts      held-out JSONL (m-ArenaHard layout, evaluation.read_prompts)
+
+`resolve(config)` checks every path (an error names the config field) and
+returns what the world step returns (tokenizer, base, teachers, weak,
+families) plus the rest and `hashes`: per group of inputs a hash of its
+absolute paths, so that a changed path re-runs only the steps that read it
+(pool, prompts -> arbitrage; rm -> arbitrage, online; base -> SFT; eval).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import types
+
+from aya_jax import checkpoint, world
+from aya_jax.data import formatting
+
+FIELD = "config.inputs"
+
+
+def spec_hash(obj) -> str:
+  """The pipeline's spec hash (recipe.Runner keys finished steps by it)."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _need(field: str, value):
+  if not value:
+    raise ValueError(f"{FIELD}.{field} is empty: it is required when {FIELD}.base is set "
+                     "(the pipeline on real inputs)")
+
+
+def _exists(field: str, path: str) -> str:
+  _need(field, path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{FIELD}.{field}={path!r}: no such file or directory")
+  return os.path.abspath(path)
+
+
+def _model(field: str, path: str) -> str:
+  path = _exists(field, path)
+  if not (checkpoint.is_params_dir(path) or os.path.exists(os.path.join(path, "config.json"))):
+    raise ValueError(f"{FIELD}.{field}={path!r}: neither an aya_jax params/ directory nor a "
+                     "Hugging Face directory (config.json)")
+  return path
+
+
+def has_tokenizer(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, f))
+             for f in formatting._TOKENIZER_FILES)  # pylint: disable=protected-access
+
+
+def _tokenizer(field: str, path: str, *defaults: tuple) -> str:
+  """`path` (field) or, when empty, the first (field, dir) of `defaults` whose
+  directory holds tokenizer files."""
+  if not path:
+    for _, d in defaults:
+      if d and has_tokenizer(d):
+        return d
+    tried = " nor ".join(f"{FIELD}.{f}={d!r}" for f, d in defaults)
+    raise ValueError(f"{FIELD}.{field} is empty and neither {tried} has tokenizer files: "
+                     "set it to an HF tokenizer directory")
+  path = _exists(field, path)
+  if not has_tokenizer(path):
+    raise ValueError(f"{FIELD}.{field}={path!r} has no tokenizer files")
+  return path
+
+
+def parse_teachers(spec: str) -> dict:
+  """'name:path;name:path' -> {name: path} (in the given order)."""
+  out = {}
+  for part in [p for p in spec.split(";") if p.strip()]:
+    if ":" not in part:
+      raise ValueError(f"{FIELD}.teachers: {part!r} is not 'name:path'")
+    name, path = (x.strip() for x in part.split(":", 1))
+    if not name or "#" in name or name == "weak" or name in out:
+      raise ValueError(f"{FIELD}.teachers: teacher name {name!r} is empty, repeated, holds "
+                       "'#' or is 'weak' (the name of inputs.weak in the pool)")
+    out[name] = _model(f"teachers ({name})", path)
+  _need("teachers", out)
+  return out
+
+
+def _paths(value) -> list:
+  if isinstance(value, str):
+    value = [v for v in value.split(",") if v.strip()]
+  return list(value)
+
+
+def resolve(config) -> dict:
+  """The checked inputs of `config.inputs` (see the module docstring)."""
+  c = config.inputs
+  base = _model("base", c.base)
+  tok = _tokenizer("tokenizer", c.tokenizer, ("base", base))
+  teachers = parse_teachers(c.teachers)
+  tokenizers = {n: p if has_tokenizer(p) else tok for n, p in teachers.items()}
+  weak = _model("weak", c.weak) if c.weak else ""
+  if weak:
+    tokenizers["weak"] = weak if has_tokenizer(weak) else tok
+  if c.translator and c.translator not in teachers:
+    raise ValueError(f"{FIELD}.translator={c.translator!r}: not one of {FIELD}.teachers "
+                     f"{list(teachers)}")
+  if c.translator and not weak:
+    raise ValueError(f"{FIELD}.translator is set but {FIELD}.weak is empty: translation "
+                     "contrast needs a weak model (its rejected side)")
+  _need("families", c.families)
+  langs = tuple(c.languages) or tuple(dict.fromkeys(
+      x.strip() for part in c.families.split(";") if ":" in part
+      for x in part.split(":", 1)[1].split(",") if x.strip()))
+  fams = world.families(types.SimpleNamespace(languages=langs, families=c.families), FIELD)
+  rm = _model("reward_model", c.reward_model)
+  rm_tok = _tokenizer("reward_tokenizer", c.reward_tokenizer, ("reward_model", rm),
+                      ("tokenizer", tok))
+  judge = _model("judge", c.judge) if c.judge else rm
+  judge_tok = judge if has_tokenizer(judge) else rm_tok
+  _need("prompts", _paths(c.prompts))
+  prompts = [_exists("prompts", p) for p in _paths(c.prompts)]
+  eval_prompts = _exists("eval_prompts", c.eval_prompts)
+  model = config.model.to_dict() if "model" in config else None  # dtype, remat
+  hashes = dict(
+      pool=spec_hash([teachers, tokenizers, weak, c.translator, tok]),
+      prompts=spec_hash([prompts, langs]),
+      rm=spec_hash([rm, rm_tok]),
+      base=spec_hash([base, tok, model]),
+      eval=spec_hash([eval_prompts, judge, judge_tok, langs]))
+  return dict(tokenizer=tok, base=base, teachers=teachers, teacher_tokenizers=tokenizers,
+              weak=weak, translator=c.translator, families={k: list(v) for k, v in fams.items()},
+              languages=list(langs), prompts=prompts, eval_prompts=eval_prompts,
+              reward_model=rm, reward_tokenizer=rm_tok, judge=judge, judge_tokenizer=judge_tok,
+              hashes=hashes)
