@@ -1,7 +1,7 @@
 """The recipe's held-out gains (issue 9), fixed seed: configs/pipeline.py:gains.
 
 A smaller world than `make demo` (3 languages in 2 families, fewer steps; about
-8 minutes on 2 cores) run end to end as `python -m aya_jax.main` on one CPU
+6 minutes on 2 cores) run end to end as `python -m aya_jax.main` on one CPU
 device, as a user runs it; every stage is judged by the world's verifier on
 held-out test prompts that no step trains, routes or tunes on.
 """

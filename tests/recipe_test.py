@@ -166,7 +166,8 @@ def _real_config(dirs):
       families="european:en,fr;slavic:en,ru", prompts=(dirs["train"],),
       eval_prompts=dirs["eval"]))
   c.ablations.update(dict(mixed=False, rloo=False))  # the world's smoke test runs them
-  for block in (c.sft, c.dpo, c.online):
+  c.sft_family.init = "base"  # family models from the base: no sft_mixed step at all
+  for block in (c.sft, c.sft_family, c.dpo, c.online):
     block.update(dict(steps=2, checkpoint_every=2))
   c.online.iterations = 1
   c.arbitrage.min_gap = 0.0  # a random reward model's scores are close together
