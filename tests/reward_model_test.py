@@ -217,8 +217,25 @@ def trained(world_tok, tmp_path_factory):
   """(workdir, tokenizer dir) of one uninterrupted reward-model stage run."""
   _, tok_dir = world_tok
   workdir = tmp_path_factory.mktemp("rm_stage")
-  reward_model.run(_stage_config(tok_dir), str(workdir))
+  _run_stage(tok_dir, workdir)
   return workdir, tok_dir
+
+
+def _run_stage(tok_dir, workdir, stop_after=None):
+  """The stage in a fresh process (8 fake devices from conftest's XLA_FLAGS):
+  under a loaded xdist worker its 8-device CPU step has aborted the worker."""
+  import subprocess
+  import sys
+  code = ("import sys; sys.path.insert(0, {here!r}); import reward_model_test as t; "
+          "from aya_jax.train import loop, reward_model\n"
+          "try:\n  reward_model.run(t._stage_config({tok!r}), {work!r}, stop_after={stop!r})\n"
+          "except loop.Preempted:\n  sys.exit(3)\n").format(
+              here=os.path.dirname(os.path.abspath(__file__)), tok=str(tok_dir),
+              work=str(workdir), stop=stop_after)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  if proc.returncode == 3:
+    raise loop.Preempted(f"stopped after {stop_after} steps")
+  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -245,12 +262,11 @@ def test_reward_model_ranks_held_out_pairs(trained):
 @pytest.mark.slow
 def test_killed_stage_resumes_to_the_same_params(trained, tmp_path):
   workdir, tok_dir = trained
-  c = _stage_config(tok_dir)
   with pytest.raises(loop.Preempted):
-    reward_model.run(c, str(tmp_path), stop_after=25)
+    _run_stage(tok_dir, tmp_path, stop_after=25)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["25"]
   assert not (tmp_path / "params").exists()
-  reward_model.run(c, str(tmp_path))  # the same command again
+  _run_stage(tok_dir, tmp_path)  # the same command again
   _, want = checkpoint.load_model(str(workdir / "params"))
   _, got = checkpoint.load_model(str(tmp_path / "params"))
   jax.tree.map(np.testing.assert_array_equal, got, want)
