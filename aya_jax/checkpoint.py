@@ -130,10 +130,15 @@ def _as_dict(tree) -> Any:
   return tree
 
 
+def is_model_dir(path: str) -> bool:
+  """An aya_jax params/ directory or a Hugging Face directory (config.json)."""
+  return is_params_dir(path) or os.path.exists(os.path.join(path, "config.json"))
+
+
 def _kind(path: str) -> str:
   if is_params_dir(path):
     return "params"
-  if os.path.exists(os.path.join(path, "config.json")):
+  if is_model_dir(path):
     return "hf"
   raise FileNotFoundError(
       f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}) nor a Hugging Face "

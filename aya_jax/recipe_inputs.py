@@ -64,7 +64,7 @@ def _exists(field: str, path: str) -> str:
 
 def _model(field: str, path: str) -> str:
   path = _exists(field, path)
-  if not (checkpoint.is_params_dir(path) or os.path.exists(os.path.join(path, "config.json"))):
+  if not checkpoint.is_model_dir(path):
     raise ValueError(f"{FIELD}.{field}={path!r}: neither an aya_jax params/ directory nor a "
                      "Hugging Face directory (config.json)")
   return path

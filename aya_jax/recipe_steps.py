@@ -116,8 +116,7 @@ def train_reward_model(c, d, w):
     recs = synthetic.make_split("train", s.n_per_language, c.seed + 2,
                                 tuple(c.world.languages), tuple(c.world.tasks))
     comp = os.path.join(d, "sample_completions.jsonl")
-    pool(w, s, c.seed + 2).answer([teachers.PromptRecord(
-        id=r.id, language=r.language, messages=tuple(r.messages[:-1])) for r in recs], comp)
+    pool(w, s, c.seed + 2).answer(_prompt_records(recs), comp)
     pairs = preference.sample_labelled_pairs(
         records.read_jsonl(comp, "completion"), min_gap=s.min_gap,
         max_per_prompt=s.max_pairs_per_prompt, seed=c.seed)
@@ -172,11 +171,14 @@ def _prompt_file(c, d, w) -> str:
   recs = synthetic.make_split("train", c.arbitrage.n_per_language, c.seed + 1,
                               tuple(c.world.languages), tuple(c.world.tasks))
   records.write_jsonl(prompts, recs)
-  with open(out, "w", encoding="utf-8") as f:
-    for r in records.read_jsonl(prompts, "sft"):
-      f.write(json.dumps(dict(id=r.id, language=r.language, messages=list(r.messages[:-1])),
-                         ensure_ascii=False) + "\n")
+  records.write_jsonl(out, _prompt_records(recs))
   return out
+
+
+def _prompt_records(recs) -> list:
+  """The requests (messages up to the user turn) of world SFT records."""
+  return [teachers.PromptRecord(id=r.id, language=r.language, messages=tuple(r.messages[:-1]))
+          for r in recs]
 
 
 def run_arbitrage(c, d, w, rm):
