@@ -95,9 +95,8 @@ def _valid_keys_hint(argv) -> str:
   if config_path is None:
     return ""
   try:
-    from ml_collections.config_flags import config_flags as cf
-    config = cf._LoadConfigModule("config", config_path.split(":")[0]).get_config(
-        *([config_path.split(":", 1)[1]] if ":" in config_path else []))
+    from aya_jax import config_files
+    config = config_files.get_config(config_path)
   except Exception:  # the config itself is broken: its own error says why
     return ""
   hints = []

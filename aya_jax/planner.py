@@ -54,7 +54,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 # Published per-chip figures: dense bf16 TFLOP/s, HBM GB, HBM GB/s, and the
 # interconnect GB/s per chip that FSDP traffic crosses (TPU: ICI; H100:

@@ -41,7 +41,6 @@ from aya_jax import axes as axes_lib
 from aya_jax import checkpoint
 from aya_jax import sharding as sharding_lib
 from aya_jax.data import formatting, records
-from aya_jax.models import hf
 from aya_jax.models.config import ModelConfig
 from aya_jax.sampling import methods as methods_lib
 from aya_jax.sampling import sampler

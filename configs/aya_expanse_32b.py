@@ -12,17 +12,11 @@ Everything else (the real run's stages and inputs) is as in
 configs/aya_expanse_8b.py, whose fields this config reuses.
 """
 
-import importlib.util
-import os
+from aya_jax import config_files
 
 
 def get_config(arg=None):
-  here = os.path.dirname(os.path.abspath(__file__))
-  spec = importlib.util.spec_from_file_location("aya_expanse_8b_config",
-                                                os.path.join(here, "aya_expanse_8b.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = config_files.sibling(__file__, "aya_expanse_8b.py", arg)
   c.base = c.tokenizer = c.model.init = "/data/models/aya-expanse-32b"
   c.model.preset = "aya_expanse_32b"
   c.sft.batch_size = 256

@@ -38,12 +38,11 @@ ablation is off (--config.ablations.rloo=True). Each stage also runs alone
 with this file's paths and sft/optim/mesh values.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from aya_jax import optim, planner
+from aya_jax import config_files, optim, planner
 from aya_jax.train import dpo, sft
 
 FAMILIES = "european:en,fr,es,de;slavic_turkic:en,ru,tr;asian_semitic:en,ar,hi,ja,zh"
@@ -95,12 +94,7 @@ def get_config(arg=None):
 
 def pipeline_config(plan):
   """configs/pipeline.py with `plan`'s paths, model settings and mesh, at 8B sizes."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  spec = importlib.util.spec_from_file_location("aya_pipeline_config",
-                                                os.path.join(here, "pipeline.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_files.sibling(__file__, "pipeline.py")
   c.seed = plan.seed
   c.inputs.update(dict(
       base=plan.base, tokenizer=plan.tokenizer, reward_model=plan.reward_model,

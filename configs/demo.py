@@ -9,14 +9,8 @@ every stage against single-teacher SFT on held-out prompts, and a verdict per
 stage (seed 0: the table in README.md).
 """
 
-import importlib.util
-import os
+from aya_jax import config_files
 
 
 def get_config(arg=None):
-  here = os.path.dirname(os.path.abspath(__file__))
-  spec = importlib.util.spec_from_file_location("aya_pipeline_config",
-                                                os.path.join(here, "pipeline.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.sibling(__file__, "pipeline.py", arg)

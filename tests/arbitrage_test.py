@@ -1,6 +1,5 @@
 """Arbitrage: reward-based, fixed and learned routing; resume; bad input."""
 
-import importlib.util
 import json
 import os
 
@@ -8,18 +7,17 @@ import numpy as np
 import pytest
 
 from aya_jax import arbitrage as A
+from aya_jax import config_files
 from aya_jax import preference, reward, routing
 from aya_jax import teachers as T
 from aya_jax.data import records, synthetic
+from conftest import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**kw):
-  spec = importlib.util.spec_from_file_location("arb_cfg",
-                                                os.path.join(ROOT, "configs/arbitrage.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/arbitrage.py"))
   c = mod.get_config()
   c.synthetic.languages = ("fr", "zh")
   c.synthetic.n_per_language = 30
@@ -192,7 +190,6 @@ def test_real_teacher_pool_and_reward_model_scorer(tmp_path):
   (tiny random models) through the same interfaces."""
   from aya_jax.models import tiny
   from aya_jax.sampling import methods
-  from reward_model_test import random_params  # pylint: disable=import-error
   tok = synthetic.build_tokenizer(str(tmp_path / "tok"))
   cfg = tiny("llama", vocab_size=len(tok))
   # large weights: peaked, prompt-dependent next-token distributions

@@ -2,13 +2,34 @@
 
 import os
 
+# The 8 fake devices run their programs on one shared host thread pool (8 threads by default
+# on this 2-core machine). A device blocked in a collective holds a pool thread until all 8 devices
+# arrive; when a program has independent collectives (an FSDP all-gather beside a gradient
+# all-reduce) the blocked threads can exhaust the pool and the last devices never arrive: XLA
+# aborts the process (SIGABRT) after its rendezvous timeout. XLA's CPU client sizes the pool from
+# NPROC when it is set; 64 threads cover 8 devices with several collectives in flight each.
+os.environ.setdefault("NPROC", "64")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           # late (busy cores) is not hung: wait longer than XLA's 40 s
+                           " --xla_cpu_collective_timeout_seconds=300"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=300").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Fixtures of other test modules go below this line.
 
+
+
+def random_params(cfg, seed: int = 0, std: float = 0.1) -> dict:
+  """Params of cfg's shapes, normal(0, std) from numpy: no init compile (the
+  tests that only need some model, not init_params' distribution)."""
+  import jax
+  import numpy as np
+  from aya_jax.models import init_params
+  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * std).astype(s.dtype), shapes)
 
 # --- hf_tiny_dirs: tiny random Hugging Face models, one directory per variant (hf_test.py) ---
 import pytest  # noqa: E402

@@ -2,7 +2,6 @@
 reference (reuse, invalidation, same trajectory as live), TR-DPO sync,
 chunked log-probs, 8 devices == 1 device."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aya_jax import axes, checkpoint, sharding
+from aya_jax import axes, checkpoint, config_files, sharding
 from aya_jax.data import formatting
 from aya_jax.data import preference_pipeline as pp
 from aya_jax.data import records
@@ -50,9 +49,7 @@ def toy(tmp_path_factory):
 
 
 def _config(d, steps=30):
-  spec = importlib.util.spec_from_file_location("dpo_cfg", os.path.join(ROOT, "configs/dpo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/dpo.py"))
   c = mod.get_config()
   c.tokenizer = str(d / "tok")
   c.data.train, c.data.eval = (str(d / "train.jsonl"),), (str(d / "eval.jsonl"),)

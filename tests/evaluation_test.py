@@ -1,7 +1,6 @@
 """Win rates under a judge: outcomes, bootstrap interval, prompt files, the eval stage."""
 
 import hashlib
-import importlib.util
 import json
 import os
 
@@ -9,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, evaluation, world
+from aya_jax import checkpoint, config_files, evaluation, world
 from aya_jax.data import formatting, records, synthetic
 from aya_jax.models import config as model_config
 from aya_jax.models import hf, init_params
@@ -197,9 +196,7 @@ def test_model_same_seed_same_answers(tiny_models):
 
 
 def _eval_config():
-  spec = importlib.util.spec_from_file_location("eval_cfg", os.path.join(ROOT, "configs/eval.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/eval.py"))
   return mod.get_config()
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from aya_jax import checkpoint, merge_search, merge_spec, merge_stream, merging
-from aya_jax.models import config as config_lib
 from aya_jax.models import hf
 
 from conftest import hf_tiny_model

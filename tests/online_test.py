@@ -4,7 +4,6 @@ more often, round after round; per-iteration artefacts; resume; the merge
 step between iterations (reference: `merging.merge` and the linear formula
 sum_i w_i x_i / sum_i w_i written out by hand)."""
 
-import importlib.util
 import json
 import os
 
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, merging
+from aya_jax import checkpoint, config_files, merging
 from aya_jax.data import formatting, records
 from aya_jax.train import online, sft
 
@@ -51,10 +50,7 @@ def sft_model(tmp_path_factory):
 
 
 def _config(d, algorithm):
-  spec = importlib.util.spec_from_file_location("online_cfg",
-                                                os.path.join(ROOT, "configs/online_dpo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/online_dpo.py"))
   c = mod.get_config()
   c.tokenizer, c.model.init = str(d / "tok"), str(d / "sft" / "params")
   c.data.prompts = (str(d / "prompts.jsonl"),)

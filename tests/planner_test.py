@@ -9,7 +9,6 @@ model computes the full T x T attention and the analytic count halves it).
 
 import jax
 import ml_collections
-import numpy as np
 import pytest
 
 from aya_jax import axes, optim, planner, sharding

@@ -1,7 +1,6 @@
 """The whole recipe (smoke variant) end to end: artefacts, resume, re-run on change;
 and on real inputs (local HF teachers and base, a reward model, prompt files)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,19 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, recipe, recipe_inputs, recipe_report, teachers, world
+from aya_jax import checkpoint, config_files, recipe, recipe_inputs, recipe_report, teachers, world
 from aya_jax.data import formatting, records
 from aya_jax.models import config as model_config
-from aya_jax.models import hf, init_params
+from aya_jax.models import hf
+from conftest import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(variant="smoke"):
-  spec = importlib.util.spec_from_file_location("pipeline_cfg",
-                                                os.path.join(ROOT, "configs/pipeline.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/pipeline.py"))
   return mod.get_config(variant)
 
 
@@ -129,13 +126,6 @@ def _prompts(path, prefix, n, langs):
   return str(path)
 
 
-def _random_params(cfg, seed: int) -> dict:
-  """Params of cfg's shapes, normal(0, 0.1) from numpy (no init compile)."""
-  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.1).astype(s.dtype), shapes)
-
-
 @pytest.fixture(scope="module")
 def real_dirs(tmp_path_factory):
   """A world tokenizer; base and two teachers as tiny random HF dirs (the
@@ -148,11 +138,11 @@ def real_dirs(tmp_path_factory):
   out = dict(tokenizer=str(d / "tok"))
   for i, name in enumerate(("base", "teacher_a", "teacher_b")):
     out[name] = str(d / name)
-    hf.save(cfg, _random_params(cfg, i), out[name])
+    hf.save(cfg, random_params(cfg, i), out[name])
     if name != "base":
       tok.save_pretrained(out[name])
   rm_cfg = cfg.replace(value_head=True)
-  out["rm"] = checkpoint.save_params(str(d / "rm" / "params"), rm_cfg, _random_params(rm_cfg, 7))
+  out["rm"] = checkpoint.save_params(str(d / "rm" / "params"), rm_cfg, random_params(rm_cfg, 7))
   out["train"] = _prompts(d / "train.jsonl", "q", 4, LANGS + ("de",))  # de: not used
   out["eval"] = _prompts(d / "eval.jsonl", "e", 3, LANGS)
   return out

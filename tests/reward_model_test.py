@@ -1,6 +1,5 @@
 """Bradley-Terry loss, the reward-model stage and the reward-model scorer."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,19 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aya_jax import axes, checkpoint, losses, preference, reward, sharding
+from aya_jax import axes, checkpoint, config_files, losses, preference, reward, sharding
 from aya_jax.data import records, synthetic
-from aya_jax.models import init_params, tiny
+from aya_jax.models import tiny
 from aya_jax.train import loop, reward_model
+from conftest import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-  spec = importlib.util.spec_from_file_location(
-      "rm_cfg", os.path.join(ROOT, "configs/reward_model.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/reward_model.py"))
   return mod.get_config()
 
 
@@ -84,14 +81,6 @@ def test_bradley_terry_weights_and_normalizer_accumulate_exactly():
 def world_tok(tmp_path_factory):
   d = tmp_path_factory.mktemp("world_tok")
   return synthetic.build_tokenizer(str(d)), str(d)
-
-
-def random_params(cfg, seed: int = 0, std: float = 0.1) -> dict:
-  """Params of cfg's shapes, normal(0, std) from numpy: no init compile (the
-  tests that only need some model, not init_params' distribution)."""
-  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * std).astype(s.dtype), shapes)
 
 
 def _rm(vocab, seed=0):
@@ -217,25 +206,8 @@ def trained(world_tok, tmp_path_factory):
   """(workdir, tokenizer dir) of one uninterrupted reward-model stage run."""
   _, tok_dir = world_tok
   workdir = tmp_path_factory.mktemp("rm_stage")
-  _run_stage(tok_dir, workdir)
+  reward_model.run(_stage_config(tok_dir), str(workdir))
   return workdir, tok_dir
-
-
-def _run_stage(tok_dir, workdir, stop_after=None):
-  """The stage in a fresh process (8 fake devices from conftest's XLA_FLAGS):
-  under a loaded xdist worker its 8-device CPU step has aborted the worker."""
-  import subprocess
-  import sys
-  code = ("import sys; sys.path.insert(0, {here!r}); import reward_model_test as t; "
-          "from aya_jax.train import loop, reward_model\n"
-          "try:\n  reward_model.run(t._stage_config({tok!r}), {work!r}, stop_after={stop!r})\n"
-          "except loop.Preempted:\n  sys.exit(3)\n").format(
-              here=os.path.dirname(os.path.abspath(__file__)), tok=str(tok_dir),
-              work=str(workdir), stop=stop_after)
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  if proc.returncode == 3:
-    raise loop.Preempted(f"stopped after {stop_after} steps")
-  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -262,11 +234,12 @@ def test_reward_model_ranks_held_out_pairs(trained):
 @pytest.mark.slow
 def test_killed_stage_resumes_to_the_same_params(trained, tmp_path):
   workdir, tok_dir = trained
+  c = _stage_config(tok_dir)
   with pytest.raises(loop.Preempted):
-    _run_stage(tok_dir, tmp_path, stop_after=25)
+    reward_model.run(c, str(tmp_path), stop_after=25)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["25"]
   assert not (tmp_path / "params").exists()
-  _run_stage(tok_dir, tmp_path)  # the same command again
+  reward_model.run(c, str(tmp_path))  # the same command again
   _, want = checkpoint.load_model(str(workdir / "params"))
   _, got = checkpoint.load_model(str(tmp_path / "params"))
   jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -9,12 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, main
+from aya_jax import checkpoint, config_files, main
 from aya_jax.data import formatting
 from aya_jax.metrics import read_metrics
 from aya_jax.models import forward
 
-import importlib.util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,9 +21,7 @@ WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 
 
 def _config():
-  spec = importlib.util.spec_from_file_location("sft_cfg", os.path.join(ROOT, "configs/sft.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/sft.py"))
   return mod.get_config()
 
 

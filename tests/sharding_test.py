@@ -1,13 +1,12 @@
 """Sharded init and forward/step on 8 fake CPU devices equal one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from aya_jax import axes, sharding
-from aya_jax.models import Transformer, forward, init_params, tiny
+from aya_jax.models import forward, init_params, tiny
 from aya_jax.train import state as state_lib
 from aya_jax.train import steps
 

@@ -1,6 +1,5 @@
 """Tests for aya_jax.teachers: the pool, resuming, prompts, errors, the stage."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -9,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import teachers as T
+from aya_jax import config_files, teachers as T
 from aya_jax.data import formatting as F
 from aya_jax.data import records
 from aya_jax.models import hf, init_params, tiny
@@ -241,10 +240,7 @@ def test_prompt_file_errors_name_file_and_line(tmp_path, line, match):
 
 
 def test_generate_stage_from_config(models, tok_dir, prompts_file, tmp_path):
-  spec = importlib.util.spec_from_file_location(
-      "generate_config", os.path.join(os.path.dirname(__file__), "..", "configs", "generate.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_files.load_module(os.path.join(os.path.dirname(__file__), "..", "configs", "generate.py"))
   config = module.get_config()
   assert config.stage == "generate"
   cfg, params = models["b"]

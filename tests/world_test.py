@@ -1,20 +1,17 @@
 """The world's bootstrap: teacher pool structure, caching, families, pretraining text."""
 
-import importlib.util
 import os
 
 import pytest
 
-from aya_jax import checkpoint, world
+from aya_jax import checkpoint, config_files, world
 from aya_jax.data import formatting, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg="tiny"):
-  spec = importlib.util.spec_from_file_location("world_cfg", os.path.join(ROOT, "configs/world.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(os.path.join(ROOT, "configs/world.py"))
   return mod.get_config(arg)
 
 

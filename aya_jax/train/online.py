@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -284,7 +283,7 @@ def load_merge_inputs(mc, shardings) -> dict:
   for name in merge_names(mc):
     if name in MERGE_NAMES or name in out:
       continue
-    if not (checkpoint.is_params_dir(name) or os.path.exists(os.path.join(name, "config.json"))):
+    if not checkpoint.is_model_dir(name):
       raise ValueError(f"online.merge: {name!r} is not one of {MERGE_NAMES} nor a params/ or "
                        "HF directory")
     out[name] = checkpoint.load_model(name, shardings)[1]
