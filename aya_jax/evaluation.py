@@ -59,13 +59,13 @@ class Prompt:
 # ------------------------------------------------------------------ prompts
 
 
-def _parse_prompt(obj: Any, languages: Sequence[str]) -> Prompt:
+def _parse_prompt(obj: Any, languages: Optional[Sequence[str]]) -> Prompt:
   if not isinstance(obj, dict):
     raise records.RecordError(f"expected a JSON object, got {type(obj).__name__}")
   if "language" not in obj:
     raise records.RecordError("missing", field="language")
   lang = obj["language"]
-  if not isinstance(lang, str) or lang not in languages:
+  if not isinstance(lang, str) or (languages is not None and lang not in languages):
     raise records.RecordError(f"unknown language {lang!r}; known: {', '.join(languages)}",
                               field="language")
   pid = obj.get("id", obj.get("question_id"))
@@ -89,8 +89,14 @@ def _parse_prompt(obj: Any, languages: Sequence[str]) -> Prompt:
   return Prompt(pid, lang, tuple(messages))
 
 
-def read_prompts(path, languages: Optional[Sequence[str]] = None) -> list[Prompt]:
-  """Prompts of a JSONL file; `languages` known (default: the world's)."""
+def read_prompts(path, languages: Optional[Sequence[str]] = None,
+                 only: Optional[Sequence[str]] = None) -> list[Prompt]:
+  """Prompts of a JSONL file; `languages` known (default: the world's). With `only`, any
+  language is accepted and the prompts in other languages than `only` are dropped (every line is
+  still checked: errors name file and line)."""
+  if only is not None:
+    parsed = records.read_parsed(path, lambda obj: _parse_prompt(obj, None), "prompts")
+    return [p for p in parsed if p.language in set(only)]
   languages = tuple(languages or synthetic.LANGUAGES)
   return records.read_parsed(path, lambda obj: _parse_prompt(obj, languages), "prompts")
 

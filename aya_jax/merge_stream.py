@@ -186,6 +186,8 @@ def run(config, workdir: str):
   out_hf = os.path.join(workdir, "hf") if config.merge.out_hf else None
   logging.info("merge %s of %s (base %s) -> %s", spec.method, spec.models, spec.base, out)
   merge_from_spec(spec, out, out_hf)
-  with open(os.path.join(workdir, "merge_spec.json"), "w") as f:
-    json.dump(dataclasses.asdict(spec), f, indent=1)
+  import jax
+  if jax.process_index() == 0:  # one writer (merge_from_spec syncs the processes)
+    with open(os.path.join(workdir, "merge_spec.json"), "w") as f:
+      json.dump(dataclasses.asdict(spec), f, indent=1)
   return out

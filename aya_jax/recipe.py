@@ -54,17 +54,29 @@ import time
 
 from absl import logging
 
-from aya_jax import recipe_inputs
+from aya_jax import recipe_inputs, world
 from aya_jax import recipe_steps as steps
 
 STATE = "pipeline_state.json"
 
 
-_hash = recipe_inputs.spec_hash
+_hash = world.spec_hash
 
 
 def _cfg_dict(c):
   return json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else c
+
+
+def _lead() -> bool:
+  import jax
+  return jax.process_index() == 0
+
+
+def _sync(tag: str):
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(tag)
 
 
 class Runner:
@@ -94,13 +106,15 @@ class Runner:
     partial = os.path.join(d, ".spec")
     if self.state.pop(name, None) is not None:  # its artefacts go: no longer done
       self._save()
-    if os.path.exists(d):
-      same = os.path.exists(partial) and open(partial).read() == h
-      if not same:  # another spec's leftovers: start clean
-        shutil.rmtree(d)
-    os.makedirs(d, exist_ok=True)
-    with open(partial, "w") as f:
-      f.write(h)
+    if _lead():  # several processes share the workdir: one cleans it, the others wait
+      if os.path.exists(d):
+        same = os.path.exists(partial) and open(partial).read() == h
+        if not same:  # another spec's leftovers: start clean
+          shutil.rmtree(d)
+      os.makedirs(d, exist_ok=True)
+      with open(partial, "w") as f:
+        f.write(h)
+    _sync(f"pipeline step {name} {h}")
     logging.info("pipeline: running %s (spec %s)", name, h)
     print(f"[pipeline] {name} ...", flush=True)
     t0 = time.time()
@@ -113,6 +127,8 @@ class Runner:
     return outputs, h
 
   def _save(self):
+    if not _lead():
+      return
     with open(self.path + ".tmp", "w") as f:
       json.dump(self.state, f, indent=1)
     os.replace(self.path + ".tmp", self.path)

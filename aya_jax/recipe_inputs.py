@@ -33,8 +33,6 @@ absolute paths, so that a changed path re-runs only the steps that read it
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import types
 
@@ -42,11 +40,6 @@ from aya_jax import checkpoint, world
 from aya_jax.data import formatting
 
 FIELD = "config.inputs"
-
-
-def spec_hash(obj) -> str:
-  """The pipeline's spec hash (recipe.Runner keys finished steps by it)."""
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _need(field: str, value):
@@ -143,11 +136,11 @@ def resolve(config) -> dict:
   eval_prompts = _exists("eval_prompts", c.eval_prompts)
   model = config.model.to_dict() if "model" in config else None  # dtype, remat
   hashes = dict(
-      pool=spec_hash([teachers, tokenizers, weak, c.translator, tok]),
-      prompts=spec_hash([prompts, langs]),
-      rm=spec_hash([rm, rm_tok]),
-      base=spec_hash([base, tok, model]),
-      eval=spec_hash([eval_prompts, judge, judge_tok, langs]))
+      pool=world.spec_hash([teachers, tokenizers, weak, c.translator, tok]),
+      prompts=world.spec_hash([prompts, langs]),
+      rm=world.spec_hash([rm, rm_tok]),
+      base=world.spec_hash([base, tok, model]),
+      eval=world.spec_hash([eval_prompts, judge, judge_tok, langs]))
   return dict(tokenizer=tok, base=base, teachers=teachers, teacher_tokenizers=tokenizers,
               weak=weak, translator=c.translator, families={k: list(v) for k, v in fams.items()},
               languages=list(langs), prompts=prompts, eval_prompts=eval_prompts,

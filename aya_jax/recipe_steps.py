@@ -278,15 +278,7 @@ def run_online(c, d, w, init, rm, arb, fams, langs, algorithm):
 
 def _eval_prompts(path: str, langs) -> list:
   """The prompts of `path` in `langs`, read strictly (errors name file and line)."""
-  known = set(langs)
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        lang = json.loads(line).get("language")
-      except (ValueError, AttributeError):
-        continue  # read_prompts reports it
-      known.add(lang if isinstance(lang, str) else "")
-  prompts = [p for p in evaluation.read_prompts(path, sorted(known)) if p.language in langs]
+  prompts = evaluation.read_prompts(path, only=langs)
   missing = sorted(set(langs) - {p.language for p in prompts})
   if missing:
     raise ValueError(f"config.inputs.eval_prompts={path!r}: no prompts in {missing}")

@@ -146,8 +146,10 @@ def build_tokenizer(out_dir: str, languages, vocab_size: int = 0, seed: int = 0)
   return formatting.train_tokenizer(texts, out_dir, vocab_size=vocab_size, seed=seed)
 
 
-def _hash(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+def spec_hash(obj) -> str:
+  """A short hash of a JSON-able spec: the world's caches and the pipeline's finished steps
+  (recipe.Runner) are keyed by it."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _read_json(path: str):
@@ -263,7 +265,7 @@ def bootstrap(workdir: str, config=None) -> dict:
                                  config.teacher)
   models["weak"] = (os.path.join(workdir, "weak"), tuple(config.weak_languages), config.weak)
   for name, (directory, fam, tcfg) in models.items():
-    spec = dict(base=_hash(base_spec), languages=fam, tasks=tasks, train=tcfg.to_dict(),
+    spec = dict(base=spec_hash(base_spec), languages=fam, tasks=tasks, train=tcfg.to_dict(),
                 data=config.data.to_dict(), seed=config.seed)
     if _cached(directory, spec):
       continue
@@ -279,9 +281,9 @@ def bootstrap(workdir: str, config=None) -> dict:
   if config.export_hf:
     paths["teachers_hf"] = {n: os.path.join(os.path.dirname(p), "hf")
                             for n, p in paths["teachers"].items()}
-  report_spec = dict(models={n: _hash(_read_json(os.path.join(d, SPEC)))
+  report_spec = dict(models={n: spec_hash(_read_json(os.path.join(d, SPEC)))
                              for n, (d, _, _) in models.items()},
-                     base=_hash(base_spec), report=config.report.to_dict())
+                     base=spec_hash(base_spec), report=config.report.to_dict())
   report_path = os.path.join(workdir, "world_report.json")
   report = None
   if os.path.exists(report_path):

@@ -164,6 +164,14 @@ def test_prompt_file_layouts_and_errors(tmp_path):
   with pytest.raises(records.RecordError, match="language 'de'"):  # restricted languages
     evaluation.read_prompts(_write(tmp_path / "de.jsonl", [dict(good, language="de")]),
                             languages=("en",))
+  # only=: any language parses, the others are dropped, every line is still checked
+  xx = {"id": "x1", "language": "xx", "prompt": "hi"}
+  mixed = _write(tmp_path / "mixed.jsonl", [good, xx, arena])
+  assert [p.id for p in evaluation.read_prompts(mixed, only=("en", "fr"))] == [good["id"], "17"]
+  assert [p.id for p in evaluation.read_prompts(mixed, only=("xx",))] == ["x1"]
+  with pytest.raises(records.RecordError, match="bad.jsonl:2:.*field 'id'"):
+    evaluation.read_prompts(_write(tmp_path / "bad.jsonl", [xx, {"language": "xx", "prompt": "a"}]),
+                            only=("en",))
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,22 @@ def test_runner_skips_a_finished_step_and_reruns_a_changed_one(tmp_path):
   assert r2.step("a", {"k": 2}, fn)[0] == {"x": 2} and r2.ran == ["a"]
 
 
+def test_runner_on_other_processes_runs_steps_but_leaves_the_workdir_to_process_0(
+    tmp_path, monkeypatch):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "leftover").write_text("another spec's")
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  r = recipe.Runner(str(tmp_path))
+  assert r.step("a", {"k": 1}, lambda d: {"dir": d})[0] == {"dir": str(tmp_path / "a")}
+  # process 0 cleans, marks and records; process 1 only runs the step (and keeps its state)
+  assert (tmp_path / "a" / "leftover").exists() and not (tmp_path / "a" / ".spec").exists()
+  assert not (tmp_path / recipe.STATE).exists() and r.ran == ["a"]
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  r0 = recipe.Runner(str(tmp_path))
+  r0.step("a", {"k": 1}, lambda d: {"n": len(os.listdir(d))})
+  assert not (tmp_path / "a" / "leftover").exists() and (tmp_path / recipe.STATE).exists()
+
+
 # ------------------------------------------------------------- real inputs
 
 LANGS = ("en", "fr", "ru")
