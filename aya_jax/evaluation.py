@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aya_jax import checkpoint
+from aya_jax import teachers
 from aya_jax.data import formatting, records
 from aya_jax.data import synthetic
 from aya_jax.sampling import methods as methods_lib
@@ -133,35 +133,34 @@ class Model:
 
   def __init__(self, name: str, path=None, tokenizer=None, method=methods_lib.Greedy(),
                max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0,
-               model: Optional[tuple] = None):
+               model: Optional[tuple] = None, mesh=None, sharding_preset: str = "fsdp"):
     """path: params/ or HF dir; or `model=(cfg, params)` in memory.
-    tokenizer: a directory (default: `path` when it holds tokenizer files)."""
+    tokenizer: a directory (default: `path` when it holds tokenizer files).
+    mesh: params sharded over it (`sharding_preset` rules) and sampled on it; None: one device.
+    Loaded as a teacher is (the same checks: tokenizer vs vocabulary, stop ids)."""
     self.name, self.path = name, path
     self.method, self.max_new_tokens = method, max_new_tokens
     self.batch_size, self.seed = batch_size, seed
-    tok_dir = tokenizer or path
-    if tok_dir is None:
+    self.mesh, self.sharding_preset = mesh, sharding_preset
+    if tokenizer is None and path is None:
       raise ValueError(f"model {name}: no tokenizer directory")
-    self.tokenizer = formatting.load_tokenizer(os.fspath(tok_dir))
-    self.cfg, self.params = model if model is not None else checkpoint.load_model(
-        os.fspath(path))
-    if len(self.tokenizer) > self.cfg.vocab_size:
-      raise ValueError(f"model {name}: tokenizer {tok_dir} has {len(self.tokenizer)} tokens, "
-                       f"the model {self.cfg.vocab_size}")
-    self.params = jax.tree.map(jnp.asarray, self.params)
-    self.stop = tuple(dict.fromkeys(formatting.end_of_turn_ids(self.tokenizer) +
-                                    tuple(self.cfg.eos_ids)))
+    loaded = teachers.load_teacher(
+        teachers.Teacher(name, model if model is not None else os.fspath(path),
+                         tokenizer=os.fspath(tokenizer) if tokenizer is not None else None),
+        mesh, sharding_preset)
+    self.tokenizer, self.cfg, self.params = loaded.tokenizer, loaded.cfg, loaded.params
+    self.stop, self.pad = loaded.stop_ids, loaded.pad_id
 
   def answer(self, prompts: Sequence[Prompt]) -> list[str]:
     toks = [formatting.tokenize_prompt(self.tokenizer, p.messages) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(toks[i]))
     out = [""] * len(prompts)
-    pad = self.tokenizer.pad_token_id or 0
     for s in range(0, len(order), self.batch_size):
       idx = order[s:s + self.batch_size]
       res = sampler.generate(self.cfg, self.params, [toks[i] for i in idx],
                              prompt_keys(self.seed, [prompts[i].id for i in idx]),
-                             self.method, self.max_new_tokens, self.stop, 1, pad)
+                             self.method, self.max_new_tokens, self.stop, 1, self.pad,
+                             self.mesh, self.sharding_preset)
       for i, text in zip(idx, res.texts(self.tokenizer, self.stop)):
         out[i] = text.strip()
     return out

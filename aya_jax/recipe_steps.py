@@ -81,12 +81,17 @@ def _mesh(w, c):
   return sharding.make_mesh(tuple(c.mesh_shape)) if real(w) and jax.device_count() > 1 else None
 
 
+def _rules(c) -> str:
+  """The sharding rules preset of the run's mesh."""
+  return (c.get("mesh_rules") if c is not None else None) or "fsdp"
+
+
 def scorer(w, c, rm: dict, judge: bool = False):
   """The arbiter (or, `judge`, the eval judge) as a RewardModelScorer."""
   path, tok = (w["judge"], w["judge_tokenizer"]) if judge else (
       rm["params"], rm.get("tokenizer") or w["tokenizer"])
   return reward.RewardModelScorer.load(path, tok, mesh=_mesh(w, c),
-                                       rules=c.get("mesh_rules") or "fsdp")
+                                       rules=_rules(c))
 
 
 # ------------------------------------------------------------------- steps
@@ -145,7 +150,7 @@ def pool(w, b, seed: int, c=None):
                                     1, b.max_new_tokens))
   mesh = _mesh(w, c) if c is not None else None
   return teachers.TeacherPool(members, batch_size=b.batch_size, seed=seed, mesh=mesh,
-                              sharding_preset=(c.get("mesh_rules") if c else None) or "fsdp")
+                              sharding_preset=_rules(c))
 
 
 def _prompt_file(c, d, w) -> str:
@@ -297,8 +302,10 @@ def run_eval(c, d, w, models: dict, langs, rm=None):
                                        c.seed)
     judge, judge_name = synthetic.Verifier(), "verifier"
   evaluation.write_prompts(os.path.join(d, "prompts.jsonl"), prompts)
+  mesh = _mesh(w, c)  # real inputs on several devices: the run's mesh
   ms = {name: evaluation.Model(name, path, tok, max_new_tokens=b.max_new_tokens,
-                               batch_size=b.batch_size, seed=c.seed)
+                               batch_size=b.batch_size, seed=c.seed, mesh=mesh,
+                               sharding_preset=_rules(c))
         for name, path in models.items()}
   answers, results = {}, {}
   base = ms["sft_single"]

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, config_files, evaluation, world
+from aya_jax import checkpoint, config_files, evaluation, sharding, world
 from aya_jax.data import formatting, records, synthetic
 from aya_jax.models import config as model_config
 from aya_jax.models import hf, init_params
@@ -201,6 +201,15 @@ def test_model_same_seed_same_answers(tiny_models):
   assert ans["a"] == ans["a_again"] and len(set(ans["a"])) > 1
   r = evaluation.compare(m, again, ps, answers=ans)
   assert r["per_language"]["all"]["win_rate"] == 0.5
+  # sharded over the 8 fake devices (how the pipeline evaluates 8B models): the same answers
+  mesh = sharding.make_mesh((2, 4, 1))
+  sharded = evaluation.Model("a_mesh", tiny_models["a"], tiny_models["tok"],
+                             method=methods.Sampling(temperature=1.0), max_new_tokens=8,
+                             mesh=mesh)
+  leaves = jax.tree.leaves(sharded.params)
+  assert all(len(x.sharding.device_set) == 8 for x in leaves)
+  assert any(not x.sharding.is_fully_replicated for x in leaves)
+  assert sharded.answer(ps) == ans["a"]
 
 
 def _eval_config():

@@ -44,7 +44,7 @@ import numpy as np
 
 from aya_jax.data import lexicon
 from aya_jax.data.lexicon import (COLOUR_KEYS, DAY_KEYS, LANGUAGES, LEXICON,
-                                  NOUN_KEYS, TEMPLATES)
+                                  NOUN_KEYS, SCRIPTS, TEMPLATES)  # noqa: F401 (SCRIPTS: re-exported)
 from aya_jax.data.records import SFTRecord
 
 # Language families for per-family SFT; each includes English.
