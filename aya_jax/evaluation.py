@@ -20,7 +20,9 @@ and the prompt id only). A judge compares the two answers of each prompt:
 
 Per language: win rate (mean outcome), a 95% percentile bootstrap interval
 over prompts (`bootstrap_ci`, fixed resampling seed), wins / ties / losses,
-and each model's mean verifier score when the prompts are the world's.
+and each model's mean verifier score when the prompts are the world's;
+`per_prompt` keeps the outcome (and A's verifier score) of every prompt, so
+two models compared with the same B can be compared with each other, paired.
 
 Prompts: any local JSONL with a `language` on every line (the m-ArenaHard
 layout): `id` or `question_id`, and the conversation as `messages`, a
@@ -271,6 +273,9 @@ def compare(model_a, model_b, prompts: Sequence[Prompt], judge=None, n_boot: int
     if va is not None:
       row.update(verifier_a=float(va[mask].mean()), verifier_b=float(vb[mask].mean()))
     result["per_language"][lang] = row
+  # per prompt, for paired comparisons of two stages (the pipeline report)
+  result["per_prompt"] = dict(outcome=out.tolist(),
+                              verifier_a=None if va is None else va.tolist())
   return result
 
 

@@ -56,6 +56,7 @@ from absl import logging
 
 from aya_jax import recipe_inputs, world
 from aya_jax import recipe_steps as steps
+from aya_jax.data import records
 
 STATE = "pipeline_state.json"
 
@@ -129,9 +130,7 @@ class Runner:
   def _save(self):
     if not _lead():
       return
-    with open(self.path + ".tmp", "w") as f:
-      json.dump(self.state, f, indent=1)
-    os.replace(self.path + ".tmp", self.path)
+    records.write_json(self.path, self.state, indent=1)
 
 
 def run(config, workdir: str) -> dict:

@@ -12,12 +12,17 @@ import os
 
 import numpy as np
 
+from aya_jax import evaluation
+from aya_jax.data import records
+
 # The claims of issue 9, checked on the held-out test prompts: (claim, stage,
 # compared with, kind). 'better': strictly higher measure; 'match': within
 # MATCH_TOLERANCE or higher. The measure is the mean verifier score when every
 # stage has one (the world), else the win rate vs the baseline under the judge
 # (real inputs: a proxy, the two stages are not judged head to head).
-# Verdicts are computed, never assumed.
+# Verdicts are computed, never assumed. Each also gets the paired bootstrap
+# interval of the difference (same prompts, per-prompt measures): a difference
+# whose interval holds 0 is within the noise, and the report says so.
 CLAIMS = (
     ("arbitrage SFT beats single-teacher SFT", "sft_mixed", "sft_single", "better"),
     ("merged family models at least match mixed-data SFT", "sft_merged", "sft_mixed", "match"),
@@ -52,16 +57,35 @@ def write(workdir: str, ev: dict, meta: dict) -> dict:
     va, vb = rows[a]["all"][measure], rows[b]["all"][measure]
     holds = va > vb if kind == "better" else va >= vb - MATCH_TOLERANCE
     verdicts.append(dict(claim=text, a=a, b=b, measure=measure, value_a=va, value_b=vb,
-                         holds=bool(holds)))
+                         holds=bool(holds), **_paired(workdir, a, b, measure, ev)))
   judge = ev.get("judge") or "verifier"
   rep = dict(baseline=ev["baseline"], n_prompts=ev["n_prompts"], judge=judge, languages=langs,
              stages=stages, rows=rows, verdict_measure=measure, verdicts=verdicts, **meta)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(rep, f, indent=1, ensure_ascii=False)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(markdown(rep))
+  records.write_json(os.path.join(workdir, "report.json"), rep, indent=1)
+  records.write_text(os.path.join(workdir, "report.md"), markdown(rep))
   plot(rep, os.path.join(workdir, "report.png"))
   return rep
+
+
+def _paired(workdir: str, a: str, b: str, measure: str, ev: dict) -> dict:
+  """Mean per-prompt difference a - b and its 95% paired bootstrap interval.
+
+  verifier: the verifier scores of both stages' answers; win_rate: their
+  outcomes against the same baseline (ev["per_prompt"]: a JSON file under the
+  workdir, stage -> values). {} when they are missing (an eval step from before they were
+  recorded)."""
+  path = ev.get("per_prompt") and os.path.join(workdir, ev["per_prompt"])
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    per_prompt = json.load(f)
+  key = "verifier_a" if measure == "verifier" else "outcome"
+  xa, xb = ((per_prompt.get(s) or {}).get(key) for s in (a, b))
+  if xa is None or xb is None or len(xa) != len(xb) or not xa:
+    return {}
+  d = np.asarray(xa, np.float64) - np.asarray(xb, np.float64)
+  lo, hi = evaluation.bootstrap_ci(d, ev.get("n_boot", 1000), ev.get("seed", 0))
+  return dict(diff=float(d.mean()), diff_ci=[lo, hi], beyond_noise=bool(lo > 0 or hi < 0))
 
 
 def table(rep: dict) -> str:
@@ -89,8 +113,13 @@ def markdown(rep: dict) -> str:
   out += ["", f"## Does each stage help? ({what}, all languages)", ""]
   for v in rep["verdicts"]:
     word = "yes" if v["holds"] else "NO"
-    out.append(f"- {v['claim']}: **{word}** ({v['a']} {v['value_a']:.3f} vs "
-               f"{v['b']} {v['value_b']:.3f})")
+    line = (f"- {v['claim']}: **{word}** ({v['a']} {v['value_a']:.3f} vs "
+            f"{v['b']} {v['value_b']:.3f}")
+    if "diff" in v:
+      lo, hi = v["diff_ci"]
+      line += (f"; difference {v['diff']:+.3f}, paired 95% interval [{lo:+.3f}, {hi:+.3f}]: "
+               + ("larger than the noise" if v["beyond_noise"] else "within the noise"))
+    out.append(line + ")")
   secs = rep.get("step_seconds") or {}
   out += ["", f"seed {rep.get('seed')}, wall time {rep.get('wall_seconds', 0):.0f} s "
           f"(steps run now: {', '.join(rep.get('ran') or []) or 'none'})", "",

@@ -312,6 +312,9 @@ def run_eval(c, d, w, models: dict, langs, rm=None):
   for name, m in ms.items():
     results[name] = evaluation.compare(m, base, prompts, judge, b.n_boot, c.seed,
                                        answers=answers)
-  with open(os.path.join(d, "answers.json"), "w") as f:
-    json.dump(answers, f, ensure_ascii=False)
-  return dict(results=results, baseline="sft_single", n_prompts=len(prompts), judge=judge_name)
+  records.write_json(os.path.join(d, "answers.json"), answers)
+  records.write_json(os.path.join(d, "per_prompt.json"),  # for the report's paired intervals
+                     {name: r.pop("per_prompt") for name, r in results.items()})
+  return dict(results=results, baseline="sft_single", n_prompts=len(prompts), judge=judge_name,
+              n_boot=b.n_boot, seed=c.seed,  # relative to the workdir: it may move
+              per_prompt=os.path.join(os.path.basename(os.path.normpath(d)), "per_prompt.json"))

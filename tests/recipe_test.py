@@ -61,6 +61,9 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
       assert 0.0 <= row["verifier"] <= 1.0
   assert saved["rows"]["sft_single"]["all"]["win_rate"] == 0.5  # the baseline against itself
   assert len(saved["verdicts"]) == 5 and saved["verdict_measure"] == "verifier"
+  for v in saved["verdicts"]:  # each with its paired interval, around the difference
+    assert v["diff_ci"][0] <= v["diff"] <= v["diff_ci"][1]
+    assert v["diff"] == pytest.approx(v["value_a"] - v["value_b"])
   md = open(os.path.join(work, "report.md")).read()
   assert "| sft_merged |" in md and "Does each stage help?" in md
   for d in ("sft_single", "sft_merged", "dpo_merged", "reward_model"):
@@ -89,7 +92,26 @@ def test_report_verdicts_are_computed_from_the_scores(tmp_path):
       "sft_single": _result(0.30, 0.5), "sft_mixed": _result(0.40, 0.6),
       "sft_merged": _result(0.395, 0.55), "dpo_merged": _result(0.39, 0.5),
       "online_1": _result(0.45, 0.7), "rloo": _result(0.50, 0.72)})
+  # per-prompt verifier scores with the same means: mixed - single is +0.1 on every prompt
+  # (interval [0.1, 0.1], beyond the noise); merged - mixed is +0.195 / -0.205 alternately
+  # (mean -0.005, an interval around 0: within the noise)
+  per_prompt = {s: dict(verifier_a=[r["per_language"]["all"]["verifier_a"]] * 4, outcome=[0.5] * 4)
+                for s, r in ev["results"].items()}
+  per_prompt["sft_merged"]["verifier_a"] = [0.595, 0.195, 0.595, 0.195]
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "per_prompt.json").write_text(json.dumps(per_prompt))
+  ev["per_prompt"] = "eval/per_prompt.json"
   rep = recipe_report.write(str(tmp_path), ev, dict(seed=0, wall_seconds=1.0))
+  paired = {v["a"]: v for v in rep["verdicts"]}
+  assert paired["sft_mixed"]["diff"] == pytest.approx(0.1)
+  assert paired["sft_mixed"]["diff_ci"] == pytest.approx([0.1, 0.1])
+  assert paired["sft_mixed"]["beyond_noise"] is True
+  lo, hi = paired["sft_merged"]["diff_ci"]
+  assert paired["sft_merged"]["diff"] == pytest.approx(-0.005) and lo < 0 < hi
+  assert paired["sft_merged"]["beyond_noise"] is False
+  md = open(tmp_path / "report.md").read()
+  assert "difference +0.100, paired 95% interval [+0.100, +0.100]: larger than the noise" in md
+  assert "difference -0.005" in md and "within the noise" in md
   got = {v["claim"]: v["holds"] for v in rep["verdicts"]}
   assert got == {
       "arbitrage SFT beats single-teacher SFT": True,             # 0.40 > 0.30

@@ -61,6 +61,22 @@ def test_round_trip_each_kind(tmp_path, kind, obj, cls):
   assert not [f for f in os.listdir(out.parent) if f.endswith(".tmp")]
 
 
+def test_an_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+  path = tmp_path / "state.json"
+  R.write_json(path, {"step": 1})
+  def killed(fd):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(os, "fsync", killed)
+  with pytest.raises(KeyboardInterrupt):
+    R.write_json(path, {"step": 2, "big": "x" * 100_000})
+  assert json.loads(path.read_text()) == {"step": 1}
+  assert os.listdir(tmp_path) == ["state.json"]  # no temporary left behind
+  monkeypatch.undo()
+  R.write_json(path, {"é": 2}, indent=1)
+  assert json.loads(path.read_text(encoding="utf-8")) == {"é": 2}
+  assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+
 def test_messages_are_chat_template_dicts():
   r = R.SFTRecord.from_dict(SFT)
   assert r.messages[1] == {"role": "user", "content": U["content"]}

@@ -353,13 +353,23 @@ def write_jsonl(path: PathLike, records: Iterable[Record],
                     f"{sorted(k.KIND for k in kinds)}; one kind per file")
   if not lines:  # readers reject empty files: fail here, at the source
     raise ValueError(f"{path}: no records to write")
+  write_text(path, "".join(line + "\n" for line in lines))
+  return len(lines)
+
+
+def write_text(path: PathLike, text: str):
+  """Writes `text` to a temporary file in the same directory, then renames it
+  over `path`: readers (another host on a shared filesystem, a resumed run)
+  see the old file or the new one, never half of one."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp",
                              prefix=f".{os.path.basename(path)}.")
   try:
     os.chmod(tmp, 0o644)  # mkstemp makes 0600
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for line in lines:
-        f.write(line + "\n")
+      f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -367,7 +377,11 @@ def write_jsonl(path: PathLike, records: Iterable[Record],
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  return len(lines)
+
+
+def write_json(path: PathLike, obj, **dump_kwargs):
+  """json.dumps(obj) written atomically (`write_text`)."""
+  write_text(path, json.dumps(obj, ensure_ascii=False, **dump_kwargs))
 
 
 def read_parsed(path: PathLike, parse, what: str = "records") -> list:
