@@ -49,6 +49,7 @@ def write(workdir: str, ev: dict, meta: dict) -> dict:
   alias = dict(online_last=online[-1] if online else None)
   measure = ("verifier" if all(rows[s]["all"]["verifier"] is not None for s in stages)
              else "win_rate")
+  per_prompt = _per_prompt(workdir, ev)
   verdicts = []
   for text, a, b, kind in CLAIMS:
     a, b = alias.get(a, a), alias.get(b, b)
@@ -57,7 +58,7 @@ def write(workdir: str, ev: dict, meta: dict) -> dict:
     va, vb = rows[a]["all"][measure], rows[b]["all"][measure]
     holds = va > vb if kind == "better" else va >= vb - MATCH_TOLERANCE
     verdicts.append(dict(claim=text, a=a, b=b, measure=measure, value_a=va, value_b=vb,
-                         holds=bool(holds), **_paired(workdir, a, b, measure, ev)))
+                         holds=bool(holds), **_paired(per_prompt, a, b, measure, ev)))
   judge = ev.get("judge") or "verifier"
   rep = dict(baseline=ev["baseline"], n_prompts=ev["n_prompts"], judge=judge, languages=langs,
              stages=stages, rows=rows, verdict_measure=measure, verdicts=verdicts, **meta)
@@ -67,18 +68,20 @@ def write(workdir: str, ev: dict, meta: dict) -> dict:
   return rep
 
 
-def _paired(workdir: str, a: str, b: str, measure: str, ev: dict) -> dict:
-  """Mean per-prompt difference a - b and its 95% paired bootstrap interval.
-
-  verifier: the verifier scores of both stages' answers; win_rate: their
-  outcomes against the same baseline (ev["per_prompt"]: a JSON file under the
-  workdir, stage -> values). {} when they are missing (an eval step from before they were
-  recorded)."""
+def _per_prompt(workdir: str, ev: dict) -> dict:
+  """stage -> per-prompt values (ev["per_prompt"]: a JSON file under the
+  workdir); {} for an eval step from before they were recorded."""
   path = ev.get("per_prompt") and os.path.join(workdir, ev["per_prompt"])
   if not path or not os.path.exists(path):
     return {}
   with open(path) as f:
-    per_prompt = json.load(f)
+    return json.load(f)
+
+
+def _paired(per_prompt: dict, a: str, b: str, measure: str, ev: dict) -> dict:
+  """Mean per-prompt difference a - b and its 95% paired bootstrap interval
+  (verifier: the verifier scores of both stages' answers; win_rate: their
+  outcomes against the same baseline); {} without per-prompt values."""
   key = "verifier_a" if measure == "verifier" else "outcome"
   xa, xb = ((per_prompt.get(s) or {}).get(key) for s in (a, b))
   if xa is None or xb is None or len(xa) != len(xb) or not xa:

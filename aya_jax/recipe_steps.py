@@ -316,5 +316,6 @@ def run_eval(c, d, w, models: dict, langs, rm=None):
   records.write_json(os.path.join(d, "per_prompt.json"),  # for the report's paired intervals
                      {name: r.pop("per_prompt") for name, r in results.items()})
   return dict(results=results, baseline="sft_single", n_prompts=len(prompts), judge=judge_name,
-              n_boot=b.n_boot, seed=c.seed,  # relative to the workdir: it may move
-              per_prompt=os.path.join(os.path.basename(os.path.normpath(d)), "per_prompt.json"))
+              n_boot=b.n_boot, seed=c.seed,
+              per_prompt=os.path.join(  # relative to the workdir: it may move
+                  os.path.basename(os.path.normpath(d)), "per_prompt.json"))

@@ -329,9 +329,8 @@ def write_jsonl(path: PathLike, records: Iterable[Record],
   against lines already in the file are caught when it is read.
   """
   path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   if append:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     n = 0
     with open(path, "a", encoding="utf-8") as f:
       for record in records:
