@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Callable, Optional, Sequence
 
@@ -64,15 +63,20 @@ PromptRecord = teachers_lib.PromptRecord
 
 def read_prompts(src) -> tuple[list, list]:
   """(valid PromptRecords, problems) from a JSONL path or dicts; an invalid
-  line is a problem naming its line, id and reason, and is not answered."""
+  line (not UTF-8, not JSON, not a prompt) is a problem naming its line, id
+  and reason, and is not answered. A file whose last line is cut off (no
+  newline, not JSON: a half-written file) is not trusted: RecordError."""
   if isinstance(src, (str, os.PathLike)):
-    with open(src, encoding="utf-8") as f:
+    with open(src, "rb") as f:
       lines = [(i, l) for i, l in enumerate(f, 1) if l.strip()]
     items = []
     for i, line in lines:
       try:
-        items.append((i, json.loads(line)))
-      except json.JSONDecodeError as e:
+        items.append((i, records_lib.json_line(line)))
+      except records_lib.RecordError as e:
+        if (i, line) == lines[-1] and not line.endswith(b"\n"):
+          raise records_lib.RecordError(f"the last line is cut off ({e.detail}): a half-written "
+                                        "file? Write it again", path=src, line=i) from None
         items.append((i, e))
   else:
     items = list(enumerate(src, 1))
@@ -80,8 +84,8 @@ def read_prompts(src) -> tuple[list, list]:
   for line, obj in items:
     rid = obj.get("id") if isinstance(obj, dict) else None
     try:
-      if isinstance(obj, Exception):
-        raise records_lib.RecordError(f"malformed JSON: {obj}")
+      if isinstance(obj, records_lib.RecordError):
+        raise obj
       rec = obj if isinstance(obj, PromptRecord) else PromptRecord.from_dict(obj)
       if rec.id in seen:
         raise records_lib.RecordError(f"duplicate id {rec.id!r}", field="id")
@@ -321,17 +325,16 @@ def make_scorer(config):
 
 
 def _prompts_source(config, workdir):
+  """config.prompts, or the synthetic prompts written (again, atomically: an
+  existing file is never trusted) to workdir/prompts.jsonl."""
   if config.prompts:
     return config.prompts
   from aya_jax.data import synthetic
   path = os.path.join(workdir, "prompts.jsonl")
-  if not os.path.exists(path):
-    langs = tuple(config.synthetic.languages) or synthetic.LANGUAGES
-    recs = synthetic.make_split("train", config.synthetic.n_per_language, config.seed, langs)
-    with open(path, "w", encoding="utf-8") as f:
-      for r in recs:
-        f.write(json.dumps(dict(id=r.id, language=r.language,
-                                messages=list(r.messages[:-1])), ensure_ascii=False) + "\n")
+  langs = tuple(config.synthetic.languages) or synthetic.LANGUAGES
+  recs = synthetic.make_split("train", config.synthetic.n_per_language, config.seed, langs)
+  records_lib.write_jsonl(path, [PromptRecord(r.id, r.language, tuple(r.messages[:-1]))
+                                 for r in recs])
   return path
 
 
@@ -377,6 +380,8 @@ def run(config, workdir: str, pool=None, scorer=None) -> dict:
   for name, recs in (("sft.jsonl", sft), ("pairs_offline.jsonl", pairs)):
     if recs:
       records_lib.write_jsonl(os.path.join(workdir, name), recs)
+    elif os.path.exists(os.path.join(workdir, name)):  # an earlier run's: not this one's
+      os.remove(os.path.join(workdir, name))
   asked = sum(n[routes[p.id]] if routes else sum(n.values()) for p in routed)
   compute = dict(generations=asked, generations_all_teachers=len(prompts) * sum(n.values()),
                  generation=gen)
@@ -392,10 +397,8 @@ def run(config, workdir: str, pool=None, scorer=None) -> dict:
                                        config.seed, reuse=(comp,))
   report = routing.build_report(prompts, scored, decisions, pairs, skipped, names, mode,
                                 problems, router_eval, compute, contrast)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(routing.markdown(report))
+  records_lib.write_json(os.path.join(workdir, "report.json"), report, indent=1)
+  records_lib.write_text(os.path.join(workdir, "report.md"), routing.markdown(report))
   logging.info("arbitrage: %d sft, %d pairs, %s contrast pairs, %d problems -> %s", len(sft),
                len(pairs), contrast["n_pairs"] if contrast else "no", len(problems), workdir)
   return report

@@ -9,6 +9,12 @@ Layout (DESIGN.md "Checkpoints"):
 `params/` is the unit that teachers, merging and evaluation consume;
 `load_model(path)` reads it or a Hugging Face directory alike, `open_reader(path)` one
 tensor (layer, block) at a time, and `ParamsWriter` writes one that way.
+
+Damaged or mismatched inputs fail as one ValueError naming the directory (Orbax's and
+tensorstore's error kept as the cause): a params/ dir with a missing or truncated array file
+(a missing chunk never reads as zeros), a train-state checkpoint of another model (paths
+or shapes differ from the run's), a reward model given where a language model is loaded
+(`load_model(..., language_model=True)`). HF directories are checked in models/hf.py.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from aya_jax.data import atomic
 from aya_jax.models.config import ModelConfig
 
 MODEL_CONFIG = "model_config.json"
@@ -58,13 +66,60 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target_state)), data=ocp.args.JsonRestore()))
+    where = os.path.join(self.directory, str(step))
+    _check_same_model(where, os.path.join(where, "state"), target_state)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(target_state)), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise _unreadable(where, "checkpoint", e) from e
     logging.info("restored checkpoint %s/%d", self.directory, step)
     return restored.state, restored.data
 
   def close(self):
     self.manager.close()
+
+
+def _unreadable(path, what, error) -> ValueError:
+  """One clear error for a checkpoint (params/) directory that Orbax or tensorstore cannot
+  read: the directory and the first line of the deepest cause (the rest stays in the
+  chained cause)."""
+  cause = error
+  while cause.__cause__ is not None:
+    cause = cause.__cause__
+  first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+  first = first if len(first) <= 300 else first[:300] + "..."
+  return ValueError(f"{what} {path} cannot be read (is a file of it missing, truncated or "
+                    f"corrupt?): {type(cause).__name__}: {first}")
+
+
+def _path_shapes(tree) -> dict:
+  """'a/0/b' -> shape of every array leaf (attribute, key and index paths alike)."""
+  def key(k):
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  return {"/".join(key(k) for k in kp): tuple(x.shape)
+          for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+
+
+def _check_same_model(where, state_dir, target):
+  """Refuses a checkpoint whose arrays (paths, shapes) are not those of `target`."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    have = _path_shapes(handler.metadata(epath.Path(state_dir)))
+  except Exception as e:  # noqa: BLE001 -- Orbax raises many kinds; the cause is kept
+    raise _unreadable(where, "checkpoint", e) from e
+  finally:
+    handler.close()
+  want = _path_shapes(target)
+  diff = sorted((p for p in set(have) | set(want) if have.get(p) != want.get(p)),
+                key=lambda p: (not p.startswith("params/"), p))
+  if diff:
+    show = lambda s: "absent" if s is None else str(s)
+    raise ValueError(
+        f"{where} holds a checkpoint of a different model: {diff[0]} is "
+        f"{show(have.get(diff[0]))} there but {show(want.get(diff[0]))} in this run "
+        f"({len(diff)} array(s) differ). Train this model in a fresh workdir (or remove "
+        f"{os.path.dirname(where)} to start over).")
 
 
 PARAMS_CHUNK_BYTES = 32 << 20
@@ -95,8 +150,7 @@ def save_params(path: str, cfg: ModelConfig, params) -> str:
   checkpointer.save(arrays, params, save_args=_params_save_args(params), force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(path, MODEL_CONFIG), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=1)
+    atomic.write_json(os.path.join(path, MODEL_CONFIG), cfg.to_dict(), indent=1)
   return path
 
 
@@ -113,14 +167,20 @@ def load_params(path: str, shardings=None):
     cfg = ModelConfig.from_dict(json.load(f))
   checkpointer = ocp.StandardCheckpointer()
   arrays = os.path.join(os.path.abspath(path), "arrays")
-  meta = checkpointer.metadata(arrays)
+  try:
+    meta = checkpointer.metadata(arrays)
+  except Exception as e:  # noqa: BLE001 -- Orbax raises many kinds; the cause is kept
+    raise _unreadable(path, "params/ directory", e) from e
   tree = _as_dict(getattr(meta, "item_metadata", meta))
   if shardings is None:  # one device, whatever mesh saved it
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, tree)
   target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                         tree, shardings)
-  params = checkpointer.restore(arrays, target)
+  try:
+    params = checkpointer.restore(arrays, target)
+  except Exception as e:  # noqa: BLE001
+    raise _unreadable(path, "params/ directory", e) from e
   return cfg, _as_dict(params)
 
 
@@ -154,8 +214,13 @@ def peek_config(path: str) -> ModelConfig:
   return hf_config.read_config(path)
 
 
-def load_model(path: str, shardings=None):
-  """(ModelConfig, params) from an aya_jax params/ dir or a Hugging Face dir."""
+def load_model(path: str, shardings=None, language_model: bool = False):
+  """(ModelConfig, params) from an aya_jax params/ dir or a Hugging Face dir. With
+  `language_model`, a reward model (a value head, no LM head) is refused up front."""
+  if language_model and peek_config(path).value_head:
+    raise ValueError(f"the checkpoint at {path} is a reward model (a value head, no LM head): "
+                     "it cannot initialise a language model; give a language model "
+                     "(an SFT or base checkpoint)")
   if _kind(path) == "params":
     return load_params(path, shardings)
   from aya_jax.models import hf
@@ -199,22 +264,34 @@ class ParamsReader:
     with open(os.path.join(path, MODEL_CONFIG)) as f:
       self.cfg = ModelConfig.from_dict(json.load(f))
     self.arrays = os.path.join(os.path.abspath(path), "arrays")
-    with open(os.path.join(self.arrays, "_METADATA")) as f:
-      meta = json.load(f)
-    self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
-    self.leaves = {}
-    for entry in meta["tree_metadata"].values():
-      keys = [str(k["key"]) for k in entry["key_metadata"]]
-      self.leaves["/".join(keys)] = ".".join(keys)
+    try:
+      with open(os.path.join(self.arrays, "_METADATA")) as f:
+        meta = json.load(f)
+      self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
+      self.leaves = {}
+      for entry in meta["tree_metadata"].values():
+        keys = [str(k["key"]) for k in entry["key_metadata"]]
+        self.leaves["/".join(keys)] = ".".join(keys)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise _unreadable(path, "params/ directory", e) from e
     self.opened, self.cache = {}, (None, None)
 
   def _open(self, path):
     if path not in self.opened:
       import tensorstore as ts
-      spec = {"driver": "zarr3" if self.zarr3 else "zarr",
+      spec = {"driver": "zarr3" if self.zarr3 else "zarr", "fill_missing_data_reads": False,
               "kvstore": _kvstore(self.arrays, self.leaves[path], self.ocdbt)}
-      self.opened[path] = ts.open(spec, open=True, read=True).result()
+      try:
+        self.opened[path] = ts.open(spec, open=True, read=True).result()
+      except Exception as e:  # noqa: BLE001 -- tensorstore raises many kinds; cause kept
+        raise _unreadable(self.path, f"params {path} of", e) from e
     return self.opened[path]
+
+  def _get(self, path, array):
+    try:
+      return array.read().result()
+    except Exception as e:  # noqa: BLE001
+      raise _unreadable(self.path, f"params {path} of", e) from e
 
   def shape(self, path):
     return tuple(self._open(path).shape)
@@ -234,11 +311,11 @@ class ParamsReader:
     by_layer = layer is not None and chunk[0] == 1
     d = len(lead) + (span[0] if span else 0)
     if (layer is None or by_layer) and (span is None or chunk[d] < arr.shape[d]):
-      return arr[_index(layer, span)].read().result()
+      return self._get(path, arr[_index(layer, span)])
     unit = (path, layer if by_layer else None)
     if self.cache[0] != unit:
       self.cache = (None, None)
-      self.cache = (unit, (arr[lead] if by_layer else arr).read().result())
+      self.cache = (unit, self._get(path, arr[lead] if by_layer else arr))
     return self.cache[1][_index(None if by_layer else layer, span)]
 
 
@@ -282,5 +359,4 @@ class ParamsWriter:
   def close(self):
     while self.futures:
       self.futures.pop(0).result()
-    with open(os.path.join(self.out, MODEL_CONFIG), "w") as f:
-      json.dump(self.cfg.to_dict(), f, indent=1)
+    atomic.write_json(os.path.join(self.out, MODEL_CONFIG), self.cfg.to_dict(), indent=1)

@@ -11,11 +11,24 @@ import importlib.util
 import os
 
 
+def _exists(path: str) -> str:
+  """`path` when it is a file; FileNotFoundError naming it (as given and
+  absolute) otherwise."""
+  if not os.path.isfile(path):
+    where = "" if os.path.abspath(path) == path else f" (looked for {os.path.abspath(path)})"
+    raise FileNotFoundError(f"config file {path} does not exist{where}")
+  return path
+
+
+def check_file(spec: str) -> str:
+  """The file of `spec` (`file.py` or `file.py:arg`, as `--config=` takes);
+  FileNotFoundError naming it when there is no such file."""
+  return _exists(spec.rsplit(":", 1)[0] if ":" in os.path.basename(spec) else spec)
+
+
 def load_module(path: str):
   """The config file at `path` as a fresh module."""
-  path = os.path.abspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
+  path = os.path.abspath(_exists(path))
   name = "aya_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

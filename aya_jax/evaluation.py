@@ -104,11 +104,10 @@ def read_prompts(path, languages: Optional[Sequence[str]] = None,
 
 
 def write_prompts(path, prompts: Sequence[Prompt]):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    for p in prompts:
-      f.write(json.dumps(dict(id=p.id, language=p.language, messages=list(p.messages)),
-                         ensure_ascii=False) + "\n")
+  """The prompts as JSONL, written atomically (a later run reads them back)."""
+  records.write_text(path, "".join(
+      json.dumps(dict(id=p.id, language=p.language, messages=list(p.messages)),
+                 ensure_ascii=False) + "\n" for p in prompts))
 
 
 def world_prompts(split: str, n_per_language: int, languages: Sequence[str],
@@ -363,10 +362,8 @@ def run(config, workdir: str) -> list[dict]:
                      config.tie_margin, answers) for m in models if m is not b]
   report = dict(prompts=config.prompts or os.path.join(workdir, "prompts.jsonl"),
                 models=dict(parse_models(config.models)), comparisons=results)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(workdir, "eval.md"), "w") as f:
-    f.write(markdown(results))
+  records.write_json(os.path.join(workdir, "eval.json"), report, indent=1)
+  records.write_text(os.path.join(workdir, "eval.md"), markdown(results))
   for r in results:
     logging.info("eval %s vs %s: %s", r["a"], r["b"],
                  {k: round(v["win_rate"], 3) for k, v in r["per_language"].items()})

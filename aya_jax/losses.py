@@ -411,3 +411,24 @@ def reinforce_loss(seq_logps: Array, advantages: Array, weights: Array,
   a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
   w = jnp.asarray(weights, jnp.float32)
   return -jnp.sum(w * a * seq_logps.astype(jnp.float32)) / _nonzero(normalizer)
+
+
+def clipped_reinforce_loss(token_logps: Array, old_token_logps: Array, mask: Array,
+                           advantages: Array, weights: Array, clip_eps: float,
+                           normalizer) -> Array:
+  """REINFORCE with PPO's clipped per-token ratio, for a rollout that serves
+  several updates:
+
+    -sum_i w_i sum_t m_it min(r_it A_i, clip(r_it, 1 - eps, 1 + eps) A_i) / normalizer,
+    r_it = exp(log pi(y_it) - log pi_old(y_it)).
+
+  At pi = pi_old (r = 1) its gradient equals `reinforce_loss`'s on the summed
+  log-prob, A_i * grad sum_t log pi(y_it); a token whose ratio left the clip
+  range in the advantage's direction gets no gradient.
+  """
+  a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]
+  ratio = jnp.exp(token_logps.astype(jnp.float32) -
+                  jax.lax.stop_gradient(jnp.asarray(old_token_logps, jnp.float32)))
+  per_token = jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a)
+  per_seq = jnp.sum(per_token * jnp.asarray(mask, jnp.float32), -1)
+  return -jnp.sum(jnp.asarray(weights, jnp.float32) * per_seq) / _nonzero(normalizer)

@@ -18,6 +18,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from aya_jax import config_files
+
 # stage name -> module with run(config, workdir). Only stages that exist.
 STAGES = {
     "sft": "aya_jax.train.sft",
@@ -88,14 +90,23 @@ def main(argv):
   run_stage(config, _WORKDIR.value)
 
 
+def _config_arg(argv):
+  """The value of `--config=X` or `--config X` in argv; None without one."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _valid_keys_hint(argv) -> str:
   """For a failed `--config.a.b=` override: the fields that do exist."""
   import sys
-  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  config_path = _config_arg(argv)
   if config_path is None:
     return ""
   try:
-    from aya_jax import config_files
     config = config_files.get_config(config_path)
   except Exception:  # the config itself is broken: its own error says why
     return ""
@@ -119,6 +130,12 @@ def _valid_keys_hint(argv) -> str:
 
 
 def _parse_flags(argv):
+  spec = _config_arg(argv)
+  if spec:  # else absl loads it lazily and fails on first use with two tracebacks
+    try:
+      config_files.check_file(spec)
+    except FileNotFoundError as e:
+      raise SystemExit(f"error: --config={spec}: {e}") from None
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except

@@ -111,8 +111,15 @@ def resolve_parameters(method: str, parameters: Optional[Mapping], model_paramet
         value = resolve_setting(parameters.get(key), names, t)
       if value is None and default is None:
         raise ValueError(f"{method} needs parameter {key!r} for model {i} (tensor {names[0]})")
-      values.append(float(default if value is None else value))
+      value = default if value is None else value
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{method}: parameter {key!r} of model {i} is {value!r}, not a number "
+                         f"(tensor {names[0]})")
+      values.append(float(value))
     out[key] = values
+  if method == "linear" and out["normalize"] and abs(sum(out["weight"])) < 1e-8:
+    raise ValueError(f"linear weights {out['weight']} sum to 0 for tensor {names[-1]}; cannot "
+                     "normalize (set normalize: false, or other weights)")
   for d in out.get("density", ()):
     if not 0.0 <= d <= 1.0:
       raise ValueError(f"density {d} is outside [0, 1] for tensor {names[0]}")
@@ -120,6 +127,20 @@ def resolve_parameters(method: str, parameters: Optional[Mapping], model_paramet
     raise ValueError("model_stock filter_wise=True is not supported (its rows depend on the "
                      "HF layout); use filter_wise=False")
   return out
+
+
+def check_method(method: str, n_models: int, has_base: bool):
+  """The errors of a merge's shape (method, number of models, base), raised up front."""
+  if method not in METHODS:
+    raise ValueError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
+  if n_models == 0:
+    raise ValueError(f"{method}: no models to merge")
+  if METHODS[method][0] and not has_base:
+    raise ValueError(f"{method} needs a base model (mergekit base_model; config merge.base)")
+  if method == "slerp" and n_models != 1:
+    raise ValueError(f"slerp merges a base and one other model; got {n_models} others")
+  if method == "model_stock" and n_models < 2:
+    raise ValueError(f"model_stock needs a base and 2 or more other models; got {n_models}")
 
 
 def tensor_key(seed, path: str, layer: Optional[int] = None):
@@ -134,6 +155,13 @@ def hf_names(cfg) -> dict:
   """params path -> HF tensor name pattern ('{i}' = layer) for a ModelConfig."""
   from aya_jax.models import hf
   return {"/".join(leaf): name for leaf, name, *_ in hf.entries(cfg)}
+
+
+def hf_layouts(cfg) -> dict:
+  """params path -> (HF transform, per-layer shape) for a ModelConfig: where each element
+  sits in the flattened HF tensor (mergekit breaks ties of |d| ranks by that position)."""
+  from aya_jax.models import hf
+  return {"/".join(leaf): (transform, shape) for leaf, _, transform, shape, _ in hf.entries(cfg)}
 
 
 def tensor_parameters(method: str, parameters, model_parameters, n_models: int, path: str,
@@ -210,27 +238,53 @@ class MergeSpec:
       self.model_parameters = self.model_parameters[:i] + self.model_parameters[i + 1:]
 
 
-def spec_from_yaml(text_or_path: str) -> MergeSpec:
-  """A MergeSpec from mergekit YAML (merge_method, models, base_model, parameters, dtype)."""
+def _read_yaml(text_or_path: str):
+  """(parsed YAML, where: the file or '<merge YAML text>'). One line that is an existing
+  file, or that has no ':' or ends in .yml / .yaml, is a path: it must exist."""
   import yaml
-  text = text_or_path
-  if "\n" not in text and os.path.exists(text):
-    with open(text) as f:
-      text = f.read()
-  d = yaml.safe_load(text)
+  text, where = text_or_path, "<merge YAML text>"
+  if "\n" not in text and (os.path.isfile(text) or ":" not in text or
+                           text.rstrip().endswith((".yml", ".yaml"))):
+    if not os.path.isfile(text):
+      raise FileNotFoundError(f"merge YAML file {text!r} does not exist (config merge.yaml "
+                              "takes a path or the YAML text itself)")
+    with open(text, encoding="utf-8") as f:
+      text, where = f.read(), text
+  try:
+    d = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None))
+                    if x) or str(e)
+    raise ValueError(f"{at}: merge YAML is not valid YAML: {what}") from None
+  if not isinstance(d, Mapping) or "merge_method" not in d:
+    got = "a mapping without merge_method" if isinstance(d, Mapping) else type(d).__name__
+    raise ValueError(f"{where}: a merge YAML is a mapping with merge_method, models, ...; "
+                     f"got {got}")
+  return d, where
+
+
+def spec_from_yaml(text_or_path: str) -> MergeSpec:
+  """A MergeSpec from mergekit YAML (merge_method, models, base_model, parameters, dtype):
+  a file's path or the text; errors name the file (and line)."""
+  d, where = _read_yaml(text_or_path)
   unsupported = sorted(set(d) - {"merge_method", "models", "base_model", "parameters",
                                  "dtype", "out_dtype", "tokenizer_source", "include",
                                  "seed"})
   if unsupported:
-    raise ValueError(f"merge YAML: {unsupported} are not supported (slices, modules, "
+    raise ValueError(f"{where}: {unsupported} are not supported (slices, modules, "
                      "tokenizer merges); use models/base_model/parameters")
   models = [m["model"] if isinstance(m, Mapping) else m for m in d.get("models") or []]
   params = [dict((m.get("parameters") or {}) if isinstance(m, Mapping) else {})
             for m in d.get("models") or []]
-  return MergeSpec(method=d["merge_method"], models=models, model_parameters=params,
-                   base=d.get("base_model"), parameters=dict(d.get("parameters") or {}),
-                   dtype=d.get("out_dtype") or d.get("dtype"), include=d.get("include"),
-                   seed=int(d.get("seed", 0)))
+  try:
+    return MergeSpec(method=d["merge_method"], models=models, model_parameters=params,
+                     base=d.get("base_model"), parameters=dict(d.get("parameters") or {}),
+                     dtype=d.get("out_dtype") or d.get("dtype"), include=d.get("include"),
+                     seed=int(d.get("seed", 0)))
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
 
 
 def spec_from_config(c) -> MergeSpec:

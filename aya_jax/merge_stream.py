@@ -13,9 +13,10 @@ on the loaded trees. A merge is described by a mergekit-style YAML or configs/me
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional, Sequence
@@ -95,6 +96,7 @@ def merge_checkpoints(inputs: Sequence[str], method: str, params: Optional[Mappi
 
 def _merge_checkpoints(inputs, method, params, out, base, out_hf, *, model_params, include,
                        seed, dtype, max_shard_bytes):
+  merge_spec.check_method(method, len(inputs), bool(base))
   labels = list(([base] if base else []) + list(inputs))
   readers = [checkpoint.open_reader(p) for p in labels]
   _check_configs(readers, labels)
@@ -117,7 +119,7 @@ def _merge_checkpoints(inputs, method, params, out, base, out_hf, *, model_param
     if blocks[p]:
       chunks[p][blocks[p][0] + is_layer[p]] = blocks[p][1]
   order = [(p, i) for p in paths for i in (range(shapes[p][0]) if is_layer[p] else [None])]
-  hf_table = merge_spec.hf_names(cfg)
+  hf_table, layouts = merge_spec.hf_names(cfg), merge_spec.hf_layouts(cfg)
   units = []  # (path, layer, span, (names, parameters, key) or None when copied)
   for path, layer in order:
     merged = None
@@ -136,10 +138,50 @@ def _merge_checkpoints(inputs, method, params, out, base, out_hf, *, model_param
     path, layer, span, merged = unit
     return [r.read(path, layer, span) for r in (readers if merged else readers[:1])]
 
-  writer = checkpoint.ParamsWriter(
-      out, {p: (shapes[p], out_dtypes[p], chunks[p]) for p in paths}, cfg)
-  hf_writer = (hf.Writer(out_hf, cfg, order, out_dtypes, max_shard_bytes) if out_hf
-               else None)
+  # everything is checked: write beside the targets, then move them in (a failed merge
+  # leaves the previous out / out_hf as they were)
+  staged = {o: _staging_dir(o) for o in (out, out_hf) if o}
+  writer = hf_writer = None
+  try:
+    writer = checkpoint.ParamsWriter(
+        staged[out], {p: (shapes[p], out_dtypes[p], chunks[p]) for p in paths}, cfg)
+    hf_writer = (hf.Writer(staged[out_hf], cfg, order, out_dtypes, max_shard_bytes)
+                 if out_hf else None)
+    _write(units, fetch, writer, hf_writer, method, base, len(inputs), layouts, out_dtypes)
+  except BaseException:
+    for f in writer.futures if writer is not None else ():
+      try:  # wait for the writes in flight before removing their directory
+        f.result()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    for tmp in staged.values():
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  for target, tmp in staged.items():
+    _move_in(tmp, target)
+  return out
+
+
+def _staging_dir(target):
+  """A new empty directory beside `target` (same filesystem: a rename moves it in)."""
+  parent = os.path.dirname(os.path.abspath(target))
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.", suffix=".partial")
+
+
+def _move_in(tmp, target):
+  """Renames the finished directory tmp to target; a previous target goes only after."""
+  old = None
+  if os.path.lexists(target):
+    old = tmp[:-len(".partial")] + ".old"
+    os.rename(target, old)
+  os.rename(tmp, target)
+  if old is not None:
+    shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+
+
+def _write(units, fetch, writer, hf_writer, method, base, n, layouts, out_dtypes):
+  """Reads, merges and writes every unit, then closes the writers."""
 
   def emit(path, layer, span, value):
     writer.write(path, value, layer, span)
@@ -157,9 +199,10 @@ def _merge_checkpoints(inputs, method, params, out, base, out_hf, *, model_param
       if merged is None:
         value = merging.cast(np.asarray(arrays[0]), out_dtypes[path])
       else:
-        (names, p, key), n = merged, len(inputs)
+        names, p, key = merged
         value = merging.merge_tensor(method, arrays[-n:], arrays[0] if base else None, p,
-                                     key, name=names[-1], dtype=out_dtypes[path])
+                                     key, name=names[-1], dtype=out_dtypes[path],
+                                     layout=layouts.get(path))
       pending.append(writes.submit(emit, path, layer, span, value))
       while len(pending) > 2:
         pending.pop(0).result()
@@ -169,7 +212,6 @@ def _merge_checkpoints(inputs, method, params, out, base, out_hf, *, model_param
   writer.close()
   if hf_writer is not None:
     hf_writer.close()
-  return out
 
 
 def merge_from_spec(spec: merge_spec.MergeSpec, out: str, out_hf: Optional[str] = None) -> str:
@@ -179,8 +221,11 @@ def merge_from_spec(spec: merge_spec.MergeSpec, out: str, out_hf: Optional[str] 
 
 
 def run(config, workdir: str):
-  """Stage entry point (configs/merge.py): writes workdir/params (and workdir/hf)."""
+  """Stage entry point (configs/merge.py): writes workdir/params (and workdir/hf), then
+  workdir/merge_spec.json. Each output is replaced whole and only by a merge that
+  succeeded: a failing one leaves a previous merge and its spec as they were."""
   from absl import logging
+  from aya_jax.data import atomic
   spec = merge_spec.spec_from_config(config.merge)
   out = os.path.join(workdir, "params")
   out_hf = os.path.join(workdir, "hf") if config.merge.out_hf else None
@@ -188,6 +233,6 @@ def run(config, workdir: str):
   merge_from_spec(spec, out, out_hf)
   import jax
   if jax.process_index() == 0:  # one writer (merge_from_spec syncs the processes)
-    with open(os.path.join(workdir, "merge_spec.json"), "w") as f:
-      json.dump(dataclasses.asdict(spec), f, indent=1)
+    atomic.write_json(os.path.join(workdir, "merge_spec.json"), dataclasses.asdict(spec),
+                      indent=1)
   return out

@@ -5,16 +5,20 @@ Methods (mergekit 0.1.5 names and semantics; accumulation in fp32, fp64 for fp64
   linear            sum_i w_i x_i / sum_i w_i (normalize=True, the default) or sum_i w_i x_i
   task_arithmetic   b + lambda * sum_i w_i d_i (/ sum_i w_i if normalize), d_i = x_i - b
   ties              d_i -> top-density-fraction by |d_i| (exactly k = max(1, int(density n))
-                    kept; equal |d| rank by position, as a stable sort); e_i = w_i d_i;
+                    kept; among equal |d| at the cut, those mergekit's torch sort puts
+                    first: merge_ranks.py); e_i = w_i d_i;
                     sign s = sign(sum_i e_i) (>= 0 -> +1: a tie votes +);
                     b + lambda * sum_i [sign e_i = s] e_i / sum_i [sign e_i = s] w_i
                     (mergekit: weights are applied BEFORE the vote, and pruned or zero
                     entries never count in the divisor; normalize defaults to True)
-  dare_linear       d_i -> m_i * d_i, m_i ~ Bernoulli(density), rescaled so |.|_1 is kept
-                    (rescale=True, mergekit's L1 matching) or by 1/density
-                    (rescale='inverse', the DARE paper); then task_arithmetic
+  dare_linear       d_i -> m_i * d_i, m_i ~ Bernoulli(density) (jax's RNG: other masks
+                    than mergekit's torch.bernoulli, the same statistics), rescaled by
+                    |d_i|_1 / |m_i * d_i|_1 so the tensor's L1 norm is kept (rescale=True,
+                    the default, as mergekit: not 1/density; no rescale when either norm
+                    is < 1e-7) or by 1/density (rescale='inverse', the DARE paper);
+                    then task_arithmetic
   dare_ties         the same drop, then the TIES vote
-  breadcrumbs       d_i keeps the elements whose |d| rank (ascending) is in
+  breadcrumbs       d_i keeps the elements whose |d| rank (ascending, ties as mergekit) is in
                     [n - int(density n) - int(gamma n), n - int(gamma n)): the smallest and
                     the gamma largest are dropped; then task_arithmetic (breadcrumbs_ties:
                     with the TIES vote)
@@ -26,18 +30,19 @@ Methods (mergekit 0.1.5 names and semantics; accumulation in fp32, fp64 for fp64
                     t * mean_i x_i + (1 - t) * b
 Every per-tensor statistic (top-k, norms, L1 rescale, cosines) is taken over one layer's
 tensor: a 'layers/...' leaf is merged slice by slice along its leading layer axis, as
-mergekit merges `model.layers.{i}.*` tensors. Ranks and sums follow the C order of our
-layout, so a transposed view (a HF tensor read in place) gives the same numbers as a copy.
+mergekit merges `model.layers.{i}.*` tensors. Sums follow the C order of our layout; ties
+of ranks, the flat order of the HF tensor (with a ModelConfig; else our C order), whatever
+the memory layout (a HF tensor read in place or a params/ copy give the same numbers).
 
 numpy inputs are merged in two passes: per-tensor statistics (the k-th largest |d| by
-selection on a sample-narrowed band, not a sort), then the elementwise combination in
-cache-sized blocks, in the inputs' memory order, on threads; jax inputs in one jnp pass.
+selection on a sample-narrowed band, not a sort: merge_ranks.py; jax inputs' ranks too),
+then the elementwise combination in cache-sized blocks, in the inputs' memory order, on
+threads; jax inputs in one jnp pass.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +53,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from aya_jax.merge_spec import METHODS, check_inputs, hf_names, tensor_parameters, warn_weights
+from aya_jax.merge_ranks import keep_ranks
+from aya_jax.merge_spec import (METHODS, check_inputs, check_method, hf_layouts, hf_names,
+                                 tensor_parameters, warn_weights)
 
 _CHUNK = 1 << 16  # elements of one block of the elementwise pass (fits in L2 with its temps)
 THREADS = max(1, min(4, os.cpu_count() or 1))  # blocks of one tensor run on this many threads
@@ -139,56 +146,6 @@ def elementwise(fn, floats: Sequence, masks: Sequence = (), acc=np.float32, dtyp
 # ---------------------------------------------------------------------------
 # Per-tensor statistics
 # ---------------------------------------------------------------------------
-def _kth(flat, r: int):
-  """(v, below, equal): the r-th smallest (0-based) of a flat numpy array and how many
-  elements are < v and == v. Selects within a band that a strided sample brackets (a few
-  passes, no sort of the tensor); the whole array when the band misses."""
-  n = flat.size
-  if n > 1 << 16:
-    sample = np.sort(flat[::n // (1 << 14)])
-    m, q = sample.size, r / n
-    pos, margin = q * m, 6 * math.sqrt(m * q * (1 - q)) + 2
-    i0, i1 = int(pos - margin), int(pos + margin) + 1
-    lo = sample[i0] if i0 >= 0 else -np.inf
-    hi = sample[i1] if i1 < m else np.inf
-    below = np.count_nonzero(flat < lo)
-    band = flat[(flat >= lo) & (flat <= hi)]
-    if 0 <= r - below < band.size:
-      v = np.partition(band, r - below)[r - below]
-      return v, below + np.count_nonzero(band < v), np.count_nonzero(band == v)
-  v = np.partition(flat, r)[r]
-  return v, np.count_nonzero(flat < v), np.count_nonzero(flat == v)
-
-
-def _keep_ranks(xp, a, lo, hi):
-  """Mask of the elements of a whose rank is in [lo, hi): ascending by value, equal values
-  by C-order position (a stable argsort's ranks; numpy: by selection, any memory order)."""
-  n = a.size
-  if lo <= 0 and hi >= n:
-    return xp.ones(a.shape, bool)
-  if xp is jnp:
-    idx = jnp.argsort(a.reshape(-1), stable=True)[max(lo, 0):hi]
-    return jnp.zeros(n, bool).at[idx].set(True).reshape(a.shape)
-  perm = _layout(a)
-  flat = a.transpose(perm).reshape(-1)  # memory order: a view
-  ends = [_kth(flat, lo) if lo > 0 else None, _kth(flat, hi - 1) if hi < n else None]
-  if ends[0] is None:
-    keep = a < ends[1][0]
-  else:
-    keep = a > ends[0][0] if ends[1] is None else (a > ends[0][0]) & (a < ends[1][0])
-  for v, start, count in {e for e in ends if e is not None}:  # the values at the ends
-    first, last = max(lo, start) - start, min(hi, start + count) - start
-    if first == 0 and last == count:
-      keep |= a == v
-    elif first < last:  # some of the equal values: the first ones in C order
-      pos = np.unravel_index(np.flatnonzero((a == v).transpose(perm).reshape(-1)),
-                             [a.shape[i] for i in perm])
-      pos = [pos[i] for i in np.argsort(perm)]  # memory order -> C order of a
-      pos = np.sort(np.ravel_multi_index(pos, a.shape))[first:last]
-      keep[np.unravel_index(pos, a.shape)] = True
-  return keep
-
-
 def _select(xp, m, d):
   """where(m, d, 0) of a float array d; numpy: with integer ops (no branch per element)."""
   if xp is jnp:
@@ -204,9 +161,10 @@ def _bernoulli(key, density, shape):
   return jax.random.bernoulli(key, density, shape)
 
 
-def _sparsify(xp, kind, x, b, density, gamma, rescale, key, acc, threads=True):
+def _sparsify(xp, kind, x, b, density, gamma, rescale, key, acc, threads=True, layout=None):
   """(keep mask or None, scale or None) of the delta x - b: kept entries are
-  where(keep, d, 0), then divided by scale (rescale='inverse') or multiplied by it (L1)."""
+  where(keep, d, 0), then divided by scale (rescale='inverse') or multiplied by it (L1).
+  Ranks by |d| are mergekit's (`merge_ranks`; positions in HF's layout when given)."""
   if kind is None or density >= 1.0:
     return None, None
   if kind == "random":
@@ -223,15 +181,16 @@ def _sparsify(xp, kind, x, b, density, gamma, rescale, key, acc, threads=True):
     before, after = xp.abs(d).sum(), xp.abs(xp.where(keep, d, 0.0)).sum()
     ok = (before >= 1e-7) & (after >= 1e-7)
     return keep, xp.where(ok, before / xp.where(ok, after, 1.0), 1.0).astype(acc)
-  a = elementwise(lambda x, b: abs(x - b), [x, b], acc=acc, threads=threads)
+  a = np.asarray(elementwise(lambda x, b: abs(x - b), [x, b], acc=acc, threads=threads))
   n = a.size
-  if kind == "magnitude":
-    if density <= 0:
-      return xp.zeros(a.shape, bool), None
-    return _keep_ranks(xp, a, n - max(1, int(density * n)), n), None
-  target, top = int(density * n), int(gamma * n)  # outliers (breadcrumbs)
-  lo = max(0, n - target - top)
-  return _keep_ranks(xp, a, lo, lo + target), None
+  if kind == "magnitude":  # mergekit: argsort(|d|, descending)[:k]
+    keep = (np.zeros(a.shape, bool) if density <= 0 else
+            keep_ranks(a, 0, max(1, int(density * n)), descending=True, layout=layout))
+  else:  # outliers (breadcrumbs), mergekit: sort(|d|).indices[lo:lo + target]
+    target, top = int(density * n), int(gamma * n)
+    lo = max(0, n - target - top)
+    keep = keep_ranks(a, lo, lo + target, layout=layout)
+  return (keep if xp is np else jnp.asarray(keep)), None
 
 
 def _gta(xp, p, vote, inverse, b, xs, keeps, scales):
@@ -307,10 +266,12 @@ def _wsum(xp, ws, xs):
 
 
 def merge_tensor(method: str, xs: Sequence, base=None, p: Optional[dict] = None, key=None,
-                 name: str = "tensor", dtype=None):
+                 name: str = "tensor", dtype=None, layout: Optional[tuple] = None):
   """One merged tensor from inputs xs (and base), with resolved parameters p
   (`merge_spec.resolve_parameters`); key: a jax PRNG key for DARE (already derived for this
-  tensor). Computes in fp32 (fp64 for fp64 inputs); returns `dtype` (default: that)."""
+  tensor); layout: (transform, shape) of the HF tensor (`merge_spec.hf_layouts`), whose
+  flat order breaks ties of |d| ranks as mergekit does (default: C order of xs[0]'s shape).
+  Computes in fp32 (fp64 for fp64 inputs); returns `dtype` (default: that)."""
   needs_base, sparsify, vote, _, _ = METHODS[method]
   if needs_base and base is None:
     raise ValueError(f"{method} needs a base model (tensor {name})")
@@ -342,7 +303,7 @@ def merge_tensor(method: str, xs: Sequence, base=None, p: Optional[dict] = None,
 
   def stat(i, threads=True):  # numpy: the models' statistics on threads, one each
     return _sparsify(xp, sparsify, xs[i], base, density[i], gamma[i], p["rescale"],
-                     None if key is None else jax.random.fold_in(key, i), acc, threads)
+                     None if key is None else jax.random.fold_in(key, i), acc, threads, layout)
 
   parallel = xp is np and len(xs) > 1 and np.size(base) >= _CHUNK and sparsify is not None
   stats = (list(_pool().map(stat, range(len(xs)), [False] * len(xs))) if parallel else
@@ -365,9 +326,11 @@ def merge(method: str, models: Sequence, base=None, parameters=None, model_param
   """Merged params pytree of `models` (and `base`); see the module docstring.
 
   include: regex; paths it does not match are copied from base (or the first model).
-  seed: int or jax key for DARE. cfg: ModelConfig, for HF names in parameter filters.
+  seed: int or jax key for DARE. cfg: ModelConfig, for HF names in parameter filters and
+  HF's layout in ties of |d| ranks (mergekit's order).
   dtype: output dtype (default: the inputs' dtype). Accumulation is fp32.
   """
+  check_method(method, len(models), base is not None)
   trees = ([base] if base is not None else []) + list(models)
   flats = [_flat(t) for t in trees]
   labels = (["base"] if base is not None else []) + [f"model {i}" for i in range(len(models))]
@@ -376,6 +339,7 @@ def merge(method: str, models: Sequence, base=None, parameters=None, model_param
   model_parameters = list(model_parameters or [{} for _ in models])
   warn_weights(method, model_parameters, dict(parameters or {}))
   hf_table = hf_names(cfg) if cfg is not None else None
+  layouts = hf_layouts(cfg) if cfg is not None else {}
   xflats, bflat = flats[-len(models):], flats[0] if base is not None else None
   out = {}
   for path, ref in flats[0].items():
@@ -391,7 +355,7 @@ def merge(method: str, models: Sequence, base=None, parameters=None, model_param
       names, p, key = tensor_parameters(method, parameters, model_parameters, len(models),
                                         path, layer, len(layers), hf_table, seed)
       return merge_tensor(method, [sl(x) for x in xs], None if b is None else sl(b), p, key,
-                          name=names[-1], dtype=dtype or ref.dtype)
+                          name=names[-1], dtype=dtype or ref.dtype, layout=layouts.get(path))
 
     parts = [one(layer) for layer in layers]
     out[path] = parts[0] if layers == [None] else _xp(*parts).stack(parts)

@@ -75,6 +75,8 @@ def _resolve(cfg: Any) -> ml_collections.ConfigDict:
     out[key] = value if key != "max_grad_norm" else (value or 0.0)
   if out.schedule not in SCHEDULES:
     raise ValueError(f"schedule {out.schedule!r} not in {SCHEDULES}")
+  if not (math.isfinite(float(out.lr)) and out.lr > 0):
+    raise ValueError(f"optim.lr={out.lr!r}: the learning rate must be a finite number > 0")
   if out.total_steps < 1 or not 0 <= out.warmup_steps <= out.total_steps:
     raise ValueError(f"need 0 <= warmup_steps ({out.warmup_steps}) <= "
                      f"total_steps ({out.total_steps}) and total_steps >= 1")
@@ -190,6 +192,20 @@ def make_optimizer(cfg: Any, params: Any) -> optax.GradientTransformation:
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.grad_accum))
   return tx
+
+
+def updates_applied(opt_state: Any) -> jax.Array:
+  """How many updates the optimizer has applied: the count of its learning-rate
+  schedule (a skipped non-finite step keeps the old optimizer state, so this can
+  be less than the train state's step). The lr of the next update is
+  ``make_schedule(cfg)(updates_applied(opt_state))``."""
+  counts = [leaf.count for leaf in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(leaf, optax.ScaleByScheduleState)]
+  if len(counts) != 1:
+    raise ValueError(f"expected one learning-rate schedule in the optimizer state, found "
+                     f"{len(counts)}")
+  return counts[0]
 
 
 def optim_config_from(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -55,6 +55,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from aya_jax.data import atomic
+
 # Published per-chip figures: dense bf16 TFLOP/s, HBM GB, HBM GB/s, and the
 # interconnect GB/s per chip that FSDP traffic crosses (TPU: ICI; H100:
 # NVLink inside an 8-GPU node, one 400 Gb/s NIC per GPU across nodes).
@@ -363,8 +365,7 @@ def _child(config_json: str, out_json: str):
   with open(config_json) as f:
     config = ml_collections.ConfigDict(json.load(f))
   result = plan(config)
-  with open(out_json, "w") as f:
-    json.dump(result, f, indent=1, default=str)
+  atomic.write_json(out_json, result, indent=1, default=str)
 
 
 def run(config, workdir: str) -> dict:
@@ -377,14 +378,12 @@ def run(config, workdir: str) -> dict:
   out = os.path.join(workdir, "plan.json")
   if jax.device_count() >= n and jax.default_backend() == "cpu":
     result = plan(config)
-    with open(out, "w") as f:
-      json.dump(result, f, indent=1, default=str)
+    atomic.write_json(out, result, indent=1, default=str)
   else:
     if os.environ.get(_CHILD_ENV):
       raise RuntimeError(f"planner child has {jax.device_count()} devices, needs {n}")
     cfg_json = os.path.join(workdir, "plan_config.json")
-    with open(cfg_json, "w") as f:
-      f.write(config.to_json_best_effort())
+    atomic.write_text(cfg_json, config.to_json_best_effort())
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={n}").strip()
@@ -393,8 +392,7 @@ def run(config, workdir: str) -> dict:
     with open(out) as f:
       result = json.load(f)
   report = format_report(result)
-  with open(os.path.join(workdir, "plan.md"), "w") as f:
-    f.write(report + "\n")
+  atomic.write_text(os.path.join(workdir, "plan.md"), report + "\n")
   print(report, flush=True)
   return result
 

@@ -297,8 +297,11 @@ def run_contrast(c, workdir: str, prompts, pool, scorer=None, seed: int = 0,
 # ------------------------------------------------------ verifier-labelled
 
 
+CORRUPTIONS = ("english", "verbose", "wrong")  # the kinds corrupted_answers makes
+
+
 def corrupted_answers(record, pool_by_task: dict, rng) -> dict:
-  """{kind: answer} worse versions of a world record's gold answer."""
+  """{kind: answer} worse versions of a world record's gold answer (kinds: CORRUPTIONS)."""
   inst = synthetic.parse_id(record.id)
   gold = inst.answer()
   out = {"verbose": " ".join([gold] * 3)}
@@ -328,7 +331,7 @@ def verifier_labelled_pairs(records, scorer=None, kinds=("english", "verbose"), 
   for r in records:
     rng = keyed_rng(seed, r.id)
     bad = corrupted_answers(r, pool, rng)
-    names = [k for k in kinds if k in bad]
+    names = [k for k in kinds if k in bad and bad[k] != r.messages[-1]["content"]]
     if not names:
       continue
     answers = [r.messages[-1]["content"]] + [bad[k] for k in names]

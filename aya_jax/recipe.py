@@ -40,9 +40,17 @@ reward model (inputs.judge, default the arbiter) instead of the verifier.
 
 A step is skipped when `pipeline_state.json` records it finished with the same
 spec hash (its config block plus the hashes of the steps and input paths it
-reads); a changed block or path re-runs that step and every step after it
-that reads it. Inside a step, a killed run continues from its checkpoints
-(the stages' own resume). The steps themselves are in aya_jax.recipe_steps.
+reads) and every output path it recorded still exists; a changed block or
+path re-runs that step and every step after it that reads it, a missing
+output re-runs the step. Inside a step, a killed run continues from its
+checkpoints (the stages' own resume). The steps themselves are in
+aya_jax.recipe_steps.
+
+Output paths inside the workdir are stored relative to it ("./sft_merged/
+params") and resolved on read, so a copied or moved workdir reads its own
+files, never the original's; an unreadable state file is stale (a warning
+names it) and every step is checked again. The choice fields of the config
+(CHOICES) are checked before the first step runs.
 """
 
 from __future__ import annotations
@@ -54,14 +62,64 @@ import time
 
 from absl import logging
 
-from aya_jax import recipe_inputs, world
+from aya_jax import axes, preference, recipe_inputs, world
 from aya_jax import recipe_steps as steps
-from aya_jax.data import records
+from aya_jax.data import atomic, synthetic
+from aya_jax.models import config as model_config
 
 STATE = "pipeline_state.json"
+HERE = "./"  # how a stored output path inside the workdir starts
+
+# config field -> its allowed values (a tuple field: each of its items);
+# checked at the start, not after the steps before the one that reads it
+CHOICES = {
+    "mesh_rules": ("",) + tuple(axes.PRESETS),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots"),
+    "sft_family.init": ("base", "mixed"),
+}
+WORLD_CHOICES = {  # only without real inputs
+    "world.model.family": model_config.FAMILIES,
+    "world.languages": synthetic.LANGUAGES,
+    "world.tasks": synthetic.TASKS,
+    "world.weak_languages": synthetic.LANGUAGES,
+    "reward_model.kinds": preference.CORRUPTIONS,
+}
 
 
 _hash = world.spec_hash
+
+
+def _field(c, name: str):
+  for key in name.split("."):
+    if c is None or key not in c:
+      return None
+    c = c[key]
+  return c
+
+
+def check_config(c, real: bool):
+  """Raises ValueError naming the field, its value and the allowed values for
+  every choice field (CHOICES, and WORLD_CHOICES on the world) holding
+  another value, and for a baseline teacher the world lacks (real inputs:
+  checked once they are resolved)."""
+  table = dict(CHOICES, **({} if real else WORLD_CHOICES))
+  for name, allowed in table.items():
+    value = _field(c, name)
+    if value is None:
+      continue
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if v not in allowed:
+        raise ValueError(f"config.{name}={value!r}: {v!r} is not one of {list(allowed)}")
+  if not real:  # the world's teachers: one per family
+    check_baseline(c, list(world.families(c.world, "config.world")))
+
+
+def check_baseline(c, teachers: list):
+  """config.arbitrage.baseline_teacher names one of `teachers` (or is "")."""
+  baseline = c.arbitrage.get("baseline_teacher", "")
+  if baseline and baseline not in teachers:
+    raise ValueError(f"config.arbitrage.baseline_teacher={baseline!r}: not a teacher {teachers}")
 
 
 def _cfg_dict(c):
@@ -80,6 +138,19 @@ def _sync(tag: str):
     multihost_utils.sync_global_devices(tag)
 
 
+def _is_path(s) -> bool:
+  """An absolute path among the strings of a step's outputs."""
+  return isinstance(s, str) and os.path.isabs(s) and "\n" not in s
+
+
+def _map_strings(obj, fn):
+  if isinstance(obj, dict):
+    return {k: _map_strings(v, fn) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_map_strings(v, fn) for v in obj]
+  return fn(obj) if isinstance(obj, str) else obj
+
+
 class Runner:
   """Runs named steps once per spec; remembers finished steps in pipeline_state.json."""
 
@@ -87,34 +158,75 @@ class Runner:
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, STATE)
-    self.state = {}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        self.state = json.load(f)
+    self.state = self._load()
     self.ran, self.seconds = [], {}
 
   def dir(self, name: str) -> str:
     return os.path.join(self.workdir, name)
+
+  def _load(self) -> dict:
+    """The recorded steps, output paths resolved against this workdir; an
+    unreadable file or entry is dropped with a warning (its steps are checked
+    again: those whose directory holds a finished run resume from it)."""
+    state = atomic.read_json_cache(self.path, "pipeline state")
+    if state is not None and not isinstance(state, dict):
+      logging.warning("%s: not a JSON object: treated as stale", self.path)
+    out = {}
+    for name, entry in (state.items() if isinstance(state, dict) else ()):
+      if not (isinstance(entry, dict) and isinstance(entry.get("hash"), str)
+              and "outputs" in entry):
+        logging.warning("%s: entry %r is malformed: step %s will run again", self.path, name,
+                        name)
+        continue
+      out[name] = dict(entry, outputs=_map_strings(entry["outputs"], self._resolve))
+    return out
+
+  def _resolve(self, s: str) -> str:
+    return os.path.join(self.workdir, os.path.normpath(s[len(HERE):])) if s.startswith(HERE) \
+        else s
+
+  def _inside(self, path: str):
+    """`path` relative to the workdir; None when it is outside."""
+    rel = os.path.relpath(os.path.normpath(path), self.workdir)
+    return None if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+  def _relative(self, s: str) -> str:
+    rel = self._inside(s) if _is_path(s) else None
+    return s if rel is None else HERE + rel
+
+  def _untrusted(self, outputs) -> str:
+    """Why a recorded step cannot be trusted ("" if it can): an output path
+    that is missing, or outside this workdir (a state file written with
+    absolute paths, then copied or moved)."""
+    paths = []
+    _map_strings(outputs, lambda s: paths.append(s) if _is_path(s) else None)
+    for p in paths:
+      if self._inside(p) is None:
+        return f"its recorded output {p} is outside the workdir {self.workdir} (a copy?)"
+      if not os.path.exists(p):
+        return f"its recorded output {p} is missing"
+    return ""
 
   def step(self, name: str, spec: dict, fn):
     """fn(directory) -> outputs (JSON); returns (outputs, spec hash)."""
     h = _hash(spec)
     done = self.state.get(name)
     if done and done["hash"] == h:
-      logging.info("pipeline: %s is done (spec %s), skipped", name, h)
-      return done["outputs"], h
+      why = self._untrusted(done["outputs"])
+      if not why:
+        logging.info("pipeline: %s is done (spec %s), skipped", name, h)
+        return done["outputs"], h
+      logging.warning("pipeline: %s is recorded as done but %s: running it again", name, why)
     d = self.dir(name)
     partial = os.path.join(d, ".spec")
     if self.state.pop(name, None) is not None:  # its artefacts go: no longer done
       self._save()
     if _lead():  # several processes share the workdir: one cleans it, the others wait
       if os.path.exists(d):
-        same = os.path.exists(partial) and open(partial).read() == h
-        if not same:  # another spec's leftovers: start clean
+        if _read_text(partial) != h:  # another spec's leftovers: start clean
           shutil.rmtree(d)
       os.makedirs(d, exist_ok=True)
-      with open(partial, "w") as f:
-        f.write(h)
+      atomic.write_text(partial, h)
     _sync(f"pipeline step {name} {h}")
     logging.info("pipeline: running %s (spec %s)", name, h)
     print(f"[pipeline] {name} ...", flush=True)
@@ -130,16 +242,29 @@ class Runner:
   def _save(self):
     if not _lead():
       return
-    records.write_json(self.path, self.state, indent=1)
+    state = {name: dict(entry, outputs=_map_strings(entry["outputs"], self._relative))
+             for name, entry in self.state.items()}
+    atomic.write_json(self.path, state, indent=1)
+
+
+def _read_text(path: str):
+  """The file's text; None when it is absent or unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except (OSError, ValueError):
+    return None
 
 
 def run(config, workdir: str) -> dict:
-  r = Runner(workdir)
   c = config
   t_start = time.time()
   real = bool(c.get("inputs") and c.inputs.base)
+  check_config(c, real)
+  r = Runner(workdir)
   if real:  # local paths instead of the world; spec hashes name the paths read
     w = recipe_inputs.resolve(c)
+    check_baseline(c, list(w["teachers"]))
     rm, rm_hash = dict(params=w["reward_model"], tokenizer=w["reward_tokenizer"]), w["hashes"]["rm"]
     key = lambda *names, **extra: dict(real={**{n: w["hashes"][n] for n in names}, **extra})
     langs = tuple(w["languages"])
@@ -164,9 +289,7 @@ def run(config, workdir: str) -> dict:
   single, _ = sft_step("sft_single", lambda d: arb["single"])
   models = {"sft_single": single["params"]}
   fb = c.get("sft_family") or c.sft   # the family runs (default: like the others, from base)
-  warm = fb.get("init", "base")
-  if warm not in ("base", "mixed"):
-    raise ValueError(f"config.sft_family.init={warm!r}: use 'base' or 'mixed'")
+  warm = fb.get("init", "base")  # 'base' | 'mixed' (check_config)
   if c.ablations.mixed or warm == "mixed":
     mixed, mixed_h = sft_step("sft_mixed", lambda d: arb["sft"])
     models["sft_mixed"] = mixed["params"]

@@ -7,13 +7,12 @@ SFT baseline, with 95% bootstrap intervals, one bar per language).
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from aya_jax import evaluation
-from aya_jax.data import records
+from aya_jax.data import atomic, records
 
 # The claims of issue 9, checked on the held-out test prompts: (claim, stage,
 # compared with, kind). 'better': strictly higher measure; 'match': within
@@ -72,10 +71,7 @@ def _per_prompt(workdir: str, ev: dict) -> dict:
   """stage -> per-prompt values (ev["per_prompt"]: a JSON file under the
   workdir); {} for an eval step from before they were recorded."""
   path = ev.get("per_prompt") and os.path.join(workdir, ev["per_prompt"])
-  if not path or not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return (path and atomic.read_json_cache(path, "per-prompt evaluation")) or {}
 
 
 def _paired(per_prompt: dict, a: str, b: str, measure: str, ev: dict) -> dict:

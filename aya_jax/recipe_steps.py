@@ -10,7 +10,6 @@ reward model (`w["judge"]`).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -18,7 +17,7 @@ from absl import logging
 
 from aya_jax import (arbitrage, checkpoint, evaluation, merging, preference, reward, sharding,
                      teachers, world)
-from aya_jax.data import records, synthetic
+from aya_jax.data import atomic, records, synthetic
 from aya_jax.sampling import methods
 from aya_jax.train import dpo, online, reward_model, sft
 
@@ -129,11 +128,7 @@ def train_reward_model(c, d, w):
     records.write_jsonl(path, pairs)
     rc.data.train, rc.data.eval = tuple(train) + (path,), tuple(valid)
   reward_model.run(rc, d)
-  acc = None
-  path = os.path.join(d, "reward_eval.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      acc = json.load(f)
+  acc = atomic.read_json_cache(os.path.join(d, "reward_eval.json"), "reward model evaluation")
   return dict(params=os.path.join(d, "params"), eval=acc)
 
 
@@ -210,8 +205,10 @@ def run_arbitrage(c, d, w, rm):
   if baseline not in names:
     raise ValueError(f"config.arbitrage.baseline_teacher={baseline!r}: not a teacher {names}")
   single = _single_teacher(d, baseline)
-  return dict(sft=os.path.join(d, "sft.jsonl"), pairs=os.path.join(d, "pairs_offline.jsonl"),
-              contrast=os.path.join(d, "pairs_contrast.jsonl") if contrast else "",
+  made = lambda name: os.path.join(d, name) if os.path.exists(os.path.join(d, name)) else ""
+  # "" = none kept: every output path recorded exists (recipe.Runner checks them)
+  return dict(sft=os.path.join(d, "sft.jsonl"), pairs=made("pairs_offline.jsonl"),
+              contrast=made("pairs_contrast.jsonl") if contrast else "",
               single=single, report={k: report.get(k) for k in ("per_language",)
                                      if isinstance(report, dict)})
 
@@ -239,11 +236,11 @@ def run_sft(c, d, tok, init, data, block=None):
 def run_dpo(c, d, tok, init, arb, fam):
   dc = train_block(dpo.default_config(), c.dpo, tok, init, c)
   dc.dpo.beta, dc.dpo.rpo_alpha = c.dpo.beta, c.dpo.rpo_alpha
-  if not os.path.exists(arb["pairs"]):
-    raise ValueError(f"{arb['pairs']} is missing: arbitrage kept no best/worst pair (every "
-                     "score gap below config.arbitrage.min_gap? see its report.md)")
+  if not arb["pairs"]:
+    raise ValueError("arbitrage kept no best/worst pair (every score gap below "
+                     "config.arbitrage.min_gap? see arbitrage/report.md)")
   files = [filter_languages(arb["pairs"], os.path.join(d, "pairs.jsonl"), fam)]
-  if arb.get("contrast") and os.path.exists(arb["contrast"]):
+  if arb.get("contrast"):
     files.append(filter_languages(arb["contrast"], os.path.join(d, "contrast.jsonl"), fam,
                                   False))
   dc.data.train = tuple(f for f in files if f)
@@ -272,6 +269,8 @@ def run_online(c, d, w, init, rm, arb, fams, langs, algorithm):
         oc_i = oc.copy_and_resolve_references()
         with oc_i.unlocked():
           oc_i.model.init, oc_i.seed = current, c.seed + i
+          # one fixed reference for every round (RLOO's KL): the stage's start
+          oc_i.dpo.reference_init = init
           oc_i.data.prompts = (filter_languages(prompts, os.path.join(d, f"prompts_{name}.jsonl"),
                                                 fl),)
         online.run(oc_i, sub, scorer=arbiter)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import re
 import zlib
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from aya_jax import teachers as teachers_lib
+from aya_jax.data import atomic
 
 # ------------------------------------------------------------------- fixed
 
@@ -95,8 +97,11 @@ class LearnedRouter:
     return [self.teachers[i] for i in np.argmax(z, 1)]  # ties: the earlier teacher
 
   def save(self, path: str):
-    np.savez(path, w=self.w, b=self.b, meta=json.dumps(dict(
+    """router.npz, written atomically (learned mode reads it back)."""
+    buf = io.BytesIO()
+    np.savez(buf, w=self.w, b=self.b, meta=json.dumps(dict(
         teachers=self.teachers, languages=self.languages, dim=self.dim)))
+    atomic.write_bytes(path, buf.getvalue())
 
   @classmethod
   def load(cls, path: str) -> "LearnedRouter":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import json
 import os
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -344,6 +343,6 @@ def run(config, workdir: str) -> dict:
   logging.info("generate: %s -> %s", stats, out)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "generate_stats.json"), "w") as f:
-      json.dump(dict(stats, output=out), f, indent=1)
+    records.write_json(os.path.join(workdir, "generate_stats.json"), dict(stats, output=out),
+                       indent=1)
   return stats

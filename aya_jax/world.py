@@ -23,7 +23,11 @@ Caching: each artifact has a spec (its config and its inputs' specs) in
 `world_spec.json` and a `world_done.json` once finished. A second call
 with the same config trains nothing (the returned `trained` list is empty);
 a changed spec retrains that artifact and everything after it. A killed run
-resumes from the SFT checkpoints of the artifact it was building.
+resumes from the SFT checkpoints of the artifact it was building. An artifact
+whose output (params/, the tokenizer) is gone, or whose spec or done file
+cannot be read, is built again (a warning names the file); an unreadable
+world_report.json is scored again. Every one of these files is written
+atomically (aya_jax.data.atomic).
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ import numpy as np
 from absl import logging
 
 from aya_jax import axes, checkpoint, evaluation, sharding
-from aya_jax.data import formatting, lexicon, records, synthetic
+from aya_jax.data import atomic, formatting, lexicon, records, synthetic
 from aya_jax.models import config as model_config
 from aya_jax.train import sft
 
 SPEC, DONE, DOC_USER = "world_spec.json", "world_done.json", "·"
+_PARAMS_DONE = os.path.join("params", checkpoint.MODEL_CONFIG)  # a model artifact's output
 TRAIN_COUNT = {"n": 0}  # SFT runs started by this process (tests check caching)
 
 
@@ -152,26 +157,26 @@ def spec_hash(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
-def _cached(directory: str, spec: dict) -> bool:
-  """True if `directory` holds a finished artifact of `spec`; otherwise makes
-  sure it holds nothing of another spec (a partial run of this spec stays,
-  so the SFT stage resumes it)."""
+def _cached(directory: str, spec: dict, output: str) -> bool:
+  """True if `directory` holds a finished artifact of `spec` whose `output`
+  (a path in it) exists; otherwise makes sure it holds nothing of another
+  spec (a partial run of this spec stays, so the SFT stage resumes it). An
+  unreadable spec or done file is stale (a warning names it): rebuilt."""
   spec = json.loads(json.dumps(spec))  # tuples -> lists, as read back
   spec_path, done = os.path.join(directory, SPEC), os.path.join(directory, DONE)
   if os.path.exists(spec_path):
-    with open(spec_path) as f:
-      if json.load(f) == spec:
-        return os.path.exists(done)
-    logging.warning("world: %s was built with another config; rebuilding", directory)
+    if atomic.read_json_cache(spec_path, "world spec") == spec:
+      if atomic.read_json_cache(done, "world done marker") is None:
+        return False
+      if os.path.exists(os.path.join(directory, output)):
+        return True
+      logging.warning("world: %s is missing: rebuilding %s", os.path.join(directory, output),
+                      directory)
+    else:
+      logging.warning("world: %s was built with another config; rebuilding", directory)
     shutil.rmtree(directory)
   os.makedirs(directory, exist_ok=True)
-  with open(spec_path, "w") as f:
-    json.dump(spec, f, indent=1)
+  atomic.write_json(spec_path, spec, indent=1)
   return False
 
 
@@ -179,8 +184,7 @@ def _finish(directory: str, **info):
   ckpts = os.path.join(directory, "checkpoints")
   if os.path.isdir(ckpts):
     shutil.rmtree(ckpts)
-  with open(os.path.join(directory, DONE), "w") as f:
-    json.dump(info, f, indent=1)
+  atomic.write_json(os.path.join(directory, DONE), info, indent=1)
 
 
 def _sft_config(config, init: str, train_path: str, tok_dir: str, steps: int, lr: float):
@@ -238,7 +242,7 @@ def bootstrap(workdir: str, config=None) -> dict:
 
   tok_dir = os.path.join(workdir, "tokenizer")
   tok_spec = dict(vocab_size=config.vocab_size, seed=config.seed, languages=langs)
-  if not _cached(tok_dir, tok_spec):
+  if not _cached(tok_dir, tok_spec, "tokenizer_config.json"):
     t0 = time.time()
     build_tokenizer(tok_dir, langs, config.vocab_size, config.seed)
     _finish(tok_dir)
@@ -250,7 +254,7 @@ def bootstrap(workdir: str, config=None) -> dict:
   base_spec = dict(tok=tok_spec, model=config.model.to_dict(), data=config.data.to_dict(),
                    pretrain=config.pretrain.to_dict(), languages=langs, tasks=tasks,
                    seed=config.seed)
-  if not _cached(base_dir, base_spec):
+  if not _cached(base_dir, base_spec, _PARAMS_DONE):
     init = _init_params(config, base_dir, tok)
     recs = pretrain_records(langs, tasks, config.pretrain.n_per_language, config.seed)
     seconds["base"] = _train(config, base_dir, recs, init, tok_dir, config.pretrain.steps,
@@ -259,15 +263,15 @@ def bootstrap(workdir: str, config=None) -> dict:
     trained.append("base")
   base = os.path.join(base_dir, "params")
 
-  models = {}  # name -> (directory, languages, steps, lr, n)
+  models, specs = {}, {}  # name -> (directory, languages, train block); name -> spec
   for name, fam in fams.items():
     models[f"teacher_{name}"] = (os.path.join(workdir, "teachers", name), fam,
                                  config.teacher)
   models["weak"] = (os.path.join(workdir, "weak"), tuple(config.weak_languages), config.weak)
   for name, (directory, fam, tcfg) in models.items():
-    spec = dict(base=spec_hash(base_spec), languages=fam, tasks=tasks, train=tcfg.to_dict(),
-                data=config.data.to_dict(), seed=config.seed)
-    if _cached(directory, spec):
+    spec = specs[name] = dict(base=spec_hash(base_spec), languages=fam, tasks=tasks,
+                              train=tcfg.to_dict(), data=config.data.to_dict(), seed=config.seed)
+    if _cached(directory, spec, _PARAMS_DONE):
       continue
     recs = sft_records(fam, tasks, tcfg.n_per_language, config.seed)
     seconds[name] = _train(config, directory, recs, base, tok_dir, tcfg.steps, tcfg.lr, tok)
@@ -281,26 +285,18 @@ def bootstrap(workdir: str, config=None) -> dict:
   if config.export_hf:
     paths["teachers_hf"] = {n: os.path.join(os.path.dirname(p), "hf")
                             for n, p in paths["teachers"].items()}
-  report_spec = dict(models={n: spec_hash(_read_json(os.path.join(d, SPEC)))
-                             for n, (d, _, _) in models.items()},
+  report_spec = dict(models={n: spec_hash(s) for n, s in specs.items()},
                      base=spec_hash(base_spec), report=config.report.to_dict())
   report_path = os.path.join(workdir, "world_report.json")
-  report = None
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
-    if report.get("spec") != json.loads(json.dumps(report_spec)):
-      report = None
-  if report is None:
+  report = atomic.read_json_cache(report_path, "world report")
+  if not isinstance(report, dict) or report.get("spec") != json.loads(json.dumps(report_spec)):
     t0 = time.time()
     report = score_models(config, dict(base=base, weak=paths["weak"], **{
         f"teacher_{n}": p for n, p in paths["teachers"].items()}), tok_dir, fams)
     report["spec"] = report_spec
     seconds["report"] = time.time() - t0
-    with open(report_path, "w") as f:
-      json.dump(report, f, indent=1)
-    with open(os.path.join(workdir, "world_report.md"), "w") as f:
-      f.write(report_markdown(report))
+    atomic.write_json(report_path, report, indent=1)
+    atomic.write_text(os.path.join(workdir, "world_report.md"), report_markdown(report))
     trained.append("report")
   return dict(paths, report=report, trained=trained, seconds=seconds)
 

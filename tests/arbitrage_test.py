@@ -184,6 +184,36 @@ def test_bad_input_is_reported_per_record(tmp_path):
   assert sft[nan_for].messages[-1]["content"] == "nonsense"  # only B's answer was scored
 
 
+def test_a_half_written_prompts_file_is_not_trusted(tmp_path):
+  c = _config(**{"synthetic.n_per_language": 6})
+  work = tmp_path / "w"
+  full = A.run(c, str(work), pool=_pool())
+  assert full["n_sft"] == 12
+  prompts = work / "prompts.jsonl"
+  whole = prompts.read_bytes()
+  prompts.write_bytes(whole[:len(whole) // 3])  # killed while writing it
+  for name in os.listdir(work):  # and nothing answered yet
+    if name != "prompts.jsonl":
+      os.remove(work / name)
+  again = _pool()
+  rep = A.run(c, str(work), pool=again)
+  assert rep["n_sft"] == 12 and again.generated == 48 and prompts.read_bytes() == whole
+  # a given prompts file cut mid-line is an error naming it, not 1/3 of the run
+  cut = tmp_path / "cut.jsonl"
+  cut.write_bytes(whole[:len(whole) // 3])
+  n_lines = cut.read_bytes().count(b"\n") + 1
+  with pytest.raises(records.RecordError, match=f"^{cut}:{n_lines}: the last line is cut off"):
+    A.run(_config(prompts=str(cut)), str(tmp_path / "w2"), pool=_pool())
+  # a line that is not UTF-8 is a problem naming its line; the others are answered
+  bad = tmp_path / "latin1.jsonl"
+  lines = whole.splitlines(keepends=True)
+  bad.write_bytes(b"".join(lines[:2]) + b'{"id": "x\xe9", "language": "fr"}\n'
+                  + b"".join(lines[2:]))
+  got, problems = A.read_prompts(str(bad))
+  assert len(got) == 12 and [p["line"] for p in problems] == [3]
+  assert "not UTF-8" in problems[0]["problem"]
+
+
 @pytest.mark.slow
 def test_real_teacher_pool_and_reward_model_scorer(tmp_path):
   """The stage drives aya_jax.teachers.TeacherPool and a RewardModelScorer

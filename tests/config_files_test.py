@@ -1,6 +1,8 @@
 """Config files loaded by path: the `file.py:arg` syntax, sibling configs, the CLI's hints."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -42,6 +44,17 @@ def test_32b_config_builds_on_the_8b_one():
 def test_missing_file_names_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.py"):
     config_files.get_config(str(tmp_path / "nope.py"))
+
+
+@pytest.mark.parametrize("flag", [["--config=configs/nope.py:smoke"],
+                                  ["--config", "configs/nope.py"]])
+def test_cli_names_a_config_file_that_does_not_exist_in_one_line(tmp_path, flag):
+  out = subprocess.run([sys.executable, "-m", "aya_jax.main", *flag, f"--workdir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert out.returncode == 1 and out.stdout == ""
+  want = (f"error: --config={flag[-1].split('=')[-1]}: config file configs/nope.py does not "
+          f"exist (looked for {os.path.abspath(os.path.join(ROOT, 'configs', 'nope.py'))})\n")
+  assert out.stderr == want
 
 
 def test_cli_hint_lists_the_valid_fields_of_a_misspelt_override():

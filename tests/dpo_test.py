@@ -187,3 +187,16 @@ def test_tr_dpo_needs_live_reference_and_runs(toy, tmp_path):
   plain, _ = _train(toy, tmp_path / "plain", reference="live")
   assert not np.allclose(np.asarray(synced["embedder"]["embedding"]),
                          np.asarray(plain["embedder"]["embedding"]))
+
+
+def test_tr_dpo_live_reference_survives_the_donated_state(toy, tmp_path):
+  """With TR-DPO the reference moves into the optimizer state, which every step
+  donates: the caller's reference arrays (online rounds keep them for later
+  rounds and merges) must not be freed with it."""
+  c, cfg, params, pairs, mesh, rules = _setup(toy, 8, reference="live", sync_every=2)
+  ref = jax.tree.map(jnp.copy, params)
+  # of a copy: a host view of ref itself (device_get on CPU) would pin its buffers
+  want = jax.device_get(jax.tree.map(jnp.copy, ref))
+  dpo.train_dpo(c, str(tmp_path), cfg, params, pairs, mesh, rules, ref_params=ref)
+  assert not any(x.is_deleted() for x in jax.tree.leaves(ref))
+  _close(jax.device_get(ref), want, atol=0)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 
 import jax
@@ -58,24 +59,56 @@ class Empty:
     return ["" for _ in prompts]
 
 
-def test_bootstrap_interval_matches_hand_computation():
-  x = np.array([1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5])
-  n_boot, seed = 40, 7
-  lo, hi = evaluation.bootstrap_ci(x, n_boot=n_boot, seed=seed)
-  # by hand: the same resampling draws, means, then the 2.5 / 97.5 percentiles
-  rng = np.random.default_rng(seed)
-  draws = rng.integers(0, len(x), size=(n_boot, len(x)))
-  means = sorted(sum(x[j] for j in row) / len(x) for row in draws)
+def _percentile_mc_sd(s, q, n_boot):
+  """Monte-Carlo sd of the q-quantile of n_boot resampled means whose distribution is about
+  normal with sd s: sqrt(q (1 - q) / B) / density at the quantile."""
+  from scipy import stats
+  return math.sqrt(q * (1 - q) / n_boot) * s / stats.norm.pdf(stats.norm.ppf(q))
 
-  def percentile(q):
-    pos = q / 100 * (n_boot - 1)   # 0.975 for q=2.5, 38.025 for q=97.5
-    k = int(pos)
-    return means[k] + (pos - k) * (means[k + 1] - means[k])
 
-  assert lo == pytest.approx(percentile(2.5), abs=1e-12)
-  assert hi == pytest.approx(percentile(97.5), abs=1e-12)
-  assert lo < x.mean() < hi
+def test_bootstrap_interval_of_a_proportion_is_binomial():
+  # 0/1 outcomes: a resample's mean is exactly Binomial(n, k/n) / n, so the percentile
+  # interval is that law's 2.5% and 97.5% quantiles. n=37, k=19: its CDF passes 0.025 and
+  # 0.975 mid-step (>= 0.009 from either side), and the empirical CDF of B=100k resamples
+  # is off by sd sqrt(q (1-q) / B) < 0.0005: the interval is the lattice value, exactly.
+  from scipy import stats
+  n, k, n_boot = 37, 19, 100_000
+  law = stats.binom(n, k / n)
+  lo_k, hi_k = law.ppf(0.025), law.ppf(0.975)
+  margin = min(0.025 - law.cdf(lo_k - 1), law.cdf(lo_k) - 0.025,
+               0.975 - law.cdf(hi_k - 1), law.cdf(hi_k) - 0.975)
+  assert margin > 15 * math.sqrt(0.025 * 0.975 / n_boot)
+  x = np.array([1.0] * k + [0.0] * (n - k))
+  np.random.default_rng(3).shuffle(x)
+  assert evaluation.bootstrap_ci(x, n_boot=n_boot, seed=1) == (lo_k / n, hi_k / n)
   assert evaluation.bootstrap_ci(np.full(9, 0.5)) == (0.5, 0.5)
+
+
+def test_paired_bootstrap_matches_scipy():
+  # the report's verdicts: the paired bootstrap of the per-prompt difference of two stages
+  # (recipe_report._paired) against scipy.stats.bootstrap(paired=True, percentile). Both
+  # are Monte Carlo with B = 100k: each end is off by < 6 x the sd of the difference of two
+  # independent percentile estimates. Unpaired, the interval would be twice as wide.
+  from scipy import stats
+  from aya_jax import recipe_report
+  rng = np.random.default_rng(0)
+  a = rng.normal(0.6, 0.2, 80)
+  b = a - 0.05 + rng.normal(0.0, 0.08, 80)  # the same prompts: strongly correlated
+  n_boot = 100_000
+  got = recipe_report._paired({"x": {"outcome": a.tolist()}, "y": {"outcome": b.tolist()}},
+                              "x", "y", "win_rate", {"n_boot": n_boot, "seed": 0})
+  mean = lambda u, v, axis=-1: np.mean(u - v, axis=axis)
+  ref = stats.bootstrap((a, b), mean, paired=True, vectorized=True, method="percentile",
+                        n_resamples=n_boot, confidence_level=0.95, rng=np.random.default_rng(1))
+  s = np.std(a - b) / math.sqrt(a.size)
+  tol = 6 * math.sqrt(2) * _percentile_mc_sd(s, 0.025, n_boot)
+  assert got["diff"] == pytest.approx(np.mean(a - b), abs=1e-12)
+  np.testing.assert_allclose(got["diff_ci"], [ref.confidence_interval.low,
+                                              ref.confidence_interval.high], atol=tol, rtol=0)
+  unpaired = stats.bootstrap((a, b), mean, paired=False, vectorized=True, method="percentile",
+                             n_resamples=20_000, rng=np.random.default_rng(2)).confidence_interval
+  assert (got["diff_ci"][1] - got["diff_ci"][0]) < 0.5 * (unpaired.high - unpaired.low)
+  assert got["beyond_noise"] is True
 
 
 def test_against_itself_is_half_and_against_wrong_is_one():

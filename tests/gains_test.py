@@ -33,20 +33,25 @@ def test_recipe_gains_on_held_out_prompts(tmp_path):
   v = {s: rows[s]["all"]["verifier"] for s in rep["stages"]}
   n = rep["n_prompts"]
   assert n >= 40, n
-  # The test split of this world has ~16 prompts per language, so one stage's
-  # mean verifier score moves by ~0.02 per prompt; the thresholds leave room
-  # for a few prompts, and the gain asserted is several times that.
-  # 1. arbitrage (routing by the learned arbiter) beats the single-teacher
-  #    baseline clearly, its win-rate interval above a tie
-  assert v["sft_mixed"] >= v["sft_single"] + 0.2, v
-  assert rows["sft_mixed"]["all"]["ci"][0] > 0.5, rows["sft_mixed"]["all"]
-  # 2. the merge of the family models keeps the mixed model's skill
-  assert v["sft_merged"] >= v["sft_mixed"] - 0.05, v
-  # 3. no later stage gives the gain back: the preference stages do not game
-  #    the arbiter into a collapse (each stays well above the baseline)
-  for s in rep["stages"]:
-    if s != "sft_single":
-      assert v[s] >= v["sft_single"] + 0.15, (s, v)
+  # Measured at seed 0 (47 prompts; README): baseline 0.372, arbitrage 0.681
+  # (difference +0.309 [+0.170, +0.457]), merged 0.755 (vs mixed +0.074 [-0.022,
+  # +0.191]), offline DPO 0.734, online rounds 0.681 and 0.660, each stage's
+  # win-rate interval against the baseline at least [0.61, 0.77]. One prompt
+  # moves a mean by ~0.02: the bounds below are the measured ones less a few.
   verdicts = {d["claim"]: d for d in rep["verdicts"]}
+  # 1. arbitrage (routing by the learned arbiter) beats the single-teacher
+  #    baseline beyond the noise: the paired interval of the difference > 0.1
   claim = verdicts["arbitrage SFT beats single-teacher SFT"]
   assert claim["holds"] and claim["measure"] == "verifier", claim
+  assert claim["beyond_noise"] and claim["diff_ci"][0] > 0.1, claim
+  assert v["sft_mixed"] >= v["sft_single"] + 0.25, v
+  # 2. the merge of the family models keeps the mixed model's skill: not worse
+  #    beyond the noise, and within 0.05 of it
+  merge = verdicts["merged family models at least match mixed-data SFT"]
+  assert merge["diff_ci"][1] > 0 and merge["diff"] >= -0.05, merge
+  # 3. no later stage gives the gain back: each beats the baseline beyond the
+  #    noise (win-rate interval above a tie) by at least 0.25 in mean score
+  for s in rep["stages"]:
+    if s != "sft_single":
+      assert v[s] >= v["sft_single"] + 0.25, (s, v)
+      assert rows[s]["all"]["ci"][0] > 0.55, (s, rows[s]["all"])

@@ -13,13 +13,12 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 from safetensors.numpy import save_file
 
 from aya_jax.models import config as config_lib
-from aya_jax.models import hf, hf_config
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from aya_jax.models import forward, hf, hf_config
 
 VARIANTS = ("cohere", "cohere_qk", "llama", "llama_bias", "gemma2", "qwen2")
 
@@ -221,16 +220,8 @@ def test_transformers_loads_our_save(hf_tiny_dirs, variant, tmp_path):
 
 
 # --- 4. logits parity with transformers ----------------------------------------------------
-def _forward():
-  import aya_jax.models as models
-  if not hasattr(models, "forward"):
-    pytest.skip("aya_jax.models.forward does not exist yet")
-  return models.forward
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_parity_with_transformers(hf_tiny_dirs, variant):
-  forward = _forward()
   cfg, params = hf.load(hf_tiny_dirs[variant])
   tokens, mask = _batch(length=12, pad=4)  # 12 > gemma2's sliding window of 4
   ref = _hf_logits(_hf_model(hf_tiny_dirs[variant]), tokens, mask)
@@ -246,7 +237,6 @@ def test_logits_parity_with_transformers(hf_tiny_dirs, variant):
 
 
 def test_value_head_parity_with_sequence_classification(hf_tiny_dirs, tmp_path):
-  forward = _forward()
   cfg, params = hf.load(hf_tiny_dirs["llama"])
   cfg = cfg.replace(value_head=True)
   params.pop("lm_head", None)  # a value-head model has no LM head
@@ -421,3 +411,73 @@ def test_save_checks_params(tmp_path):
   params = {"embedder": {"embedding": np.zeros((97, 48), np.float32)}}
   with pytest.raises(ValueError, match="final_norm/scale"):
     hf.save(cfg, params, tmp_path)
+
+
+def _sharded_copy(src, dst):
+  cfg, params = hf.load(src)
+  hf.save(cfg, params, dst, max_shard_bytes=40_000)
+  with open(os.path.join(dst, hf.INDEX_FILE)) as f:
+    return json.load(f)
+
+
+def _write_index(dst, index):
+  with open(os.path.join(dst, hf.INDEX_FILE), "w") as f:
+    json.dump(index, f)
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/etc/passwd", "a/../../x.safetensors",
+                                   "", "."])
+def test_index_shards_stay_inside_the_model_directory(hf_tiny_dirs, tmp_path, shard):
+  index = _sharded_copy(hf_tiny_dirs["llama"], tmp_path / "m")
+  (tmp_path / "x.safetensors").write_bytes((tmp_path / "m" / next(
+      iter(index["weight_map"].values()))).read_bytes())  # a real file outside the dir
+  index["weight_map"]["model.norm.weight"] = shard
+  _write_index(tmp_path / "m", index)
+  match = rf"{hf.INDEX_FILE}: tensor 'model.norm.weight' is in '{shard}', which is not a file"
+  with pytest.raises(ValueError, match=match):
+    hf.load(tmp_path / "m")
+  from aya_jax import checkpoint
+  with pytest.raises(ValueError, match=match):
+    checkpoint.open_reader(str(tmp_path / "m"))
+
+
+def test_index_that_disagrees_with_its_shards(hf_tiny_dirs, tmp_path):
+  index = _sharded_copy(hf_tiny_dirs["llama"], tmp_path / "m")
+  shards = sorted(set(index["weight_map"].values()))
+  wrong = next(s for s in shards if s != index["weight_map"]["model.norm.weight"])
+  index["weight_map"]["model.norm.weight"] = wrong
+  _write_index(tmp_path / "m", index)
+  with pytest.raises(ValueError, match=f"lists tensor 'model.norm.weight' in .*{wrong}, which "
+                                       "does not hold it"):
+    hf.load(tmp_path / "m")
+  with open(tmp_path / "m" / hf.INDEX_FILE, "w") as f:
+    f.write('{"weight_map": ')
+  with pytest.raises(ValueError, match=f"{hf.INDEX_FILE}: not a safetensors index"):
+    hf.load(tmp_path / "m")
+
+
+def test_tensor_in_two_files_is_an_error(hf_tiny_dirs, tmp_path):
+  shutil.copytree(hf_tiny_dirs["cohere"], tmp_path / "m")
+  norm = hf.read_hf_tensor(tmp_path / "m", "model.norm.weight")
+  save_file({"model.norm.weight": norm}, str(tmp_path / "m" / "value_head.safetensors"))
+  with pytest.raises(ValueError, match="'model.norm.weight' is in both .*model.safetensors "
+                                       "and .*value_head.safetensors"):
+    hf.Reader(tmp_path / "m")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.pop("hidden_size"), r"hidden_size=None in .*config.json: a positive integer"),
+    (lambda d: d.update(num_hidden_layers=10**9), r"'model.layers.2.[\w.]+' .* is missing "
+                                                  "from .*model.safetensors"),
+])
+def test_config_json_that_disagrees_or_lacks_dims(hf_tiny_dirs, tmp_path, edit, match):
+  shutil.copytree(hf_tiny_dirs["llama"], tmp_path / "m")
+  path = tmp_path / "m" / "config.json"
+  d = json.loads(path.read_text())
+  edit(d)
+  path.write_text(json.dumps(d))
+  with pytest.raises(ValueError, match=match):
+    hf.load(tmp_path / "m")  # 10**9 layers: fails before allocating them
+  path.write_text('{"architectures": ["LlamaForCausalLM"], ')
+  with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+    hf.load(tmp_path / "m")

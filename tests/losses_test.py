@@ -214,3 +214,26 @@ def test_chunked_same_numbers_sharded_on_8_devices():
   np.testing.assert_allclose(got, want, rtol=1e-6)
   np.testing.assert_allclose(gh, wgh, atol=1e-6)
   np.testing.assert_allclose(gw, wgw, atol=1e-6)
+
+
+def test_clipped_reinforce_loss_by_hand_and_its_gradient_at_the_old_policy():
+  """PPO's clipped objective on per-token ratios, written out by hand; at
+  pi = pi_old its gradient is REINFORCE's on the summed log-prob."""
+  lp = jnp.array([[-1.0, -2.0, -0.5], [-0.3, -0.1, -4.0]])
+  old = jnp.array([[-1.2, -2.0, -0.1], [-0.3, -0.6, -4.0]])
+  mask = jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32)
+  adv, w, eps = jnp.array([2.0, -1.0]), jnp.array([1.0, 1.0]), 0.2
+  r = np.exp(np.asarray(lp) - np.asarray(old))  # [[1.2214, 1, 0.6703], [1, 1.6487, 1]]
+  want = 0.0
+  for i, a in enumerate([2.0, -1.0]):
+    for t in range(3):
+      want += float(mask[i, t]) * min(r[i, t] * a, np.clip(r[i, t], 0.8, 1.2) * a)
+  got = losses.clipped_reinforce_loss(lp, old, mask, adv, w, eps, 2.0)
+  np.testing.assert_allclose(float(got), -want / 2.0, rtol=1e-6)
+  # row 0 token 0: ratio 1.22 > 1.2 with A > 0 -> clipped, no gradient there
+  g = jax.grad(lambda x: losses.clipped_reinforce_loss(x, old, mask, adv, w, eps, 2.0))(lp)
+  assert float(g[0, 0]) == 0.0 and float(g[0, 1]) != 0.0
+  # at the old policy the gradient equals reinforce_loss's
+  g_clip = jax.grad(lambda x: losses.clipped_reinforce_loss(x, lp, mask, adv, w, eps, 2.0))(lp)
+  g_pg = jax.grad(lambda x: losses.reinforce_loss(jnp.sum(x * mask, -1), adv, w, 2.0))(lp)
+  np.testing.assert_allclose(np.asarray(g_clip), np.asarray(g_pg), rtol=1e-6)

@@ -1,8 +1,11 @@
 """Merging: every method against hand-computed values (formula named in each test), mergekit
-0.1.5 parity on tiny HF Llama checkpoints, streaming == in memory, bounded memory, search."""
+0.1.5 parity on tiny HF Llama checkpoints (fp32; bf16 bit for bit; DARE's statistics),
+streaming == in memory, bounded memory, a failed merge keeps the previous one, YAML errors,
+search. (Ranks against torch's sort: merge_ranks_test.py.)"""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -85,27 +88,12 @@ def test_ties_trims_by_magnitude():
   # density 0.4: keep k = int(0.4*5) = 2 largest |d|: 5, -4; normalize by the kept weight
   out = _m("ties", [x], b, mp=[{"weight": 0.5, "density": 0.4}])
   np.testing.assert_allclose(out["w"], [5.0, -4.0, 0.0, 0.0, 0.0])
-  # equal |d| at the threshold rank by position, as a stable sort: [1, 2, 2, 2, 2] keeps
-  # the ranks 2..4 = the last three 2s
+  # equal |d| at the threshold: mergekit keeps torch.argsort(|d|, descending)[:3]; for 16
+  # or fewer elements that sort (libstdc++'s) is an insertion sort, which is stable: the
+  # first three of the 2s
   out = _m("ties", [{"w": A([1.0, -2.0, 2.0, 2.0, -2.0])}], b,
            mp=[{"weight": 1.0, "density": 0.6}])
-  np.testing.assert_array_equal(out["w"], [0.0, 0.0, 2.0, 2.0, -2.0])
-
-
-@pytest.mark.parametrize("lo, hi", [(250_000, 400_000), (0, 123_457), (399_990, 400_000)])
-def test_rank_selection_equals_a_stable_sort(lo, hi):
-  # numpy selects the k-th |d| on a sample-narrowed band (not a sort); with many equal
-  # values (bf16 deltas) and any memory order it must keep what jax's stable argsort keeps
-  rng = np.random.default_rng(0)
-  a = np.abs(rng.normal(size=(800, 500)).astype(ml_dtypes.bfloat16).astype(A))
-  want = np.asarray(merging._keep_ranks(jax.numpy, jax.numpy.asarray(a), lo, hi))
-  assert want.sum() == hi - lo
-  for view in (a, np.asfortranarray(a), np.ascontiguousarray(a.T).T):
-    np.testing.assert_array_equal(merging._keep_ranks(np, view, lo, hi), want)
-  # permuted 3-D layout (a HF q_proj read in place): C-order ties, whatever the strides
-  a3 = np.ascontiguousarray(a.reshape(800, 20, 25).transpose(1, 2, 0)).transpose(2, 0, 1)
-  assert merging._layout(a3) == (1, 2, 0)
-  np.testing.assert_array_equal(merging._keep_ranks(np, a3, lo, hi), want.reshape(a3.shape))
+  np.testing.assert_array_equal(out["w"], [0.0, -2.0, 2.0, 2.0, 0.0])
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs_ties"])
@@ -265,27 +253,103 @@ MERGEKIT_CASES = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(MERGEKIT_CASES))
-def test_matches_mergekit(method, llama_dirs, tmp_path):
-  pytest.importorskip("mergekit")
+def _mergekit_and_ours(d, tmp_path):
+  """The merge `d` (a mergekit config dict) by mergekit 0.1.5 and by merge_stream (from the
+  same YAML); both outputs loaded as flat params."""
+  import yaml
   from mergekit.config import MergeConfiguration
   from mergekit.merge import MergeOptions, run_merge
-  base, mps, params = MERGEKIT_CASES[method]
-  models = llama_dirs[1:1 + len(mps)]
-  d = dict(merge_method=method, dtype="float32", parameters=params,
-           models=[dict(model=m, parameters=p) for m, p in zip(models, mps)])
-  if base:
-    d["base_model"] = llama_dirs[0]
-    d["models"].insert(0, dict(model=llama_dirs[0]))  # mergekit style: base listed too
   run_merge(MergeConfiguration.model_validate(d), str(tmp_path / "mk"),
             MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-  import yaml
-  spec = merge_spec.spec_from_yaml(yaml.safe_dump(d))
-  merge_stream.merge_from_spec(spec, str(tmp_path / "ours"))
+  merge_stream.merge_from_spec(merge_spec.spec_from_yaml(yaml.safe_dump(d)),
+                               str(tmp_path / "ours"))
   ref, ours = _load(str(tmp_path / "mk")), _load(str(tmp_path / "ours"))
   assert set(ref) == set(ours)
+  return ref, ours
+
+
+def _mergekit_config(method, base, mps, params, dirs, **extra):
+  d = dict(merge_method=method, parameters=params,
+           models=[dict(model=m, parameters=p) for m, p in zip(dirs[1:1 + len(mps)], mps)],
+           **extra)
+  if base:
+    d["base_model"] = dirs[0]
+    d["models"].insert(0, dict(model=dirs[0]))  # mergekit style: base listed too
+  return d
+
+
+@pytest.mark.parametrize("method", sorted(MERGEKIT_CASES))
+def test_matches_mergekit(method, llama_dirs, tmp_path):
+  d = _mergekit_config(method, *MERGEKIT_CASES[method], llama_dirs, dtype="float32")
+  ref, ours = _mergekit_and_ours(d, tmp_path)
   diff = max(float(np.abs(ref[k] - ours[k]).max()) for k in ref)
   assert diff < 1e-6, (method, diff)
+
+
+@pytest.fixture(scope="module")
+def coarse_bf16_dirs(tmp_path_factory):
+  """Tiny HF Llama checkpoints in bf16 whose values are multiples of 1/32: |d| ties a lot."""
+  import torch
+  root = tmp_path_factory.mktemp("merge_bf16")
+  dirs = []
+  for seed in range(4):
+    model = hf_tiny_model("llama", seed + 20)
+    with torch.no_grad():
+      for _, t in model.named_parameters():
+        t.copy_(torch.round(t * 32) / 32)
+    dirs.append(str(root / f"m{seed}"))
+    model.to(torch.bfloat16).save_pretrained(dirs[-1])
+  return dirs
+
+
+@pytest.mark.parametrize("method, mps", [
+    ("ties", [dict(weight=0.6, density=0.5), dict(weight=0.5, density=[0.3, 0.9]),
+              dict(weight=0.3, density=0.7)]),
+    ("breadcrumbs", [dict(weight=0.6, density=0.7, gamma=0.05),
+                     dict(weight=0.5, density=0.4, gamma=0.1)]),
+    ("breadcrumbs_ties", [dict(weight=0.6, density=0.6, gamma=0.02),
+                          dict(weight=0.5, density=0.8, gamma=0.1),
+                          dict(weight=0.4, density=0.5, gamma=0.05)])])
+def test_matches_mergekit_bf16_exactly(method, mps, coarse_bf16_dirs, tmp_path):
+  # bf16 checkpoints with coarse values: many equal |d| at each TIES / breadcrumbs cut,
+  # where mergekit's sort decides which are kept. mergekit computes in fp32 (dtype) and
+  # writes bf16 (out_dtype), as we do: every output bit must be the same.
+  d = _mergekit_config(method, "base", mps, {}, coarse_bf16_dirs, dtype="float32",
+                       out_dtype="bfloat16")
+  ref, ours = _mergekit_and_ours(d, tmp_path)
+  assert {ours[k].dtype for k in ours} == {np.dtype(ml_dtypes.bfloat16)}  # (hf.load: mergekit's
+  bits = lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).view(np.uint16)  # bf16 in fp32)
+  differ = {k: int(np.count_nonzero(bits(ref[k]) != bits(ours[k]))) for k in ref}
+  assert sum(differ.values()) == 0, {k: v for k, v in differ.items() if v}
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("density", [0.3, 0.7])
+def test_dare_drop_matches_mergekit_statistics(method, density, llama_dirs, tmp_path):
+  # DARE's masks come from different RNGs (torch.bernoulli vs jax), so compare what they
+  # must share: one model, weight 1, out - base = scale * mask * d. Kept fraction: over the
+  # ~50k elements its sd is sqrt(p (1 - p) / n) < 0.0023, so 1% is > 4 sd (torch seeded:
+  # no flakes). Scale: mergekit matches each tensor's L1 norm, |out - b|_1 = |x - b|_1
+  # (not 1/p: |m d|_1 / p misses it by ~0.5% on a 4608-element tensor at p = 0.3).
+  import torch
+  torch.manual_seed(0)
+  d = _mergekit_config(method, "base", [dict(weight=1.0, density=density)], {}, llama_dirs,
+                       dtype="float32")
+  ref, ours = _mergekit_and_ours(d, tmp_path)
+  b, x = _load(llama_dirs[0]), _load(llama_dirs[1])
+  delta = {k: np.asarray(x[k], np.float64) - np.asarray(b[k], np.float64) for k in b}
+  kept = {}
+  for name, out in (("mergekit", ref), ("ours", ours)):
+    moved = {k: np.asarray(out[k], np.float64) - np.asarray(b[k], np.float64) for k in b}
+    kept[name] = (sum(np.count_nonzero(np.abs(m) > 1e-9) for m in moved.values()) /
+                  sum(m.size for m in moved.values()))
+    for k in b:  # the L1 norm of every tensor (per layer for stacked ones) is the delta's
+      for i in range(moved[k].shape[0] if k.startswith("layers/") else 1):
+        sl = (lambda a: a[i]) if k.startswith("layers/") else (lambda a: a)
+        np.testing.assert_allclose(np.abs(sl(moved[k])).sum(), np.abs(sl(delta[k])).sum(),
+                                   rtol=2e-5, err_msg=f"{name} {k} {i}")
+  assert abs(kept["mergekit"] - density) < 0.01 and abs(kept["ours"] - density) < 0.01, kept
+  assert abs(kept["mergekit"] - kept["ours"]) < 0.01, kept
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "task_arithmetic"])
@@ -390,6 +454,76 @@ def test_yaml_and_config_stage(llama_dirs, tmp_path):
   config.merge.model_parameters.weight = (0.25, 0.75)
   spec = merge_spec.spec_from_config(config.merge)
   assert spec.model_parameters == [{"weight": 0.25}, {"weight": 0.75}]
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+  yml = tmp_path / "bad.yml"
+  yml.write_text("merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 0.5\n"
+                 "base_model: b\n")  # the flow mapping on line 4 is never closed
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(yml))}:5:\d+: merge YAML is not "
+                     "valid YAML: while parsing a flow mapping"):
+    merge_spec.spec_from_yaml(str(yml))
+  yml.write_text("merge_method: nope\nmodels: [a]\n")
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(yml))}: unknown merge_method 'nope'"):
+    merge_spec.spec_from_yaml(str(yml))
+  with pytest.raises(ValueError, match=r"^<merge YAML text>:2:7: merge YAML is not valid"):
+    merge_spec.spec_from_yaml("merge_method: [linear\nmodels: a\n")
+  # a path that does not exist is named, not parsed as YAML text (which gave a string)
+  config = _merge_config([], [])
+  for missing in ("/nonexistent.yml", str(tmp_path / "merges/ties"), "ties.yaml"):
+    config.merge.yaml = missing
+    with pytest.raises(FileNotFoundError, match=f"merge YAML file '{re.escape(missing)}' does "
+                       "not exist"):
+      merge_stream.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def _files(root):
+  """relative path -> bytes of every file under root."""
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      with open(os.path.join(d, n), "rb") as f:
+        out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+  return out
+
+
+def _merge_config(models, weights, method="linear", out_hf=False):
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs import merge as merge_config
+  config = merge_config.get_config()
+  config.merge.method, config.merge.models = method, tuple(models)
+  config.merge.model_parameters.weight = tuple(weights)
+  config.merge.out_hf = out_hf
+  return config
+
+
+@pytest.mark.parametrize("out_hf", [False, True])
+def test_failed_merge_keeps_the_previous_one(llama_dirs, tmp_path, out_hf):
+  # a good merge, then one whose weights cannot be normalised (they sum to 0), into the
+  # same workdir: the error names the problem, and params/ (and hf/) and merge_spec.json
+  # are byte for byte the good merge's; nothing half-written is left beside them
+  work = str(tmp_path / "w")
+  merge_stream.run(_merge_config(llama_dirs[1:], (0.25, 0.75), out_hf=out_hf), work)
+  before = _files(work)
+  assert "merge_spec.json" in before and "params/model_config.json" in before
+  assert json.loads(before["merge_spec.json"])["model_parameters"][0] == {"weight": 0.25}
+  with pytest.raises(ValueError, match=r"linear weights \[1.0, -1.0\] sum to 0 for tensor"):
+    merge_stream.run(_merge_config(llama_dirs[1:], (1.0, -1.0), out_hf=out_hf), work)
+  assert _files(work) == before
+  assert sorted(os.listdir(tmp_path)) == ["w"] and sorted(os.listdir(work)) == sorted(
+      ["merge_spec.json", "params"] + (["hf"] if out_hf else []))
+  # a merge that fails while writing (here: a tensor's merge raises) is rolled back too
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(merging, "merge_tensor", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError, match="disk"):
+      merge_stream.run(_merge_config(llama_dirs[1:], (0.5, 0.5), out_hf=out_hf), work)
+  assert _files(work) == before and sorted(os.listdir(tmp_path)) == ["w"]
+  # and a good one replaces it
+  merge_stream.run(_merge_config(llama_dirs[1:], (0.5, 0.5), out_hf=out_hf), work)
+  assert json.loads(_files(work)["merge_spec.json"])["model_parameters"][0] == {"weight": 0.5}
+  assert sorted(os.listdir(work)) == sorted(["merge_spec.json", "params"] +
+                                            (["hf"] if out_hf else []))
 
 
 _RSS_SCRIPT = """

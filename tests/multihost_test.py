@@ -6,6 +6,8 @@ One launch per topology runs, in each worker:
   cooperatively (`checkpoint.save_params`, Orbax), also after step 0 and step 1;
 - sampling: `sampler.generate` with the trained (globally sharded) params, the batch of
   ragged prompts sharded over the 4-device mesh, temperature sampling, 2 samples each;
+- RLOO: one round (`train.rloo.train_rloo`) on fixed samples, the trained params as the
+  policy and the step-0 params as the reference;
 - merge: the merge stage's call on every process, `merge_stream.merge_checkpoints` of the
   step-1 and final params with DARE-TIES against the step-0 params (the cooperatively
   written checkpoints), into one shared params/ dir.
@@ -77,7 +79,32 @@ def _worker(pid: int, nproc: int, port: int, out: str):
   np.savez(os.path.join(out, f"samples_{jax.process_index()}.npz"), tokens=res.tokens,
            lengths=res.lengths, logprobs=res.logprobs)
 
+  _rloo(out, cfg, st.params, mesh, rules, rs)
   _merge(out, os.path.join(out, "merged"))  # what the 'merge' stage runs on every host
+
+
+def _rloo(out, cfg, policy, mesh, rules, rs):
+  """One RLOO round (online.algorithm='rloo') on fixed samples: the policy is the
+  SFT result, the reference its step-0 params; every process holds every row."""
+  import jax
+  from aya_jax import checkpoint, sharding
+  from aya_jax.train import online, rloo
+  config = online.default_config()
+  config.data.seq_len, config.data.batch_size = SEQ, 4
+  config.optim.lr, config.optim.warmup_steps, config.optim.total_steps = 1e-3, 0, 3
+  config.loop.num_steps, config.loop.checkpoint_every, config.loop.log_every = 3, 100, 1
+  config.online.kl_coef, config.online.k = 0.1, 2
+  prompts = [rs.randint(3, cfg.vocab_size, (n,)).astype(np.int32) for n in (3, 5, 4)]
+  completions = [rs.randint(3, cfg.vocab_size, (n,)).astype(np.int32) for n in (4, 2, 6, 3, 5, 1)]
+  rows = rloo.sample_rows(prompts, completions, 2, SEQ, 0)
+  scores = rs.rand(3, 2).astype(np.float32)
+  _, ref = checkpoint.load_model(os.path.join(out, "params_0"),
+                                 sharding.param_shardings(cfg, mesh, rules))
+  params, rep = rloo.train_rloo(config, os.path.join(out, "rloo"), cfg, policy, ref, rows,
+                                scores, np.ones(3, bool), mesh, rules)
+  checkpoint.save_params(os.path.join(out, "rloo_params"), cfg, params)
+  with open(os.path.join(out, f"rloo_{jax.process_index()}.json"), "w") as f:
+    json.dump(rep, f)
 
 
 def _merge(run: str, out: str):
@@ -154,6 +181,14 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_array_equal(r["lengths"], runs[0]["lengths"])
     np.testing.assert_allclose(r["logprobs"], runs[0]["logprobs"], rtol=1e-4, atol=1e-5)
   assert len({tuple(t) for t in runs[0]["tokens"]}) > 6  # sampled, not one row repeated
+  # RLOO: the same KL, rewards and trained params on 2 processes as on 1
+  reps = [json.load(open(os.path.join(multi, f"rloo_{i}.json"))) for i in range(2)]
+  one = json.load(open(os.path.join(single, "rloo_0.json")))
+  assert reps[0] == reps[1] and one["mean_kl"] != 0.0
+  for key in ("mean_kl", "mean_reward"):
+    assert reps[0][key] == pytest.approx(one[key], rel=1e-4, abs=1e-5)
+  _assert_same_params(os.path.join(multi, "rloo_params"), os.path.join(single, "rloo_params"),
+                      rtol=1e-4, atol=1e-5)
   # merge: written once by the two processes, exactly the merge of the same inputs in
   # this one process; close to the single run's (its inputs differ in float rounding)
   here = str(tmp_path / "merged_here")

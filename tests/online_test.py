@@ -11,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, config_files, merging
+from aya_jax import checkpoint, config_files, losses, merging
 from aya_jax.data import formatting, records
+from aya_jax.models import tiny
+from conftest import random_params
 from aya_jax.train import online, sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,3 +164,91 @@ def test_merge_policy_by_hand(tmp_path):
     online.merge_policy(mc, named, cfg=None)
   mc.method = ""
   assert online.merge_names(mc) == ()
+
+
+def test_group_scores_empty_answers_and_unscorable_prompts_by_hand():
+  nan = float("nan")
+  raw = np.array([[0.9, -2.0, 0.5],     # empty answer 1: scores the group's lowest, 0.5
+                  [-3.0, -1.0, -2.0],   # a reward model's negative scale: empty gets -3, not 0
+                  [0.2, nan, 0.1],      # the scorer failed on a real answer: unusable
+                  [0.0, 0.0, 0.0]], np.float32)  # every answer empty: no score at all
+  empty = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)
+  scores, usable = online.group_scores(raw, empty)
+  np.testing.assert_allclose(scores[0], [0.9, 0.5, 0.5])
+  np.testing.assert_allclose(scores[1], [-2.0, -1.0, -2.0])
+  assert usable.tolist() == [True, True, False, False]
+  scores, usable = online.group_scores(raw, empty, empty_score=-5.0)  # a configured penalty
+  np.testing.assert_allclose(scores[0], [0.9, -5.0, 0.5])
+  np.testing.assert_allclose(scores[3], [-5.0, -5.0, -5.0])
+  assert usable.tolist() == [True, True, False, True]
+  # RLOO: an empty answer never gets a positive advantage
+  adv = np.asarray(losses.rloo_advantages(online.group_scores(raw, empty)[0][:2]))
+  assert adv[0, 1] <= 0 and adv[1, 0] <= 0
+
+
+def test_pairs_and_report_skip_unscorable_prompts():
+  """A NaN score must not reach max/min (order-dependent) nor the means."""
+  prompts = [(p, "en", ({"role": "user", "content": "q"},)) for p in "ab"]
+  texts = ["x", "y", "z", "u", "v", "w"]
+  scores = np.array([[0.1, 0.9, 0.5], [0.3, float("nan"), 0.7]], np.float32)
+  usable = np.array([True, False])
+  pairs = online.best_worst_pairs(prompts, texts, scores, 0.0, "t", usable)
+  assert [p.id for p in pairs] == ["a#t"]
+  rep = online.round_report(prompts, scores, np.ones(6), np.ones(6, bool), None, usable,
+                            np.zeros(6, bool))
+  assert rep["mean_score"] == pytest.approx(0.5) and rep["n_dropped_prompts"] == 1
+
+
+def test_online_k_below_two_is_an_error(sft_model, tmp_path):
+  c = _config(sft_model, "rloo")
+  c.online.k = 1
+  with pytest.raises(ValueError, match="online.k=1"):
+    online.run(c, str(tmp_path), scorer=LikesRed())
+
+
+def test_rloo_kl_is_to_the_fixed_reference(sft_model, tmp_path):
+  """The pipeline runs one iteration per call, starting each from the last
+  round's policy: the KL must be to the reference it names (dpo.reference_init),
+  not to the round's own start (where it is 0 and kl_coef has no effect)."""
+  def round_2(name, kl_coef, reference):
+    c = _config(sft_model, "rloo")
+    c.online.iterations, c.online.kl_coef = 1, kl_coef
+    c.model.init, c.dpo.reference_init = str(tmp_path / "round_1" / "params"), reference
+    c.loop.num_steps = c.optim.total_steps = 2
+    return online.run(c, str(tmp_path / name), scorer=LikesRed())[1][0]
+
+  c = _config(sft_model, "rloo")
+  c.online.iterations = 1
+  online.run(c, str(tmp_path / "round_1"), scorer=LikesRed())  # the policy moves off the SFT
+  sft_params = str(sft_model / "sft" / "params")
+  own = round_2("own", 0.5, "")  # reference = the round's own start: KL exactly 0
+  assert own["mean_kl"] == 0.0 and own["mean_reward"] == pytest.approx(own["mean_score"])
+  weak, strong = round_2("kl0", 0.0, sft_params), round_2("kl1", 1.0, sft_params)
+  assert weak["mean_kl"] == pytest.approx(strong["mean_kl"]) and weak["mean_kl"] > 0.01
+  assert weak["mean_reward"] == pytest.approx(weak["mean_score"])
+  assert strong["mean_reward"] == pytest.approx(strong["mean_score"] - strong["mean_kl"],
+                                                abs=1e-5)
+
+
+def test_pipeline_online_rounds_share_one_reference(tmp_path, monkeypatch):
+  """recipe_steps.run_online: round r starts from round r-1's policy, and every
+  round's reference is the policy the online stage started from."""
+  from aya_jax import recipe_steps
+  seen = []
+
+  def fake_run(oc, sub, scorer=None):
+    seen.append((oc.model.init, oc.dpo.reference_init))
+    cfg = tiny("llama")
+    checkpoint.save_params(os.path.join(sub, "params"), cfg, random_params(cfg))
+
+  monkeypatch.setattr(recipe_steps.online, "run", fake_run)
+  monkeypatch.setattr(recipe_steps, "scorer", lambda *a, **k: LikesRed())
+  monkeypatch.setattr(recipe_steps, "filter_languages", lambda path, out, langs, *a: path)
+  c = config_files.load_module(os.path.join(ROOT, "configs/pipeline.py")).get_config("smoke")
+  c.online.iterations, c.online.per_family = 3, False
+  out = recipe_steps.run_online(c, str(tmp_path), {"tokenizer": "tok"}, "start/params", {},
+                                {"sft": "sft.jsonl"}, {}, ("en",), "rloo")
+  rounds = [str(tmp_path / f"round_{i}" / "all" / "params") for i in (1, 2, 3)]
+  assert out["rounds"] == rounds
+  assert seen == [("start/params", "start/params"), (rounds[0], "start/params"),
+                  (rounds[1], "start/params")]

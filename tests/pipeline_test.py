@@ -407,3 +407,27 @@ def test_bad_arguments(tok):
     run(recs, tok, seed=-1)
   with pytest.raises(ValueError, match="mix_by"):
     run(recs, tok, weights={"en": 1}, mix_by="lang")
+
+
+def test_endless_stream_with_every_example_skipped_is_an_error(tok):
+  """skip_invalid and no example with a loss token within seq_len: an endless
+  stream (num_epochs=None, what training uses) used to spin forever."""
+  import signal
+
+  def hung(*_):
+    raise TimeoutError("the iterator spun for 120 s without an error")
+
+  long = [R.SFTRecord(id=f"long{i}", language="en", messages=[
+      {"role": "user", "content": " ".join(["cat sleeps"] * 60)},
+      {"role": "assistant", "content": "yes"}]) for i in range(5)]
+  it, stats = P.make_sft_iterator(long, tok, seq_len=40, global_batch_size=4, seed=0,
+                                  num_epochs=None, skip_invalid=True)
+  old = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(120)
+  try:
+    with pytest.raises(ValueError, match=r"a full pass over the data \(5 examples\) yielded no"):
+      next(it)
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+  assert stats.n_empty == 5

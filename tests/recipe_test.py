@@ -79,6 +79,27 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
     c.dpo.beta = 0.2
   ran = recipe.run(c, work)["ran"]
   assert ran == ["dpo_european", "dpo_slavic_turkic", "dpo_merged", "online", "rloo", "eval"]
+  # 5. a copy (cp -a) with a changed value trains from the copy's files, not the original's
+  copy = str(tmp_path / "copy")
+  shutil.copytree(work, copy)
+  seen = []
+  def stop(c, d, tok, init, arb, fam):
+    seen.append((init, arb["pairs"]))
+    raise Killed("stop")
+  monkeypatch.setattr(recipe.steps, "run_dpo", stop)
+  with c.unlocked():
+    c.dpo.beta = 0.3
+  with pytest.raises(Killed):
+    recipe.run(c, copy)
+  assert seen == [(os.path.join(copy, "sft_merged", "params"),
+                   os.path.join(copy, "arbitrage", "pairs_offline.jsonl"))]
+  monkeypatch.undo()
+  # 6. a step whose output was deleted runs again; what follows it is still trusted
+  shutil.rmtree(os.path.join(work, "sft_merged", "params"))
+  with c.unlocked():
+    c.dpo.beta = 0.2
+  assert recipe.run(c, work)["ran"] == ["sft_merged"]
+  assert checkpoint.is_params_dir(os.path.join(work, "sft_merged", "params"))
 
 
 def _result(verifier_a, win):
@@ -148,6 +169,116 @@ def test_runner_on_other_processes_runs_steps_but_leaves_the_workdir_to_process_
   r0 = recipe.Runner(str(tmp_path))
   r0.step("a", {"k": 1}, lambda d: {"n": len(os.listdir(d))})
   assert not (tmp_path / "a" / "leftover").exists() and (tmp_path / recipe.STATE).exists()
+
+
+def _make(d, *names):
+  for name in names:
+    os.makedirs(os.path.dirname(os.path.join(d, name)), exist_ok=True)
+    with open(os.path.join(d, name), "w") as f:
+      f.write(d)
+  return {"params": os.path.join(d, "params"), "files": [os.path.join(d, n) for n in names],
+          "note": "not a path", "none": ""}
+
+
+def test_state_paths_are_relative_so_a_copy_reads_its_own_files(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  r = recipe.Runner(a)
+  out, _ = r.step("sft", {"k": 1}, lambda d: _make(d, "params/w", "data.jsonl"))
+  stored = json.load(open(os.path.join(a, recipe.STATE)))["sft"]["outputs"]
+  assert stored == {"params": "./sft/params", "files": ["./sft/params/w", "./sft/data.jsonl"],
+                    "note": "not a path", "none": ""}
+  shutil.copytree(a, b)  # cp -a runs/a runs/b
+  with open(os.path.join(b, "sft", "params", "w"), "w") as f:
+    f.write("b's own")
+  calls = []
+  rb = recipe.Runner(b)
+  out_b, _ = rb.step("sft", {"k": 1}, lambda d: calls.append(d))
+  assert calls == [] and out_b == {"params": os.path.join(b, "sft", "params"), "note": "not a path",
+                                   "files": [os.path.join(b, "sft", "params", "w"),
+                                             os.path.join(b, "sft", "data.jsonl")], "none": ""}
+  # a changed value in b trains from b's files, never a's
+  seen = []
+  rb.step("dpo", {"k": 2}, lambda d: seen.append(open(os.path.join(out_b["params"], "w")).read()))
+  assert seen == ["b's own"]
+
+
+def test_a_moved_workdir_finds_its_arbitrage_pairs(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  recipe.Runner(a).step("arbitrage", {"k": 1}, lambda d: dict(
+      pairs=_make(d, "pairs_offline.jsonl")["files"][0], contrast=""))
+  shutil.move(a, b)  # mv runs/a runs/b, then a changed DPO value
+  arb, _ = recipe.Runner(b).step("arbitrage", {"k": 1}, lambda d: pytest.fail("ran again"))
+  assert arb["pairs"] == os.path.join(b, "arbitrage", "pairs_offline.jsonl")
+  assert os.path.exists(arb["pairs"])
+  # no pairs at all is recorded as "" and blamed on min_gap, with no path to mislead
+  with pytest.raises(ValueError, match=r"^arbitrage kept no best/worst pair \(every score gap "
+                                       r"below config\.arbitrage\.min_gap"):
+    recipe.steps.run_dpo(_config(), str(tmp_path / "dpo"), "tok", "init", dict(pairs=""), ["en"])
+
+
+def test_a_step_whose_outputs_are_missing_runs_again(tmp_path, caplog):
+  work = str(tmp_path / "w")
+  calls = []
+  fn = lambda d: calls.append(d) or _make(d, "params/w")  # noqa: E731
+  recipe.Runner(work).step("sft_merged", {"k": 1}, fn)
+  shutil.rmtree(os.path.join(work, "sft_merged", "params"))
+  r = recipe.Runner(work)
+  with caplog.at_level("WARNING"):
+    out, _ = r.step("sft_merged", {"k": 1}, fn)
+  assert len(calls) == 2 and r.ran == ["sft_merged"] and os.path.exists(out["files"][0])
+  missing = os.path.join(work, "sft_merged", "params")
+  assert f"sft_merged is recorded as done but its recorded output {missing} is missing" \
+      in caplog.text
+  # a state file from before paths were relative, copied: not trusted either
+  state = json.load(open(os.path.join(work, recipe.STATE)))
+  state["sft_merged"]["outputs"]["params"] = "/elsewhere/runs/a/sft_merged/params"
+  records.write_json(os.path.join(work, recipe.STATE), state)
+  recipe.Runner(work).step("sft_merged", {"k": 1}, fn)
+  assert len(calls) == 3
+
+
+def test_a_torn_state_file_is_stale_and_steps_resume_in_place(tmp_path, caplog):
+  work = str(tmp_path / "w")
+  recipe.Runner(work).step("sft", {"k": 1}, lambda d: _make(d, "params/w", "ckpt"))
+  path = os.path.join(work, recipe.STATE)
+  with open(path, "r+") as f:
+    f.truncate(30)
+  with caplog.at_level("WARNING"):
+    r = recipe.Runner(work)
+  assert r.state == {} and f"{path}: unreadable pipeline state" in caplog.text
+  # the step runs again in its own directory: same spec, so its files stay (resume)
+  left = []
+  r.step("sft", {"k": 1}, lambda d: left.append(sorted(os.listdir(d))) or {})
+  assert left == [[".spec", "ckpt", "params"]]
+  assert json.load(open(path))["sft"]["outputs"] == {}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sft_family.init", "foo", r"config\.sft_family\.init='foo': 'foo' is not one of \['base', "
+     r"'mixed'\]"),
+    ("mesh_rules", "fsdp_pt", r"config\.mesh_rules='fsdp_pt': .* not one of \['', 'dp', 'fsdp', "
+     r"'fsdp_tp'\]"),
+    ("model.remat", "ful", r"config\.model\.remat='ful'"),
+    ("model.dtype", "bf16", r"config\.model\.dtype='bf16'"),
+    ("world.languages", ("en", "xx"), r"config\.world\.languages=\('en', 'xx'\): 'xx' is not"),
+    ("world.tasks", ("next_day", "nextday"), r"config\.world\.tasks=.*'nextday' is not"),
+    ("world.model.family", "lama", r"config\.world\.model\.family='lama'"),
+    ("reward_model.kinds", ("english", "verbos"), r"config\.reward_model\.kinds=.*'verbos'"),
+    ("arbitrage.baseline_teacher", "eu", r"config\.arbitrage\.baseline_teacher='eu': not a "
+     r"teacher \['european', 'slavic_turkic'\]"),
+])
+def test_a_wrong_choice_fails_before_the_first_step(tmp_path, monkeypatch, field, value,
+                                                    message):
+  c = _config()
+  node = c
+  *path, last = field.split(".")
+  for key in path:
+    node = node[key]
+  node[last] = value
+  monkeypatch.setattr(recipe.steps, "run_world", lambda *a: pytest.fail("a step ran"))
+  with pytest.raises(ValueError, match=message):
+    recipe.run(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / recipe.STATE)
 
 
 # ------------------------------------------------------------- real inputs

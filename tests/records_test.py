@@ -4,11 +4,13 @@ Reference: the record format of DESIGN.md ("Records"), written out by hand
 as JSON lines below.
 """
 
+import errno
 import json
 import os
 
 import pytest
 
+from aya_jax.data import atomic
 from aya_jax.data import records as R
 
 SYS = {"role": "system", "content": "Be brief."}
@@ -77,6 +79,57 @@ def test_an_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
   assert oct(os.stat(path).st_mode & 0o777) == "0o644"
 
 
+def test_disk_full_raises_one_error_naming_the_file_and_keeps_the_old(
+    tmp_path, monkeypatch):
+  path = tmp_path / "report.json"
+  R.write_json(path, {"step": 1})
+  jsonl = tmp_path / "sft.jsonl"
+  R.write_jsonl(jsonl, [R.SFTRecord.from_dict(SFT)])
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(os, "fsync", full)
+  for target, write in ((path, lambda: R.write_json(path, {"step": 2})),
+                        (jsonl, lambda: R.write_jsonl(
+                            jsonl, [R.SFTRecord.from_dict(_with(SFT, id="s9"))]))):
+    with pytest.raises(OSError) as e:
+      write()
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value) == (f"[Errno {errno.ENOSPC}] could not write {target}: No space left "
+                            "on device (the previous file, if there was one, is unchanged)")
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # one traceback
+  assert json.loads(path.read_text()) == {"step": 1}
+  assert [r.id for r in R.read_jsonl(jsonl, "sft")] == ["s1"]
+  assert sorted(os.listdir(tmp_path)) == ["report.json", "sft.jsonl"]  # no temporaries
+
+
+def test_unreadable_cache_is_stale_with_a_warning_naming_it(tmp_path, caplog):
+  path = tmp_path / "cache.json"
+  assert atomic.read_json_cache(path) is None  # absent: no warning
+  path.write_text('{"spec": {"a": 1}, "sco')  # a torn write
+  with caplog.at_level("WARNING"):
+    assert atomic.read_json_cache(path, "world report") is None
+  assert f"{path}: unreadable world report" in caplog.text
+  path.write_bytes(b'{"a": "\xff\xfe"}')
+  assert atomic.read_json_cache(path) is None
+  R.write_json(path, {"a": [1]})
+  assert atomic.read_json_cache(path) == {"a": [1]}
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line_and_are_counted(tmp_path):
+  path = tmp_path / "latin1.jsonl"
+  bad = json.dumps(_with(SFT, id="s2"), ensure_ascii=False).encode("latin-1")
+  good = json.dumps(_with(SFT, id="s3")).encode()
+  path.write_bytes(json.dumps(SFT).encode() + b"\n" + bad + b"\n" + good + b"\n")
+  with pytest.raises(R.RecordError) as e:
+    R.read_jsonl(path, "sft")
+  assert str(e.value).startswith(f"{path}:2: not UTF-8 text: byte b'\\xbf'")
+  assert e.value.reason == "not UTF-8"
+  got = R.read_jsonl(path, "sft", skip_invalid=True)
+  assert [r.id for r in got] == ["s1", "s3"] and got.reasons == {"not UTF-8": 1}
+  with pytest.raises(R.RecordError, match=f"^{path}:2: not UTF-8"):
+    R.read_parsed(path, R.SFTRecord.from_dict)
+
+
 def test_messages_are_chat_template_dicts():
   r = R.SFTRecord.from_dict(SFT)
   assert r.messages[1] == {"role": "user", "content": U["content"]}
@@ -125,6 +178,8 @@ BAD_CASES = [
      "teacher", "missing field"),
     ("completion", _with(COMP, completion=None), "completion", "wrong type"),
     ("completion", "[1, 2]", None, "not an object"),
+    ("preference", _with(PREF, rejected=PREF["chosen"]), "rejected",
+     "chosen equals rejected"),
 ]
 
 

@@ -43,6 +43,36 @@ def test_pretraining_text_is_train_split_and_never_pairs_prompt_with_answer():
   assert len(texts) == len(set(r.id for r in recs))
 
 
+def test_cache_with_a_torn_file_or_a_missing_output_is_stale(tmp_path, caplog):
+  d, spec = tmp_path / "teacher", dict(steps=3, languages=("en", "fr"))
+  assert not world._cached(str(d), spec, "params/x")  # pylint: disable=protected-access
+  (d / "params").mkdir()
+  (d / "params" / "x").write_text("the artifact")
+  (d / "checkpoints").mkdir()
+  world._finish(str(d), seconds=1.0)  # pylint: disable=protected-access
+  assert world._cached(str(d), spec, "params/x")  # pylint: disable=protected-access
+  # a torn done marker: not finished (the partial run of this spec stays, to resume)
+  (d / world.DONE).write_text('{"seco')
+  with caplog.at_level("WARNING"):
+    assert not world._cached(str(d), spec, "params/x")  # pylint: disable=protected-access
+  assert f"{d / world.DONE}: unreadable world done marker" in caplog.text
+  assert (d / "params" / "x").exists()
+  world._finish(str(d))  # pylint: disable=protected-access
+  # a torn spec: stale, rebuilt from nothing
+  (d / world.SPEC).write_bytes(b'{"steps": 3, "lang\xff')
+  with caplog.at_level("WARNING"):
+    assert not world._cached(str(d), spec, "params/x")  # pylint: disable=protected-access
+  assert f"{d / world.SPEC}: unreadable world spec" in caplog.text
+  assert sorted(os.listdir(d)) == [world.SPEC]
+  # a finished artifact whose output was deleted is built again
+  (d / "params").mkdir()
+  world._finish(str(d))  # pylint: disable=protected-access
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert not world._cached(str(d), spec, "params/x")  # pylint: disable=protected-access
+  assert f"world: {d / 'params' / 'x'} is missing: rebuilding {d}" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("world"))
@@ -84,3 +114,8 @@ def test_second_bootstrap_trains_nothing_and_a_change_retrains_only_its_part(tin
   third = world.bootstrap(workdir, c)
   assert third["trained"] == ["weak", "report"] and world.TRAIN_COUNT["n"] == count + 1
   assert stamp(first["base"]) == before[first["base"]]
+  # a torn report is stale: scored again, nothing trained
+  with open(os.path.join(workdir, "world_report.json"), "r+") as f:
+    f.truncate(20)
+  fourth = world.bootstrap(workdir, c)
+  assert fourth["trained"] == ["report"] and fourth["report"] == third["report"]

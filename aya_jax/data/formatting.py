@@ -191,7 +191,19 @@ def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = True):
   if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     raise FileNotFoundError(f'{path} has no tokenizer files (looked for '
                             f'{", ".join(_TOKENIZER_FILES)})')
-  tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 -- transformers' raw errors name no directory
+    import json  # only on this error path: which file is broken
+    why = f'{type(e).__name__}: {e}'
+    for name in sorted(f for f in os.listdir(path) if f.endswith('.json')):
+      try:
+        with open(os.path.join(path, name), encoding='utf-8') as f:
+          json.load(f)
+      except ValueError as bad:  # JSONDecodeError, UnicodeDecodeError
+        why = f'{name} is not valid JSON ({bad})'
+        break
+    raise ValueError(f'tokenizer directory {path} cannot be loaded: {why}') from e
   if len(tok.get_vocab()) <= len(tok.all_special_tokens):
     raise ValueError(f'{path}: tokenizer loaded with an empty vocabulary')
   if require_chat_template and not tok.chat_template:

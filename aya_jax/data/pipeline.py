@@ -202,8 +202,11 @@ class SFTIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, *, rows: int,
                seq_len: int, pack: bool, pad_id: int, skip_invalid: bool,
-               base_stats: PipelineStats):
+               base_stats: PipelineStats, pass_size: int = 0):
     super().__init__(parent)
+    # examples of one pass over the data on this process: that many skipped in a
+    # row means there is nothing to learn (an endless stream would spin forever)
+    self._pass_size, self._skipped_in_a_row = pass_size, 0
     self._rows, self._seq_len, self._pack = rows, seq_len, pack
     self._pad_id, self._skip_invalid = pad_id, skip_invalid
     self.stats = dataclasses.replace(base_stats)
@@ -222,6 +225,7 @@ class SFTIterator(grain.DatasetIterator):
       except StopIteration:
         return None
       if len(ex.tokens) and ex.loss_mask.any():
+        self._skipped_in_a_row = 0
         return ex
       msg = (f"example {ex.id!r} of {ex.source}: no loss token within "
              f"seq_len {self._seq_len} ({len(ex.tokens)} tokens after "
@@ -229,6 +233,13 @@ class SFTIterator(grain.DatasetIterator):
       if not self._skip_invalid:
         raise ValueError(msg)
       self.stats.n_empty += 1
+      self._skipped_in_a_row += 1
+      if self._pass_size and self._skipped_in_a_row >= self._pass_size:
+        raise ValueError(
+            f"a full pass over the data ({self._pass_size} examples) yielded no example with "
+            f"a loss token within seq_len {self._seq_len}: every one was skipped (the last: "
+            f"{ex.id!r} of {ex.source}, {len(ex.tokens)} tokens); raise data.seq_len or check "
+            "the data")
       logging.log_first_n(logging.WARNING, "skipping %s", 10, msg)
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -434,5 +445,6 @@ def make_sft_iterator(
   pad_id = tokenizer.pad_token_id
   it = SFTIterator(iter(ds), rows=global_batch_size // pc, seq_len=seq_len,
                    pack=pack, pad_id=0 if pad_id is None else int(pad_id),
-                   skip_invalid=skip_invalid, base_stats=stats)
+                   skip_invalid=skip_invalid, base_stats=stats,
+                   pass_size=-(-stats.n_records // pc))
   return it, it.stats

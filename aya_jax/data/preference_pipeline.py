@@ -57,7 +57,8 @@ class PairStats:
   n_records: int = 0
   n_pairs: int = 0
   n_truncated: int = 0   # pairs with an answer cut to fit seq_len
-  n_skipped: int = 0     # pairs whose answer is empty after truncation
+  n_skipped: int = 0     # pairs whose answer is empty after truncation, or
+                         # whose answers are the same tokens within seq_len
 
 
 def read_pairs(paths: Sequence[str], skip_invalid: bool = False) -> list:
@@ -70,8 +71,9 @@ def read_pairs(paths: Sequence[str], skip_invalid: bool = False) -> list:
 
 def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int,
                    skip_invalid: bool = False) -> tuple[list, PairStats]:
-  """Tokenised pairs; an answer that does not fit at all raises (or is
-  skipped and counted with `skip_invalid`)."""
+  """Tokenised pairs; an answer that does not fit at all, or a pair whose two
+  answers are the same tokens within seq_len (nothing to prefer), raises
+  naming the pair (or is skipped and counted with `skip_invalid`)."""
   stats, out = PairStats(), []
   for rec in recs:
     if not isinstance(rec, records_lib.PreferenceRecord):
@@ -83,9 +85,14 @@ def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int,
                                                       example_id=rec.id)
     room = max(0, seq_len - len(prompt))  # as tokenize_prompt_completion(max_len=seq_len)
     prompt, chosen, rejected = prompt[:seq_len], full_c[:room], full_r[:room]
+    msg = None
     if len(chosen) == 0 or len(rejected) == 0:
       msg = (f"pair {rec.id!r}: prompt of {len(prompt)} tokens leaves no room for the answer "
              f"within seq_len {seq_len}")
+    elif np.array_equal(chosen, rejected):
+      msg = (f"pair {rec.id!r}: chosen and rejected are the same {len(chosen)} tokens within "
+             f"seq_len {seq_len} (they differ only after the cut)")
+    if msg is not None:
       if not skip_invalid:
         raise ValueError(msg + " (raise seq_len or pass skip_invalid)")
       stats.n_skipped += 1

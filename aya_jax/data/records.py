@@ -19,7 +19,10 @@ neither read nor written. The rules:
     content; roles run: an optional "system" first, then "user" and
     "assistant" alternating, starting with "user". SFT conversations end
     with "assistant"; prompts end with "user" (the answer comes next);
-  * answers (chosen, rejected, completion) are non-empty;
+  * answers (chosen, rejected, completion) are non-empty, and a preference
+    pair's chosen and rejected answers differ: an identical pair teaches
+    nothing;
+  * a line is UTF-8 text (a line that is not is invalid, like malformed JSON);
   * ids are unique within a file; an empty file is an error.
 
 Readers raise ``RecordError`` naming file, line and field. With
@@ -36,10 +39,11 @@ import functools
 import json
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from absl import logging
+
+from aya_jax.data.atomic import write_json, write_text  # noqa: F401 (the record files' writers)
 
 ROLES = ("system", "user", "assistant")
 PathLike = Union[str, os.PathLike]
@@ -194,6 +198,12 @@ class PreferenceRecord(_Record):
              "chosen": _text, "rejected": _text, "chosen_score": _check_score,
              "rejected_score": _check_score, "source": _label}
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.chosen == self.rejected:
+      raise _fail("rejected", "is the same text as 'chosen': the pair prefers nothing",
+                  "chosen equals rejected")
+
 
 @dataclasses.dataclass(frozen=True)
 class CompletionRecord(_Record):
@@ -246,6 +256,20 @@ class ReadResult(list):
     self.path = path
 
 
+def json_line(raw: bytes) -> Any:
+  """One line's JSON value; RecordError for bytes that are not UTF-8 (naming
+  the column) or text that is not JSON."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RecordError(f"not UTF-8 text: byte {raw[e.start:e.start + 1]!r} at column "
+                      f"{e.start + 1}", reason="not UTF-8") from None
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError as e:
+    raise RecordError(f"malformed JSON: {e}", reason="malformed JSON") from None
+
+
 def iter_jsonl(path: PathLike, kind: Union[str, type],
                skip_invalid: bool = False,
                stats: Optional[ReadStats] = None) -> Iterator[Record]:
@@ -254,7 +278,7 @@ def iter_jsonl(path: PathLike, kind: Union[str, type],
   Args:
     path: the file.
     kind: 'sft', 'preference', 'completion' or a record class.
-    skip_invalid: skip invalid lines (malformed, invalid, duplicate id)
+    skip_invalid: skip invalid lines (not UTF-8, malformed, invalid, duplicate id)
       instead of raising; they are counted in ``stats`` and the total is
       logged when the file is done. An empty file raises regardless.
     stats: optional ReadStats, updated as lines are read.
@@ -265,17 +289,13 @@ def iter_jsonl(path: PathLike, kind: Union[str, type],
   stats = stats if stats is not None else ReadStats()
   seen: dict = {}  # id -> line number
   n_lines = 0
-  with open(path, "r", encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       n_lines += 1
       try:
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise RecordError(f"malformed JSON: {e}", reason="malformed JSON")
-        record = cls.from_dict(obj)
+        record = cls.from_dict(json_line(raw))
         if record.id in seen:
           raise RecordError(f"duplicate id {record.id!r} (first on line "
                             f"{seen[record.id]}, again on line {lineno})",
@@ -356,49 +376,18 @@ def write_jsonl(path: PathLike, records: Iterable[Record],
   return len(lines)
 
 
-def write_text(path: PathLike, text: str):
-  """Writes `text` to a temporary file in the same directory, then renames it
-  over `path`: readers (another host on a shared filesystem, a resumed run)
-  see the old file or the new one, never half of one."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp",
-                             prefix=f".{os.path.basename(path)}.")
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def write_json(path: PathLike, obj, **dump_kwargs):
-  """json.dumps(obj) written atomically (`write_text`)."""
-  write_text(path, json.dumps(obj, ensure_ascii=False, **dump_kwargs))
-
-
 def read_parsed(path: PathLike, parse, what: str = "records") -> list:
   """Strictly reads a JSONL file of any layout: `parse(obj)` turns one JSON
   object into an item with an `id` (raising RecordError with the field).
   Errors name file, line and field: malformed JSON, parse errors, duplicate
   ids (both lines), an empty file."""
   out, seen = [], {}
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       try:
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise RecordError(f"malformed JSON: {e}") from None
-        item = parse(obj)
+        item = parse(json_line(raw))
         if item.id in seen:
           raise RecordError(f"duplicate id {item.id!r} (first on line {seen[item.id]})",
                             field="id")

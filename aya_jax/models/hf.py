@@ -3,8 +3,9 @@
 A HF model directory is `config.json` (hf_config.py) plus `model.safetensors` (or shards
 listed in `model.safetensors.index.json`). One table per family (`TABLES`) lists, for every
 params leaf, the HF tensor name (`{i}` = layer), its transform and its shape in our layout;
-loading, saving and shape checks follow it. Safetensors are read and written with numpy
-(no torch): `Reader` a tensor, layer or block at a time (memory-mapped), `Writer` shards in
+loading, saving and shape checks follow it. Safetensors are read (and checked: a model
+directory from elsewhere is untrusted input) and written with numpy in safetensors_io, no
+torch: `Reader` a tensor, layer or block at a time (memory-mapped), `Writer` shards in
 sequence; `load` and `save` are built on them.
 
 Value heads (reward models): Llama, Gemma 2 and Qwen 2 are saved as
@@ -19,13 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import re
 
-import ml_dtypes
 import numpy as np
 
+from aya_jax.models import safetensors_io as st
 from aya_jax.models.config import ModelConfig
 from aya_jax.models.hf_config import architecture, config_to_hf, read_config, write_config
 
@@ -34,7 +34,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # tensors that an architecture has no slot for go to their own file
 SIDE_FILES = {"score.weight": ("ForCausalLM", "value_head.safetensors")}
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-_MAP_BYTES = 1 << 20  # tensors (regions) from this size on are memory-mapped, not read
 
 # ---------------------------------------------------------------------------
 # Param tables: (our path, HF name, transform, our per-layer shape, condition)
@@ -124,65 +123,55 @@ def to_hf(transform, a, shape):
 
 
 # ---------------------------------------------------------------------------
-# Safetensors files
+# The safetensors files of a HF directory (read and checked in safetensors_io)
 # ---------------------------------------------------------------------------
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_ST_CODES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+def _shard_files(path, index) -> dict:
+  """tensor name -> shard file, from a model.safetensors.index.json whose shards must be
+  files inside the model directory `path` (a directory from elsewhere is untrusted)."""
+  try:
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from e
+  if not isinstance(weight_map, dict):
+    raise ValueError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object")
+  where = {}
+  for name, shard in weight_map.items():
+    norm = os.path.normpath(shard) if isinstance(shard, str) and shard else ".."
+    if os.path.isabs(norm) or norm in (".", "..") or norm.startswith(".." + os.sep):
+      raise ValueError(f"{index}: tensor {name!r} is in {shard!r}, which is not a file inside "
+                       f"{path}")
+    where[name] = os.path.join(path, norm)
+  for file in sorted(set(where.values())):
+    if not os.path.isfile(file):
+      raise ValueError(f"{index} lists {file}, which does not exist")
+  return where
 
 
-def _header(file) -> tuple[int, dict]:
-  """(offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
-  with open(file, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-  header.pop("__metadata__", None)
-  return 8 + n, header
-
-
-def _read(file, header, name, rows=None, copy=True) -> np.ndarray:
-  """Tensor `name` (or rows [start, stop)) of a safetensors file with its `_header`: a plain
-  read, or from _MAP_BYTES on a read-only memory map with pages filled up front (`copy`)."""
-  info = header[1][name]
-  dtype, shape, (lo, hi) = _ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
-  if rows is not None:
-    row = (hi - lo) // shape[0]
-    lo, hi, shape[0] = lo + rows[0] * row, lo + rows[1] * row, rows[1] - rows[0]
-  offset, nbytes = header[0] + lo, hi - lo
-  with open(file, "rb") as f:
-    if nbytes < _MAP_BYTES:
-      f.seek(offset)
-      buf = bytearray(nbytes)
-      f.readinto(buf)
-      return np.frombuffer(buf, dtype).reshape(shape)
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    m = mmap.mmap(f.fileno(), offset + nbytes - start, prot=mmap.PROT_READ,
-                  flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=start)
-  a = np.frombuffer(m, dtype, nbytes // np.dtype(dtype).itemsize, offset - start)
-  return np.array(a.reshape(shape)) if copy else a.reshape(shape)
-
-
-def weight_files(path) -> dict:
-  """tensor name -> safetensors file, for a HF model directory."""
+def weight_files(path) -> dict[str, st.Tensor]:
+  """tensor name -> st.Tensor (file, dtype, shape, bytes) for a HF model directory: its
+  model.safetensors or the shards of its index, and side files; every header checked."""
   path = os.fspath(path)
   index = os.path.join(path, INDEX_FILE)
   if os.path.exists(index):
-    with open(index) as f:
-      where = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    for file in sorted(set(where.values())):
-      if not os.path.exists(file):
-        raise ValueError(f"{index} lists {file}, which does not exist")
+    listed = _shard_files(path, index)
+    files = sorted(set(listed.values()))
   elif os.path.exists(os.path.join(path, SINGLE_FILE)):
-    where = {}
+    listed, files = {}, [os.path.join(path, SINGLE_FILE)]
   else:
     raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-  files = [] if where else [os.path.join(path, SINGLE_FILE)]
-  files += [os.path.join(path, side) for _, side in SIDE_FILES.values()]
+  files += [f for f in (os.path.join(path, side) for _, side in SIDE_FILES.values())
+            if os.path.exists(f)]
+  tensors = {}
   for file in files:
-    if os.path.exists(file):
-      where.update({k: file for k in _header(file)[1]})
-  return where
+    for name, t in st.read_header(file).items():
+      if name in tensors:
+        raise ValueError(f"tensor {name!r} is in both {tensors[name].file} and {file}")
+      tensors[name] = t
+  for name, file in listed.items():
+    if name not in tensors or tensors[name].file != file:
+      raise ValueError(f"{index} lists tensor {name!r} in {file}, which does not hold it")
+  return tensors
 
 
 def hf_tensor_names(path) -> list[str]:
@@ -192,19 +181,17 @@ def hf_tensor_names(path) -> list[str]:
 
 def read_hf_tensor(path, name: str) -> np.ndarray:
   """One tensor of a HF model directory, in its stored dtype."""
-  where = weight_files(path)
-  if name not in where:
+  tensors = weight_files(path)
+  if name not in tensors:
     raise ValueError(f"tensor {name!r} is not in {os.fspath(path)}")
-  return _read(where[name], _header(where[name]), name)
+  return st.read(tensors[name])
 
 
 def iter_tensors(path):
   """Yields (name, array) one tensor at a time, file by file."""
-  by_file = {}
-  for name, file in weight_files(path).items():
-    by_file.setdefault(file, []).append(name)
-  for file, names in sorted(by_file.items()):
-    yield from ((name, _read(file, _header(file), name)) for name in sorted(names))
+  tensors = weight_files(path)
+  for name in sorted(tensors, key=lambda n: (tensors[n].file, n)):
+    yield name, st.read(tensors[name])
 
 
 class Reader:
@@ -215,29 +202,26 @@ class Reader:
   def __init__(self, path):
     self.path = os.fspath(path)
     self.cfg = read_config(self.path)
-    self.where, self.headers = weight_files(self.path), {}
+    self.tensors = weight_files(self.path)
     self.leaves = {"/".join(leaf): (name, transform, shape, is_layer)
                    for leaf, name, transform, shape, is_layer in entries(self.cfg)}
 
-  def info(self, name, path="?", want=None):
-    """(file, its header) of tensor `name`; checks that it exists (and its HF shape)."""
-    if name not in self.where:
-      files = sorted(set(self.where.values())) or [self.path]
+  def info(self, name, path="?", want=None) -> st.Tensor:
+    """Where tensor `name` lies; checks that it exists (and its HF shape)."""
+    if name not in self.tensors:
+      files = sorted({t.file for t in self.tensors.values()}) or [self.path]
       raise ValueError(f"tensor {name!r} (for params {path}) is missing from "
                        f"{', '.join(files)}")
-    file = self.where[name]
-    if file not in self.headers:
-      self.headers[file] = _header(file)
-    found = tuple(self.headers[file][1][name]["shape"])
-    if want is not None and found != tuple(want):
-      raise ValueError(f"tensor {name!r} in {file} has shape {found}; expected {tuple(want)} "
-                       f"for params {path} ({self.cfg.family} config.json)")
-    return file, self.headers[file]
+    t = self.tensors[name]
+    if want is not None and t.shape != tuple(want):
+      raise ValueError(f"tensor {name!r} in {t.file} has shape {t.shape}; expected "
+                       f"{tuple(want)} for params {path} ({self.cfg.family} config.json)")
+    return t
 
   def _leaf(self, path, layer):
     name, transform, shape, _ = self.leaves[path]
     name = name.format(i=layer)
-    return (name, transform, shape) + self.info(name, path, hf_shape(transform, shape))
+    return transform, shape, self.info(name, path, hf_shape(transform, shape))
 
   def shape(self, path):
     self._leaf(path, 0)
@@ -245,15 +229,14 @@ class Reader:
     return ((self.cfg.n_layers,) if is_layer else ()) + tuple(shape)
 
   def dtype(self, path):
-    name, _, _, _, header = self._leaf(path, 0)
-    return np.dtype(_ST_DTYPES[header[1][name]["dtype"]])
+    return self._leaf(path, 0)[2].dtype
 
   def chunk(self, path, axis):
     return None
 
   def read(self, path, layer=None, span=None):
-    name, transform, shape, file, header = self._leaf(path, layer)
-    a = _read(file, header, name, None if span is None else span[1:], copy=False)
+    transform, shape, t = self._leaf(path, layer)
+    a = st.read(t, None if span is None else span[1:], copy=False)
     if span is None:
       return to_ours(transform, a, shape)
     return a.T if transform == "lin" else a
@@ -296,16 +279,9 @@ class Writer:
         os.remove(os.path.join(self.out, file))
 
   def _open(self, file):
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for path, _, name, transform, shape, nbytes, _ in self.files[file]:
-      header[name] = {"dtype": _ST_CODES[np.dtype(self.dtypes[path])],
-                      "shape": list(hf_shape(transform, shape)),
-                      "data_offsets": [offset, offset + nbytes]}
-      offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
     handle = open(os.path.join(self.out, file), "wb")
-    handle.write(len(text).to_bytes(8, "little") + text)
+    handle.write(st.header_bytes([(name, self.dtypes[path], hf_shape(transform, shape))
+                                  for path, _, name, transform, shape, _, _ in self.files[file]]))
     return handle
 
   def write(self, path, layer, value):
@@ -357,6 +333,9 @@ def load(path, dtype=np.float32, shardings=None):
   """
   reader = Reader(path)
   cfg, params = reader.cfg, {}
+  for name, (_, _, _, is_layer) in reader.leaves.items():  # all there, before allocating
+    for i in range(cfg.n_layers) if is_layer else [None]:
+      reader._leaf(name, i)
   for leaf, _, _, shape, is_layer in entries(cfg):
     if is_layer:
       out = np.empty((cfg.n_layers,) + shape, dtype)
@@ -373,15 +352,15 @@ def load(path, dtype=np.float32, shardings=None):
     node[leaf[-1]] = out
   used = {name.format(i=i) for name, _, _, is_layer in reader.leaves.values()
           for i in (range(cfg.n_layers) if is_layer else [0])}
-  extra = sorted(n for n in set(reader.where) - used if not n.endswith(IGNORABLE_SUFFIXES))
+  extra = sorted(n for n in set(reader.tensors) - used if not n.endswith(IGNORABLE_SUFFIXES))
   if cfg.tie_embeddings and "lm_head.weight" in extra:
     head = reader.info("lm_head.weight", "lm_head", (cfg.vocab_size, cfg.d_model))
-    if not np.array_equal(_read(*head, "lm_head.weight"), reader.read("embedder/embedding")):
-      raise ValueError(f"tied model, but lm_head.weight in {head[0]} differs from "
+    if not np.array_equal(st.read(head), reader.read("embedder/embedding")):
+      raise ValueError(f"tied model, but lm_head.weight in {head.file} differs from "
                        "model.embed_tokens.weight")
     extra.remove("lm_head.weight")
   if extra:
-    raise ValueError(f"unexpected tensor {extra[0]!r} in {reader.where[extra[0]]} (not used "
+    raise ValueError(f"unexpected tensor {extra[0]!r} in {reader.tensors[extra[0]].file} (not used "
                      f"by {cfg.family} with this config.json; {len(extra)} unexpected in all: "
                      f"{extra[:8]})")
   return cfg, params

@@ -79,6 +79,10 @@ def _rope_from_hf(d: dict, family: str, source: str):
 def config_from_hf(d: dict, source: str = "<config dict>") -> ModelConfig:
   """ModelConfig from a config.json dict; `source` names the file in errors."""
   family, arch = _family_of(d, source)
+  for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size"):
+    if not (isinstance(d.get(key), int) and not isinstance(d[key], bool) and d[key] > 0):
+      raise ValueError(f"{key}={d.get(key)!r} in {source}: a positive integer is required")
   keys = _HF_KEYS[family]
   kw = _family_defaults(family)
   n_heads = d["num_attention_heads"]
@@ -212,5 +216,11 @@ def write_config(cfg: ModelConfig, path, dtype) -> dict:
 def read_config(path) -> ModelConfig:
   """The ModelConfig of a HF directory's config.json (errors name the file)."""
   config_file = os.path.join(os.fspath(path), CONFIG_FILE)
-  with open(config_file) as f:
-    return config_from_hf(json.load(f), source=config_file)
+  try:
+    with open(config_file, encoding="utf-8") as f:
+      d = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{config_file} is not valid JSON ({e})") from e
+  if not isinstance(d, dict):
+    raise ValueError(f"{config_file} holds a JSON {type(d).__name__}, not an object")
+  return config_from_hf(d, source=config_file)

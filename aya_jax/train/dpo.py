@@ -41,7 +41,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aya_jax import axes, checkpoint, losses, optim, sharding
-from aya_jax.data import formatting
+from aya_jax.data import atomic, formatting
 from aya_jax.data import preference_pipeline as pp
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import sft
@@ -180,8 +180,10 @@ def make_dpo_step(config, cfg, params, mesh, languages, example_batch, ref_param
   if sync:
     tx = optax.chain(tx, reference_sync(float(dcfg.sync_alpha), int(dcfg.sync_every)))
   st = state_lib.create_state(params, tx, jax.tree.map(lambda x: x.sharding, params))
-  if sync:
-    st = st.replace(opt_state=(st.opt_state[0], st.opt_state[1]._replace(ref=ref_params)))
+  if sync:  # a copy: the state is donated to every step, and the caller may still need
+            # ref_params (online rounds keep the fixed reference, merges read it)
+    st = st.replace(opt_state=(st.opt_state[0], st.opt_state[1]._replace(
+        ref=jax.tree.map(jnp.copy, ref_params))))
   schedule = optim.make_schedule(ocfg)
 
   def step(state, batch, rng, ref=None):
@@ -344,15 +346,15 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
   batches = _DropIndex(batches)
   with sharding.activation_rules(mesh, rules):
     st = loop_lib.train_loop(st, step, batches, config.loop, workdir, mesh,
-                             stop_after=stop_after, on_log=_write_language_metrics(workdir))
+                             stop_after=stop_after, on_log=_write_language_metrics(workdir),
+                             run_config=config)
   metrics = None
   if eval_pairs:
     kw.pop("batch_size")
     metrics = evaluate_pairs(cfg, st.params, eval_ref, list(eval_pairs), languages, dcfg,
                              batch_size=dcfg.ref_batch_size or config.data.batch_size, **kw)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+      atomic.write_json(os.path.join(workdir, "eval_metrics.json"), metrics, indent=1)
     logging.info("eval: %s", metrics)
   return st.params, metrics
 
@@ -390,7 +392,8 @@ def run(config, workdir: str):
   ref_params = None
   if config.dpo.reference_init:
     _, ref_params = checkpoint.load_model(
-        config.dpo.reference_init, sharding.param_shardings(cfg, mesh, rules))
+        config.dpo.reference_init, sharding.param_shardings(cfg, mesh, rules),
+        language_model=True)
   seq_len, skip = config.data.seq_len, config.data.skip_invalid
   pairs, stats = pp.tokenize_pairs(pp.read_pairs(list(config.data.train), skip), tok, seq_len,
                                    skip)

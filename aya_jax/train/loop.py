@@ -11,9 +11,13 @@
 - NaN guard: the step skips non-finite updates; more than `max_nonfinite`
   in a row raises FloatingPointError naming the step (the last checkpoint is
   intact).
-- Checkpoints every `checkpoint_every` steps and at the end; SIGTERM (a
-  preempted VM, a killed job) saves a checkpoint at the next step boundary
-  and stops with `Preempted`.
+- Checkpoints every `checkpoint_every` steps and at the end, never of
+  non-finite params (FloatingPointError instead); SIGTERM (a preempted VM, a
+  killed job) saves a checkpoint at the next step boundary and stops with
+  `Preempted`; a second SIGTERM exits at once (a run stuck outside a step).
+- One run per workdir (`resume.WorkdirLock`), and a resume must have the
+  training config of the run that wrote the checkpoints (`resume.check_config`,
+  given `run_config`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from absl import logging
 from aya_jax import metrics as metrics_lib
 from aya_jax import sharding
 from aya_jax.checkpoint import Checkpointer
+from aya_jax.train import resume, steps
 
 
 class Preempted(RuntimeError):
@@ -47,6 +52,7 @@ def default_loop_config() -> ml_collections.ConfigDict:
   c.eval_every = 0              # 0: evaluate only at the end (when an eval_fn is given)
   c.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known
   c.flops_per_token = 0.0       # set by the stage (models.config.train_flops_per_token)
+  c.allow_config_change = False  # resume checkpoints written under another training config
   return c
 
 
@@ -74,7 +80,10 @@ class _SignalFlag:
     return self
 
   def _handler(self, signum, frame):
-    logging.warning("SIGTERM: checkpointing at the next step boundary")
+    if self.raised:  # the first one was not acted on: stuck outside a step
+      raise SystemExit("second SIGTERM: exiting without a checkpoint (the last one is intact)")
+    logging.warning("SIGTERM: checkpointing at the next step boundary (a second SIGTERM "
+                    "exits at once)")
     self.raised = True
 
   def __exit__(self, *exc):
@@ -84,7 +93,16 @@ class _SignalFlag:
 
 def train_loop(state, step_fn: Callable, batches: Iterator, cfg, workdir: str, mesh,
                stop_after: Optional[int] = None, on_log: Optional[Callable] = None,
-               eval_fn: Optional[Callable] = None):
+               eval_fn: Optional[Callable] = None, run_config=None):
+  """Runs step_fn until cfg.num_steps; returns the final state (see the module
+  doc). `run_config`: the stage's whole config, checked on resume."""
+  with resume.WorkdirLock(workdir):
+    return _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
+                       eval_fn, run_config)
+
+
+def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log, eval_fn,
+                run_config):
   """Runs step_fn until cfg.num_steps; returns the final state.
 
   `batches` yields dicts of per-process numpy arrays and may have
@@ -94,7 +112,12 @@ def train_loop(state, step_fn: Callable, batches: Iterator, cfg, workdir: str, m
   every `cfg.eval_every` steps and at the end; its metrics are logged with an
   `eval_` prefix.
   """
+  if cfg.num_steps < 1:
+    raise ValueError(f"loop.num_steps={cfg.num_steps}: at least one step is needed")
   ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
+  if run_config is not None:
+    resume.check_config(workdir, run_config, ckpt.latest_step() is not None)
+  finite = jax.jit(steps.all_finite)
   start = 0
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(state)
@@ -145,6 +168,10 @@ def train_loop(state, step_fn: Callable, batches: Iterator, cfg, workdir: str, m
         logging.info("step %d eval %s", step, ev)
       stopping = flag.raised or (stop_after is not None and step - start >= stop_after)
       if done or stopping or step % cfg.checkpoint_every == 0:
+        if not finite(state.params):  # a checkpoint is only ever of usable weights
+          raise FloatingPointError(
+              f"step {step}: the params hold non-finite values; not checkpointed (the last "
+              f"checkpoint in {ckpt.directory}, if any, is intact)")
         ckpt.save(step, state, data_state())
       if stopping and not done:
         writer.close()

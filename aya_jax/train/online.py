@@ -7,14 +7,19 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
   1. sample k answers per prompt (`sampling.generate`, n=k, the prompt is
      prefilled once) -> samples.jsonl (CompletionRecords, with scores);
   2. score them with the Scorer (any object with `score(records) ->
-     np.ndarray`: the synthetic Verifier, a reward model);
-  3. dpo:  best vs worst answer per prompt (skipping gaps <= min_gap and
-           empty answers) -> pairs.jsonl -> `dpo.train_dpo` with
-           betas[i]; the reference is pi_i (reset_reference) or pi_0;
-     rloo: reward = score - kl_coef * (log pi_i(y) - log pi_ref(y)) with
-           both log-probs recomputed by the training forward pass (not the
-           sampler's), leave-one-out advantages over the k samples,
-           REINFORCE on the summed log-prob of the sampled tokens;
+     np.ndarray`: the synthetic Verifier, a reward model). An empty answer
+     is not scored: it gets `online.empty_score`, or by default the lowest
+     score of the non-empty answers to its prompt (never more than a real
+     answer, whatever the scorer's scale). A prompt with a score the scorer
+     could not give (NaN: a reward model whose max length the prompt fills)
+     or with no answer at all is dropped from training and counted in the
+     report (`n_dropped_prompts`);
+  3. dpo:  best vs worst non-empty answer per prompt (skipping gaps <=
+           min_gap) -> pairs.jsonl -> `dpo.train_dpo` with betas[i]; the
+           reference is pi_i (reset_reference) or the fixed reference;
+     rloo: `train.rloo`: reward = score - kl_coef * KL to the fixed
+           reference, leave-one-out advantages over the k samples, the
+           clipped ratio when the rollout serves several updates;
   4. params -> iter_<i>/params/;
   5. optional merge (online.merge.method, off by default): the policy for the
      next iteration becomes `merging.merge` of named models: 'policy' (this
@@ -25,7 +30,11 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
 Every step is resumable: a finished iteration is not trained again (its
 params are loaded; its samples are re-drawn, same seed, same samples, for
 the report), and an interrupted one resumes from iter_<i>/checkpoints.
-RLOO's KL is always to pi_0 (with a reset reference it would be 0). A last round samples the final policy.
+The fixed reference (RLOO's KL, DPO without reset_reference) is
+`dpo.reference_init` when set, else pi_0 (`model.init`): a pipeline that runs
+one iteration per call sets it to the policy its online stage started from,
+so round after round the KL is to the same model. A last round samples the
+final policy.
 
 workdir/report.jsonl, one line per round: mean score (overall and per
 language), win rate vs the previous round under the scorer (per prompt and
@@ -36,22 +45,24 @@ of turn.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from ml_collections import config_dict
 
-from aya_jax import axes, checkpoint, losses, merging, sharding
-from aya_jax.data import formatting, pipeline
+from aya_jax import axes, checkpoint, merging, sharding
+from aya_jax.data import formatting
 from aya_jax.data import preference_pipeline as pp
 from aya_jax.data import records as records_lib
 from aya_jax.sampling import methods, sampler
-from aya_jax.train import dpo, sft, steps
-from aya_jax.train import loop as loop_lib
+from aya_jax.train import dpo, rloo, sft
 
 
 def online_block() -> ml_collections.ConfigDict:
@@ -66,7 +77,10 @@ def online_block() -> ml_collections.ConfigDict:
   c.top_p = 1.0
   c.max_new_tokens = 64
   c.sample_batch = 64        # prompts per generate call
-  c.kl_coef = 0.05           # RLOO: beta of the sequence KL penalty
+  c.kl_coef = 0.05           # RLOO: beta of the sequence KL penalty (to dpo.reference_init)
+  c.clip_eps = 0.2           # RLOO: clipped ratio when a rollout serves several updates;
+                             # 0 = plain REINFORCE (one update per rollout)
+  c.empty_score = config_dict.placeholder(float)  # None: the lowest score of its group
   c.scorer = "verifier"      # verifier (the synthetic world's)
   c.merge = merge_block()
   return c
@@ -115,35 +129,45 @@ def make_scorer(config):
   raise ValueError(f"online.scorer={config.online.scorer!r}: 'verifier', or pass scorer= to run()")
 
 
-class ArrayIterator:
-  """Shuffled epochs over equal-length arrays -> batches; checkpointable."""
-
-  def __init__(self, arrays: dict, batch_size: int, seed: int):
-    self.arrays, self.batch, self.seed, self.position = arrays, batch_size, seed, 0
-    self.n = len(next(iter(arrays.values())))
-
-  def __next__(self):
-    g = np.arange(self.position, self.position + self.batch)
-    rows = np.asarray([np.random.default_rng([self.seed, e]).permutation(self.n)[i]
-                       for e, i in zip(g // self.n, g % self.n)])
-    self.position += self.batch
-    pc, pi = jax.process_count(), jax.process_index()
-    rows = rows[pi * self.batch // pc:(pi + 1) * self.batch // pc]
-    return {k: v[rows] for k, v in self.arrays.items()}
-
-  def get_state(self):
-    return {"position": int(self.position)}
-
-  def set_state(self, state):
-    self.position = int(state["position"])
-
-
 # ---------------------------------------------------------------- sampling
 
 
-def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag):
-  """k samples per prompt, scored. Returns (CompletionRecords, scores [P, k],
-  SampleResult fields: token ids per row, lengths, stopped)."""
+@dataclasses.dataclass
+class Round:
+  """One round's samples: k per prompt, rows in prompt-major order."""
+  records: list             # CompletionRecords of the non-empty answers
+  texts: list               # [P*k] decoded answers ('' when empty)
+  scores: np.ndarray        # [P, k] for training (`group_scores`)
+  usable: np.ndarray        # [P] bool: every answer scored
+  empty: np.ndarray         # [P*k] bool
+  prompt_ids: list          # [P] token ids of the rendered prompts
+  completions: list         # [P*k] sampled token ids
+  lengths: np.ndarray       # [P*k]
+  stopped: np.ndarray       # [P*k] bool: ended with an end of turn
+
+
+def group_scores(raw_pk: np.ndarray, empty_pk: np.ndarray, empty_score=None):
+  """(scores [P, k], usable [P]) from the scorer's raw scores (NaN where it
+  could not score) and the empty-answer mask. An empty answer scores
+  `empty_score`, or None: the lowest score of the non-empty answers to its
+  prompt. A prompt is unusable when the scorer failed on one of its answers
+  or when it has no score at all (every answer empty, no empty_score)."""
+  raw = np.where(empty_pk, np.nan, np.asarray(raw_pk, np.float64))
+  failed = np.isnan(raw) & ~empty_pk
+  if empty_score is not None:
+    fill = np.full(raw.shape[0], float(empty_score))
+  else:
+    with warnings.catch_warnings():  # all-empty rows: no minimum (NaN), unusable below
+      warnings.simplefilter("ignore", RuntimeWarning)
+      fill = np.nanmin(raw, axis=1)
+  scores = np.where(empty_pk, fill[:, None], raw)
+  usable = ~failed.any(1) & np.isfinite(scores).all(1)
+  return scores.astype(np.float32), usable
+
+
+def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag) -> Round:
+  """k samples per prompt from `params`, scored (empty answers are not sent
+  to the scorer)."""
   stop = formatting.end_of_turn_ids(tok)
   method = methods.from_config(oc.temperature, 0, oc.top_p)
   prompt_ids = [formatting.tokenize_prompt(tok, p) for _, _, p in prompts]
@@ -156,32 +180,38 @@ def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag):
     lengths.append(res.lengths)
     stopped.append(res.stopped)
   texts = [formatting.decode_completion(tok, ids, stop) for ids in rows]
-  recs, scores = [], np.zeros(len(texts), np.float32)
+  empty = np.asarray([not t.strip() for t in texts])
+  recs = []
   for i, text in enumerate(texts):
     pid, lang, prompt = prompts[i // oc.k]
-    if text.strip():  # an empty answer cannot be a record; it scores 0
+    if not empty[i]:  # an empty answer cannot be a record
       recs.append(records_lib.CompletionRecord(
           id=f"{pid}#{tag}s{i % oc.k}", language=lang, prompt=prompt, completion=text,
           teacher=tag, score=None))
+  raw = np.full(len(texts), np.nan, np.float32)
   if recs:
-    valid = np.asarray([bool(t.strip()) for t in texts])
-    scores[valid] = np.asarray(scorer.score(recs), np.float32)
-  recs = [records_lib.CompletionRecord(**{**r.to_dict(), "score": float(s)})
-          for r, s in zip(recs, scores[[bool(t.strip()) for t in texts]])]
-  return (recs, texts, scores.reshape(len(prompts), oc.k), prompt_ids, rows,
-          np.concatenate(lengths), np.concatenate(stopped))
+    raw[~empty] = np.asarray(scorer.score(recs), np.float32)
+  scores, usable = group_scores(raw.reshape(len(prompts), oc.k),
+                                empty.reshape(len(prompts), oc.k), oc.empty_score)
+  recs = [records_lib.CompletionRecord(**{**r.to_dict(),
+                                          "score": float(v) if np.isfinite(v) else None})
+          for r, v in zip(recs, raw[~empty])]
+  return Round(recs, texts, scores, usable, empty, prompt_ids, rows, np.concatenate(lengths),
+               np.concatenate(stopped))
 
 
-def best_worst_pairs(prompts, texts, scores_pk, min_gap: float, tag: str) -> list:
-  """PreferenceRecords: the best vs the worst non-empty answer per prompt."""
+def best_worst_pairs(prompts, texts, scores_pk, min_gap: float, tag: str,
+                     usable=None) -> list:
+  """PreferenceRecords: the best vs the worst non-empty answer per usable prompt."""
   out, k = [], scores_pk.shape[1]
   for p, (pid, lang, prompt) in enumerate(prompts):
     cand = [j for j in range(k) if texts[p * k + j].strip()]
-    if len(cand) < 2:
+    if len(cand) < 2 or (usable is not None and not usable[p]):
       continue
     best = max(cand, key=lambda j: scores_pk[p, j])
     worst = min(cand, key=lambda j: scores_pk[p, j])
-    if scores_pk[p, best] - scores_pk[p, worst] <= min_gap:
+    if (scores_pk[p, best] - scores_pk[p, worst] <= min_gap
+        or texts[p * k + best] == texts[p * k + worst]):  # one answer scored twice: no pair
       continue
     out.append(records_lib.PreferenceRecord(
         id=f"{pid}#{tag}", language=lang, prompt=prompt, chosen=texts[p * k + best],
@@ -190,81 +220,32 @@ def best_worst_pairs(prompts, texts, scores_pk, min_gap: float, tag: str) -> lis
   return out
 
 
-def round_report(prompts, scores_pk, lengths, stopped, prev_scores=None) -> dict:
-  langs = np.repeat([lang for _, lang, _ in prompts], scores_pk.shape[1])
+def round_report(prompts, scores_pk, lengths, stopped, prev_scores=None, usable=None,
+                 empty=None) -> dict:
+  """Mean score (overall, per language) over the usable prompts, win rate vs
+  the previous round's scores (prompts usable in both), mean length, the
+  fraction without an end of turn, empty answers and dropped prompts."""
+  k = scores_pk.shape[1]
+  ok = np.ones(len(prompts), bool) if usable is None else np.asarray(usable, bool)
+  rows = np.repeat(ok, k)
+  langs = np.repeat([lang for _, lang, _ in prompts], k)
   flat = scores_pk.reshape(-1)
-  rep = {"mean_score": float(flat.mean()), "mean_length": float(np.mean(lengths)),
-         "frac_no_stop": float(1.0 - np.mean(stopped))}
+  mean = lambda sel: float(flat[sel].mean()) if sel.any() else float("nan")
+  rep = {"mean_score": mean(rows), "mean_length": float(np.mean(lengths)),
+         "frac_no_stop": float(1.0 - np.mean(stopped)),
+         "frac_empty": float(np.mean(empty)) if empty is not None else 0.0,
+         "n_dropped_prompts": int((~ok).sum())}
   for lang in sorted(set(langs)):
-    rep[f"mean_score/{lang}"] = float(flat[langs == lang].mean())
+    rep[f"mean_score/{lang}"] = mean(rows & (langs == lang))
   if prev_scores is not None:
     prev = prev_scores.reshape(-1)
+    both = rows & np.isfinite(prev)
     win = (flat > prev) + 0.5 * (flat == prev)
-    rep["win_rate_vs_prev"] = float(win.mean())
+    rep["win_rate_vs_prev"] = float(win[both].mean()) if both.any() else float("nan")
     for lang in sorted(set(langs)):
-      rep[f"win_rate_vs_prev/{lang}"] = float(win[langs == lang].mean())
+      sel = both & (langs == lang)
+      rep[f"win_rate_vs_prev/{lang}"] = float(win[sel].mean()) if sel.any() else float("nan")
   return rep
-
-
-# -------------------------------------------------------------------- RLOO
-
-
-def row_logps_fn(cfg, vocab_chunk=0):
-  """(params, batch [B, L]) -> summed log-probs over loss_mask [B]."""
-  token_logps = steps.token_logps_fn(cfg, vocab_chunk)
-
-  def fn(params, mb):
-    return losses.sequence_logps(token_logps(params, mb), mb["loss_mask"])[0]
-
-  return fn
-
-
-def rloo_loss_fn(cfg, vocab_chunk=0):
-  logps = row_logps_fn(cfg, vocab_chunk)
-
-  def loss_fn(params, mb, normalizer, rng):
-    del rng
-    s = logps(params, mb)
-    w = mb["sample_mask"].astype(jnp.float32)
-    loss = losses.reinforce_loss(s, mb["advantage"], w, normalizer)
-    return loss, dict(n_samples=jnp.sum(w), logps=jax.lax.stop_gradient(jnp.sum(w * s)) /
-                      jnp.maximum(normalizer, 1.0))
-
-  return loss_fn
-
-
-def sample_rows(prompt_ids, completions, k, seq_len, pad_id) -> dict:
-  """Pipeline rows prompt + sampled ids (loss on the sampled ids), [P*k, L]."""
-  rows = []
-  for i, ids in enumerate(completions):
-    p = np.asarray(prompt_ids[i // k], np.int32)
-    toks = np.concatenate([p, np.asarray(ids, np.int32)])[:seq_len]
-    mask = np.concatenate([np.zeros(len(p), np.int32), np.ones(len(ids), np.int32)])[:seq_len]
-    rows.append([pp._Row(toks, mask)])  # pylint: disable=protected-access
-  return pipeline.build_batch(rows, seq_len, pad_id)
-
-
-def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, mesh, rules):
-  oc, n = config.online, scores_pk.size
-  fn = jax.jit(row_logps_fn(cfg, config.model.vocab_chunk))
-  bs = config.data.batch_size
-  pol, ref = np.zeros(n, np.float32), np.zeros(n, np.float32)
-  with sharding.activation_rules(mesh, rules):
-    for s in range(0, n, bs):
-      idx = np.arange(s, s + bs) % n  # the last batch wraps around
-      gb = sharding.global_batch({k: v[idx] for k, v in rows.items()}, mesh)
-      pol[idx], ref[idx] = jax.device_get(fn(params, gb)), jax.device_get(fn(ref_params, gb))
-  rewards = losses.rloo_rewards(scores_pk.reshape(-1), pol, ref, oc.kl_coef)
-  adv = np.asarray(losses.rloo_advantages(rewards.reshape(scores_pk.shape))).reshape(-1)
-  data = dict(rows, advantage=adv.astype(np.float32), sample_mask=np.ones(n, np.int32))
-  loss_fn = rloo_loss_fn(cfg, config.model.vocab_chunk)
-  st, step = sft.make_trainer(config, cfg, params, loss_fn, mesh, rules,
-                              normalizer_fn=lambda b: jnp.sum(b["sample_mask"].astype(jnp.float32)))
-  example = {k: v[:bs // jax.process_count()] for k, v in data.items()}
-  step = sft.jit_for(step, st, example, mesh)
-  with sharding.activation_rules(mesh, rules):
-    st = loop_lib.train_loop(st, step, ArrayIterator(data, bs, config.seed), config.loop, d, mesh)
-  return st.params, {"mean_kl": float(np.mean(pol - ref)), "mean_reward": float(np.mean(rewards))}
 
 
 # ------------------------------------------------------------------- merge
@@ -331,6 +312,8 @@ def run(config, workdir: str, scorer=None):
   oc = config.online
   if oc.algorithm not in ("dpo", "rloo"):
     raise ValueError(f"online.algorithm={oc.algorithm!r}: expected 'dpo' or 'rloo'")
+  if oc.k < 2:
+    raise ValueError(f"online.k={oc.k}: ranking answers needs at least 2 samples per prompt")
   if not config.tokenizer or not config.data.prompts:
     raise ValueError("config.tokenizer and config.data.prompts are required")
   scorer = scorer if scorer is not None else make_scorer(config)
@@ -341,8 +324,15 @@ def run(config, workdir: str, scorer=None):
                                 eos_ids=formatting.end_of_turn_ids(tok))
   pshard = sharding.param_shardings(cfg, mesh, rules)
   mc = oc.merge
-  keep_init = oc.algorithm == "rloo" or not oc.reset_reference or "initial" in merge_names(mc)
+  # copies: training donates the params' buffers
+  fixed_ref = oc.algorithm == "rloo" or not oc.reset_reference
+  keep_init = "initial" in merge_names(mc) or (fixed_ref and not config.dpo.reference_init)
   init = jax.tree.map(jnp.copy, params) if keep_init else None
+  reference = None  # RLOO's KL and DPO without reset_reference: one model for every round
+  if fixed_ref:
+    reference = (checkpoint.load_model(config.dpo.reference_init, pshard,
+                                       language_model=True)[1]
+                 if config.dpo.reference_init else init)
   extra_models = load_merge_inputs(mc, pshard)
   prompts = read_prompts(list(config.data.prompts))
   pad_id = cfg.pad_id if cfg.pad_id is not None else 0
@@ -351,36 +341,37 @@ def run(config, workdir: str, scorer=None):
     d = os.path.join(workdir, f"iter_{i}")
     os.makedirs(d, exist_ok=True)
     rng = jax.random.fold_in(jax.random.key(config.seed), i)
-    recs, texts, scores, prompt_ids, comp, lengths, stopped = sample_round(
-        cfg, params, tok, prompts, scorer, oc, rng, mesh, config.mesh.rules, f"it{i}")
-    if jax.process_index() == 0 and recs:
-      records_lib.write_jsonl(os.path.join(d, "samples.jsonl"), recs)
-    rep = {"round": i, **round_report(prompts, scores, lengths, stopped, prev)}
-    prev = scores
+    rd = sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, config.mesh.rules,
+                      f"it{i}")
+    if jax.process_index() == 0 and rd.records:
+      records_lib.write_jsonl(os.path.join(d, "samples.jsonl"), rd.records)
+    rep = {"round": i, **round_report(prompts, rd.scores, rd.lengths, rd.stopped, prev,
+                                      rd.usable, rd.empty)}
+    prev = np.where(rd.usable[:, None], rd.scores, np.nan)
     if i == oc.iterations:
       reports.append(rep)
       break
     done = os.path.join(d, "params")
-    ref = init  # used by RLOO and by DPO without reset_reference, which keep pi_0
     # pi_i for the merge, copied: training donates the params' buffers
     start = jax.tree.map(jnp.copy, params) if "previous" in merge_names(mc) else None
     if checkpoint.is_params_dir(done):  # finished before: reuse, do not retrain
       _, params = checkpoint.load_model(done, pshard)
     elif oc.algorithm == "dpo":
-      pairs = best_worst_pairs(prompts, texts, scores, oc.min_gap, f"it{i}")
+      pairs = best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap, f"it{i}", rd.usable)
       rep["n_pairs"] = len(pairs)
       if pairs:
         if jax.process_index() == 0:
           records_lib.write_jsonl(os.path.join(d, "pairs.jsonl"), pairs)
         tok_pairs, _ = pp.tokenize_pairs(pairs, tok, config.data.seq_len, skip_invalid=True)
         params, _ = dpo.train_dpo(_iteration_config(config, i), d, cfg, params, tok_pairs,
-                                  mesh, rules, ref_params=None if oc.reset_reference else ref)
+                                  mesh, rules, ref_params=None if oc.reset_reference else reference)
       else:
         logging.warning("iteration %d: no pairs (all ties?); policy unchanged", i)
       checkpoint.save_params(done, cfg, params)
     else:
-      rows = sample_rows(prompt_ids, comp, oc.k, config.data.seq_len, pad_id)
-      params, extra = train_rloo(config, d, cfg, params, ref, rows, scores, mesh, rules)
+      rows = rloo.sample_rows(rd.prompt_ids, rd.completions, oc.k, config.data.seq_len, pad_id)
+      params, extra = rloo.train_rloo(config, d, cfg, params, reference, rows, rd.scores,
+                                      rd.usable, mesh, rules)
       rep.update(extra)
       checkpoint.save_params(done, cfg, params)
     if mc.method:
@@ -391,6 +382,6 @@ def run(config, workdir: str, scorer=None):
     reports.append(rep)
     logging.info("online round %d: %s", i, rep)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "report.jsonl"), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in reports)
+    records_lib.write_text(os.path.join(workdir, "report.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in reports))
   return sft.finish(workdir, cfg, params, config.export_hf), reports

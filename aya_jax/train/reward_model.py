@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from aya_jax import axes, checkpoint, losses, reward, sharding
-from aya_jax.data import formatting, records as records_lib
+from aya_jax.data import atomic, formatting, records as records_lib
 from aya_jax.models.layers import KERNEL_INIT
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import sft
@@ -296,7 +296,7 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
     loop_cfg.flops_per_token = cfg.train_flops_per_token(config.data.seq_len)
   with sharding.activation_rules(mesh, rules):
     st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, stop_after=stop_after,
-                             on_log=on_log, eval_fn=eval_fn)
+                             on_log=on_log, eval_fn=eval_fn, run_config=config)
   out = sft.finish(workdir, cfg, st.params, export_hf=False)
   if config.export_hf and jax.process_index() == 0:
     export_hf(cfg, st.params, os.path.join(workdir, "hf"))
@@ -322,8 +322,7 @@ def evaluate(scorer, sets: dict, workdir: str, data_stats: Optional[dict] = None
   result = {name: reward.pair_accuracy(scorer, pairs) for name, pairs in sets.items() if pairs}
   result["data"] = data_stats or {}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "reward_eval.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    atomic.write_json(os.path.join(workdir, "reward_eval.json"), result, indent=1)
   logging.info("reward model eval: %s", {k: v.get("all") for k, v in result.items()
                                          if isinstance(v, dict) and "all" in v})
   return result

@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from aya_jax import axes, checkpoint, optim, sharding
-from aya_jax.data import formatting, pipeline
+from aya_jax.data import atomic, formatting, pipeline
 from aya_jax.models import config as model_config
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import state as state_lib
@@ -85,7 +85,7 @@ def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
     cfg = checkpoint.peek_config(mcfg.init)
     cfg = cfg.replace(**execution(mcfg), **overrides)
     shardings = sharding.param_shardings(cfg, mesh, rules)
-    loaded_cfg, params = checkpoint.load_model(mcfg.init, shardings)
+    loaded_cfg, params = checkpoint.load_model(mcfg.init, shardings, language_model=True)
     if loaded_cfg.vocab_size < vocab_size:
       raise ValueError(f"model {mcfg.init} has vocab {loaded_cfg.vocab_size} but the tokenizer "
                        f"has {vocab_size} tokens")
@@ -154,8 +154,7 @@ def embedded_data(workdir: str, n_per_language: int = 128, languages=None):
 
 def save_config(config, workdir: str, name: str = "config.json"):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, name), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    atomic.write_text(os.path.join(workdir, name), config.to_json_best_effort(indent=1))
 
 
 def make_eval_fn(loss_fn, files, tok, config, mesh):
@@ -209,7 +208,8 @@ def run(config, workdir: str):
     loop_cfg.flops_per_token = cfg.train_flops_per_token(config.data.seq_len)
   eval_fn = make_eval_fn(loss_fn, config.data.eval, tok, config, mesh)
   with sharding.activation_rules(mesh, rules):
-    st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, eval_fn=eval_fn)
+    st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, eval_fn=eval_fn,
+                             run_config=config)
   logging.info("data: %s", stats.as_dict())
   return finish(workdir, cfg, st.params, config.export_hf)
 

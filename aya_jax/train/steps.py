@@ -5,7 +5,10 @@
 micro-batches and scans over them, summing gradients of losses that are
 already normalised by the WHOLE batch's count (so accumulation is exact), then
 applies the optimizer. A non-finite loss or gradient norm skips the update
-(the state is kept) and reports `nonfinite=1`; the loop decides when to stop.
+(the state is kept) and reports `nonfinite=1`; so does a non-finite update or
+new parameter (a NaN learning rate). The loop decides when to stop. The
+logged `lr` is the rate the update used (the optimizer's count, which skipped
+steps do not advance), not `schedule(state.step)`.
 
 `loss_fn(params, microbatch, normalizer, rng) -> (loss, sums)` where `sums`
 are additive statistics (token counts, correct counts, nll sums...).
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aya_jax import losses
+from aya_jax import losses, optim
 from aya_jax.models.config import ModelConfig
 from aya_jax.models.transformer import Transformer, unembed_matrix
 from aya_jax.train.state import TrainState
@@ -60,17 +63,25 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # a finite gradient can still give a non-finite update (a NaN learning rate,
+    # an overflowing moment) or parameters: the step is skipped all the same
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)) & all_finite(params))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state))
     metrics = dict(loss=loss, grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32),
                    **sums)
-    if schedule is not None:
-      metrics["lr"] = schedule(state.step)
+    if schedule is not None:  # the rate this update used: the optimizer's own count
+      metrics["lr"] = schedule(optim.updates_applied(state.opt_state))
     return new_state, metrics
 
   return step
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite (a scalar bool)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def sft_loss_fn(cfg: ModelConfig, vocab_chunk: int = 0, z_loss_coef: float = 0.0):

@@ -1,0 +1,143 @@
+r"""RLOO ("Back to Basics", Ahmadian et al. 2024) on one round's k samples per
+prompt: the online stage's `online.algorithm='rloo'` (`online.run` samples
+and scores; this module trains).
+
+  reward_i    = score_i - kl_coef * (log pi_old(y_i|x) - log pi_ref(y_i|x))
+                with pi_old the policy that sampled the round and pi_ref the
+                FIXED reference (`dpo.reference_init`, default the policy the
+                online stage started from): the KL is to that reference in
+                every round, never to the round's own starting policy;
+  advantage_i = reward_i - mean_{j != i} reward_j   (leave-one-out over k);
+  loss        = clip_eps > 0: PPO-style clipped ratio per token,
+                  -sum_i sum_t min(r_it A_i, clip(r_it, 1 - eps, 1 + eps) A_i),
+                  r_it = pi(y_it | ...) / pi_old(y_it | ...); on the first pass
+                  over the rollout r = 1 and the gradient is REINFORCE's on the
+                  summed log-prob (the paper's estimator); later passes
+                  (loop.num_steps x batch_size > P x k rows: the rollout
+                  serves several updates) are kept near pi_old by the clip,
+                  as TRL does;
+                clip_eps = 0: plain REINFORCE on the summed log-prob
+                  (exact only for one update per rollout);
+                normalised by the number of samples in the batch.
+Both log-probs are recomputed by the training forward pass (not taken from
+the sampler). Prompts that `usable` marks False (a score the scorer could not
+give, or no answer at all) get zero weight.
+
+Multi-host: every process holds every row (the sampler returns all of them);
+each computes the log-probs of its share of a global batch, and the jitted
+function replicates its output, so every process gets the whole vector.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from aya_jax import losses, sharding
+from aya_jax.data import pipeline
+from aya_jax.train import loop as loop_lib
+from aya_jax.train import sft, steps
+
+
+class ArrayIterator:
+  """Shuffled epochs over equal-length arrays -> this process's share of each
+  global batch; checkpointable."""
+
+  def __init__(self, arrays: dict, batch_size: int, seed: int):
+    self.arrays, self.batch, self.seed, self.position = arrays, batch_size, seed, 0
+    self.n = len(next(iter(arrays.values())))
+
+  def __next__(self):
+    g = np.arange(self.position, self.position + self.batch)
+    rows = np.asarray([np.random.default_rng([self.seed, e]).permutation(self.n)[i]
+                       for e, i in zip(g // self.n, g % self.n)])
+    self.position += self.batch
+    return {k: v[process_share(rows)] for k, v in self.arrays.items()}
+
+  def get_state(self):
+    return {"position": int(self.position)}
+
+  def set_state(self, state):
+    self.position = int(state["position"])
+
+
+def process_share(rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch's row indices."""
+  pc, pi, n = jax.process_count(), jax.process_index(), len(rows)
+  return rows[pi * n // pc:(pi + 1) * n // pc]
+
+
+def sample_rows(prompt_ids, completions, k, seq_len, pad_id) -> dict:
+  """Pipeline rows prompt + sampled ids (loss on the sampled ids), [P*k, L]."""
+  rows = []
+  for i, ids in enumerate(completions):
+    p = np.asarray(prompt_ids[i // k], np.int32)
+    toks = np.concatenate([p, np.asarray(ids, np.int32)])[:seq_len]
+    mask = np.concatenate([np.zeros(len(p), np.int32), np.ones(len(ids), np.int32)])[:seq_len]
+    rows.append([pipeline.Example(id=str(i), source="", tokens=toks, loss_mask=mask,
+                                  n_truncated=0)])
+  return pipeline.build_batch(rows, seq_len, pad_id)
+
+
+def token_logps(cfg, params, rows: dict, batch_size: int, mesh, vocab_chunk: int = 0):
+  """log-probs [N, L] of rows['targets'] under params (zero off the loss mask),
+  computed in global batches of `batch_size` rows; every process gets all N."""
+  fn = jax.jit(lambda p, b: steps.token_logps_fn(cfg, vocab_chunk)(p, b) * b["loss_mask"],
+               out_shardings=NamedSharding(mesh, P()))
+  n = len(rows["tokens"])
+  out = np.zeros(rows["tokens"].shape, np.float32)
+  for s in range(0, n, batch_size):
+    idx = np.arange(s, s + batch_size) % n  # the last batch wraps around
+    gb = sharding.global_batch({k: v[process_share(idx)] for k, v in rows.items()}, mesh)
+    out[idx] = jax.device_get(fn(params, gb))
+  return out
+
+
+def rloo_loss_fn(cfg, vocab_chunk: int = 0, clip_eps: float = 0.2):
+  token_fn = steps.token_logps_fn(cfg, vocab_chunk)
+
+  def loss_fn(params, mb, normalizer, rng):
+    del rng
+    lp = token_fn(params, mb)
+    w = mb["sample_mask"].astype(jnp.float32)
+    if clip_eps > 0:
+      loss = losses.clipped_reinforce_loss(lp, mb["old_logps"], mb["loss_mask"], mb["advantage"],
+                                           w, clip_eps, normalizer)
+    else:
+      s = losses.sequence_logps(lp, mb["loss_mask"])[0]
+      loss = losses.reinforce_loss(s, mb["advantage"], w, normalizer)
+    seq = jnp.sum(lp * mb["loss_mask"], -1)
+    return loss, dict(n_samples=jnp.sum(w), logps=jax.lax.stop_gradient(jnp.sum(w * seq)) /
+                      jnp.maximum(normalizer, 1.0))
+
+  return loss_fn
+
+
+def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, usable, mesh, rules):
+  """RLOO on one round's rows [P*k, L] with scores [P, k]; `usable` [P]. Returns
+  (params, report: mean_kl, mean_reward over usable prompts)."""
+  oc, bs = config.online, config.data.batch_size
+  chunk = config.model.vocab_chunk
+  with sharding.activation_rules(mesh, rules):
+    old = token_logps(cfg, params, rows, bs, mesh, chunk)
+    ref = token_logps(cfg, ref_params, rows, bs, mesh, chunk)
+  pol_s, ref_s = old.sum(-1), ref.sum(-1)
+  use = np.repeat(np.asarray(usable, bool), scores_pk.shape[1])
+  scores = np.where(use, scores_pk.reshape(-1), 0.0)  # unusable rows: weight 0 below
+  rewards = np.asarray(losses.rloo_rewards(scores, pol_s, ref_s, oc.kl_coef))
+  adv = np.asarray(losses.rloo_advantages(rewards.reshape(scores_pk.shape))).reshape(-1)
+  data = dict(rows, advantage=np.where(use, adv, 0.0).astype(np.float32),
+              sample_mask=use.astype(np.int32), old_logps=old)
+  loss_fn = rloo_loss_fn(cfg, chunk, oc.clip_eps)
+  st, step = sft.make_trainer(config, cfg, params, loss_fn, mesh, rules,
+                              normalizer_fn=lambda b: jnp.sum(b["sample_mask"].astype(jnp.float32)))
+  example = {k: v[:bs // jax.process_count()] for k, v in data.items()}
+  step = sft.jit_for(step, st, example, mesh)
+  with sharding.activation_rules(mesh, rules):
+    st = loop_lib.train_loop(st, step, ArrayIterator(data, bs, config.seed), config.loop, d, mesh,
+                             run_config=config)
+  n_use = max(int(use.sum()), 1)
+  return st.params, {"mean_kl": float(np.sum(np.where(use, pol_s - ref_s, 0.0)) / n_use),
+                     "mean_reward": float(np.sum(np.where(use, rewards, 0.0)) / n_use)}
