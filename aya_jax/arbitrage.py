@@ -52,6 +52,7 @@ from absl import logging
 from aya_jax import preference
 from aya_jax import routing
 from aya_jax import teachers as teachers_lib
+from aya_jax.data import atomic
 from aya_jax.data import records as records_lib
 
 SOURCE = "arbitrage_offline"
@@ -397,8 +398,8 @@ def run(config, workdir: str, pool=None, scorer=None) -> dict:
                                        config.seed, reuse=(comp,))
   report = routing.build_report(prompts, scored, decisions, pairs, skipped, names, mode,
                                 problems, router_eval, compute, contrast)
-  records_lib.write_json(os.path.join(workdir, "report.json"), report, indent=1)
-  records_lib.write_text(os.path.join(workdir, "report.md"), routing.markdown(report))
+  atomic.write_json(os.path.join(workdir, "report.json"), report, indent=1)
+  atomic.write_text(os.path.join(workdir, "report.md"), routing.markdown(report))
   logging.info("arbitrage: %d sft, %d pairs, %s contrast pairs, %d problems -> %s", len(sft),
                len(pairs), contrast["n_pairs"] if contrast else "no", len(problems), workdir)
   return report

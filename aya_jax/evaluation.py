@@ -45,7 +45,7 @@ import numpy as np
 from absl import logging
 
 from aya_jax import teachers
-from aya_jax.data import formatting, records
+from aya_jax.data import atomic, formatting, records
 from aya_jax.data import synthetic
 from aya_jax.sampling import methods as methods_lib
 from aya_jax.sampling import sampler
@@ -105,7 +105,7 @@ def read_prompts(path, languages: Optional[Sequence[str]] = None,
 
 def write_prompts(path, prompts: Sequence[Prompt]):
   """The prompts as JSONL, written atomically (a later run reads them back)."""
-  records.write_text(path, "".join(
+  atomic.write_text(path, "".join(
       json.dumps(dict(id=p.id, language=p.language, messages=list(p.messages)),
                  ensure_ascii=False) + "\n" for p in prompts))
 
@@ -362,8 +362,8 @@ def run(config, workdir: str) -> list[dict]:
                      config.tie_margin, answers) for m in models if m is not b]
   report = dict(prompts=config.prompts or os.path.join(workdir, "prompts.jsonl"),
                 models=dict(parse_models(config.models)), comparisons=results)
-  records.write_json(os.path.join(workdir, "eval.json"), report, indent=1)
-  records.write_text(os.path.join(workdir, "eval.md"), markdown(results))
+  atomic.write_json(os.path.join(workdir, "eval.json"), report, indent=1)
+  atomic.write_text(os.path.join(workdir, "eval.md"), markdown(results))
   for r in results:
     logging.info("eval %s vs %s: %s", r["a"], r["b"],
                  {k: round(v["win_rate"], 3) for k, v in r["per_language"].items()})

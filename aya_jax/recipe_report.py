@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from aya_jax import evaluation
-from aya_jax.data import atomic, records
+from aya_jax.data import atomic
 
 # The claims of issue 9, checked on the held-out test prompts: (claim, stage,
 # compared with, kind). 'better': strictly higher measure; 'match': within
@@ -61,8 +61,8 @@ def write(workdir: str, ev: dict, meta: dict) -> dict:
   judge = ev.get("judge") or "verifier"
   rep = dict(baseline=ev["baseline"], n_prompts=ev["n_prompts"], judge=judge, languages=langs,
              stages=stages, rows=rows, verdict_measure=measure, verdicts=verdicts, **meta)
-  records.write_json(os.path.join(workdir, "report.json"), rep, indent=1)
-  records.write_text(os.path.join(workdir, "report.md"), markdown(rep))
+  atomic.write_json(os.path.join(workdir, "report.json"), rep, indent=1)
+  atomic.write_text(os.path.join(workdir, "report.md"), markdown(rep))
   plot(rep, os.path.join(workdir, "report.png"))
   return rep
 

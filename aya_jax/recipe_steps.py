@@ -311,8 +311,8 @@ def run_eval(c, d, w, models: dict, langs, rm=None):
   for name, m in ms.items():
     results[name] = evaluation.compare(m, base, prompts, judge, b.n_boot, c.seed,
                                        answers=answers)
-  records.write_json(os.path.join(d, "answers.json"), answers)
-  records.write_json(os.path.join(d, "per_prompt.json"),  # for the report's paired intervals
+  atomic.write_json(os.path.join(d, "answers.json"), answers)
+  atomic.write_json(os.path.join(d, "per_prompt.json"),  # for the report's paired intervals
                      {name: r.pop("per_prompt") for name, r in results.items()})
   return dict(results=results, baseline="sft_single", n_prompts=len(prompts), judge=judge_name,
               n_boot=b.n_boot, seed=c.seed,

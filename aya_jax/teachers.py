@@ -39,7 +39,7 @@ from absl import logging
 from aya_jax import axes as axes_lib
 from aya_jax import checkpoint
 from aya_jax import sharding as sharding_lib
-from aya_jax.data import formatting, records
+from aya_jax.data import atomic, formatting, records
 from aya_jax.models.config import ModelConfig
 from aya_jax.sampling import methods as methods_lib
 from aya_jax.sampling import sampler
@@ -343,6 +343,6 @@ def run(config, workdir: str) -> dict:
   logging.info("generate: %s -> %s", stats, out)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    records.write_json(os.path.join(workdir, "generate_stats.json"), dict(stats, output=out),
+    atomic.write_json(os.path.join(workdir, "generate_stats.json"), dict(stats, output=out),
                        indent=1)
   return stats

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aya_jax import checkpoint, config_files, recipe, recipe_inputs, recipe_report, teachers, world
-from aya_jax.data import formatting, records
+from aya_jax.data import atomic, formatting, records
 from aya_jax.models import config as model_config
 from aya_jax.models import hf
 from conftest import random_params
@@ -232,7 +232,7 @@ def test_a_step_whose_outputs_are_missing_runs_again(tmp_path, caplog):
   # a state file from before paths were relative, copied: not trusted either
   state = json.load(open(os.path.join(work, recipe.STATE)))
   state["sft_merged"]["outputs"]["params"] = "/elsewhere/runs/a/sft_merged/params"
-  records.write_json(os.path.join(work, recipe.STATE), state)
+  atomic.write_json(os.path.join(work, recipe.STATE), state)
   recipe.Runner(work).step("sft_merged", {"k": 1}, fn)
   assert len(calls) == 3
 

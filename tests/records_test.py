@@ -65,16 +65,16 @@ def test_round_trip_each_kind(tmp_path, kind, obj, cls):
 
 def test_an_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
   path = tmp_path / "state.json"
-  R.write_json(path, {"step": 1})
+  atomic.write_json(path, {"step": 1})
   def killed(fd):
     raise KeyboardInterrupt
   monkeypatch.setattr(os, "fsync", killed)
   with pytest.raises(KeyboardInterrupt):
-    R.write_json(path, {"step": 2, "big": "x" * 100_000})
+    atomic.write_json(path, {"step": 2, "big": "x" * 100_000})
   assert json.loads(path.read_text()) == {"step": 1}
   assert os.listdir(tmp_path) == ["state.json"]  # no temporary left behind
   monkeypatch.undo()
-  R.write_json(path, {"é": 2}, indent=1)
+  atomic.write_json(path, {"é": 2}, indent=1)
   assert json.loads(path.read_text(encoding="utf-8")) == {"é": 2}
   assert oct(os.stat(path).st_mode & 0o777) == "0o644"
 
@@ -82,13 +82,13 @@ def test_an_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_disk_full_raises_one_error_naming_the_file_and_keeps_the_old(
     tmp_path, monkeypatch):
   path = tmp_path / "report.json"
-  R.write_json(path, {"step": 1})
+  atomic.write_json(path, {"step": 1})
   jsonl = tmp_path / "sft.jsonl"
   R.write_jsonl(jsonl, [R.SFTRecord.from_dict(SFT)])
   def full(fd):
     raise OSError(errno.ENOSPC, "No space left on device")
   monkeypatch.setattr(os, "fsync", full)
-  for target, write in ((path, lambda: R.write_json(path, {"step": 2})),
+  for target, write in ((path, lambda: atomic.write_json(path, {"step": 2})),
                         (jsonl, lambda: R.write_jsonl(
                             jsonl, [R.SFTRecord.from_dict(_with(SFT, id="s9"))]))):
     with pytest.raises(OSError) as e:
@@ -111,7 +111,7 @@ def test_unreadable_cache_is_stale_with_a_warning_naming_it(tmp_path, caplog):
   assert f"{path}: unreadable world report" in caplog.text
   path.write_bytes(b'{"a": "\xff\xfe"}')
   assert atomic.read_json_cache(path) is None
-  R.write_json(path, {"a": [1]})
+  atomic.write_json(path, {"a": [1]})
   assert atomic.read_json_cache(path) == {"a": [1]}
 
 

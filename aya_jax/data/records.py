@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from absl import logging
 
-from aya_jax.data.atomic import write_json, write_text  # noqa: F401 (the record files' writers)
+from aya_jax.data import atomic
 
 ROLES = ("system", "user", "assistant")
 PathLike = Union[str, os.PathLike]
@@ -372,7 +372,7 @@ def write_jsonl(path: PathLike, records: Iterable[Record],
                     f"{sorted(k.KIND for k in kinds)}; one kind per file")
   if not lines:  # readers reject empty files: fail here, at the source
     raise ValueError(f"{path}: no records to write")
-  write_text(path, "".join(line + "\n" for line in lines))
+  atomic.write_text(path, "".join(line + "\n" for line in lines))
   return len(lines)
 
 

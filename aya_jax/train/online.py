@@ -58,7 +58,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from aya_jax import axes, checkpoint, merging, sharding
-from aya_jax.data import formatting
+from aya_jax.data import atomic, formatting
 from aya_jax.data import preference_pipeline as pp
 from aya_jax.data import records as records_lib
 from aya_jax.sampling import methods, sampler
@@ -382,6 +382,6 @@ def run(config, workdir: str, scorer=None):
     reports.append(rep)
     logging.info("online round %d: %s", i, rep)
   if jax.process_index() == 0:
-    records_lib.write_text(os.path.join(workdir, "report.jsonl"),
+    atomic.write_text(os.path.join(workdir, "report.jsonl"),
                            "".join(json.dumps(r) + "\n" for r in reports))
   return sft.finish(workdir, cfg, params, config.export_hf), reports

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from aya_jax.data import records
+from aya_jax.data import atomic
 
 CONFIG_FILE = "run_config.json"
 
@@ -137,4 +137,4 @@ def check_config(workdir: str, config, has_checkpoint: bool) -> None:
     logging.warning("%s has checkpoints but no %s: cannot check that they belong to this "
                     "config", workdir, CONFIG_FILE)
   if jax.process_index() == 0:
-    records.write_json(path, fields, indent=1, sort_keys=True)
+    atomic.write_json(path, fields, indent=1, sort_keys=True)

@@ -81,11 +81,17 @@ def sample_rows(prompt_ids, completions, k, seq_len, pad_id) -> dict:
   return pipeline.build_batch(rows, seq_len, pad_id)
 
 
-def token_logps(cfg, params, rows: dict, batch_size: int, mesh, vocab_chunk: int = 0):
-  """log-probs [N, L] of rows['targets'] under params (zero off the loss mask),
-  computed in global batches of `batch_size` rows; every process gets all N."""
-  fn = jax.jit(lambda p, b: steps.token_logps_fn(cfg, vocab_chunk)(p, b) * b["loss_mask"],
-               out_shardings=NamedSharding(mesh, P()))
+def masked_token_logps_fn(cfg, mesh, vocab_chunk: int = 0):
+  """jit((params, rows) -> log-probs [B, L] of rows['targets'], zero off the
+  loss mask), its output replicated so that every process can read it."""
+  token_fn = steps.token_logps_fn(cfg, vocab_chunk)
+  return jax.jit(lambda p, b: token_fn(p, b) * b["loss_mask"],
+                 out_shardings=NamedSharding(mesh, P()))
+
+
+def token_logps(fn, params, rows: dict, batch_size: int, mesh):
+  """`fn` (masked_token_logps_fn) over every row [N, L], in global batches of
+  `batch_size` rows; every process gets all N."""
   n = len(rows["tokens"])
   out = np.zeros(rows["tokens"].shape, np.float32)
   for s in range(0, n, batch_size):
@@ -120,9 +126,10 @@ def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, usable, mesh
   (params, report: mean_kl, mean_reward over usable prompts)."""
   oc, bs = config.online, config.data.batch_size
   chunk = config.model.vocab_chunk
+  fn = masked_token_logps_fn(cfg, mesh, chunk)  # one compile for the policy and the reference
   with sharding.activation_rules(mesh, rules):
-    old = token_logps(cfg, params, rows, bs, mesh, chunk)
-    ref = token_logps(cfg, ref_params, rows, bs, mesh, chunk)
+    old = token_logps(fn, params, rows, bs, mesh)
+    ref = token_logps(fn, ref_params, rows, bs, mesh)
   pol_s, ref_s = old.sum(-1), ref.sum(-1)
   use = np.repeat(np.asarray(usable, bool), scores_pk.shape[1])
   scores = np.where(use, scores_pk.reshape(-1), 0.0)  # unusable rows: weight 0 below
