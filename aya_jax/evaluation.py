@@ -44,11 +44,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aya_jax import teachers
+from aya_jax.arbitrage import teachers
 from aya_jax.data import atomic, formatting, records
-from aya_jax.data import synthetic
 from aya_jax.sampling import methods as methods_lib
 from aya_jax.sampling import sampler
+from aya_jax.world import tasks as synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,21 +134,21 @@ class Model:
 
   def __init__(self, name: str, path=None, tokenizer=None, method=methods_lib.Greedy(),
                max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0,
-               model: Optional[tuple] = None, mesh=None, sharding_preset: str = "fsdp"):
+               model: Optional[tuple] = None, mesh=None, rules: str = "fsdp"):
     """path: params/ or HF dir; or `model=(cfg, params)` in memory.
     tokenizer: a directory (default: `path` when it holds tokenizer files).
-    mesh: params sharded over it (`sharding_preset` rules) and sampled on it; None: one device.
+    mesh: params sharded over it (`rules` rules) and sampled on it; None: one device.
     Loaded as a teacher is (the same checks: tokenizer vs vocabulary, stop ids)."""
     self.name, self.path = name, path
     self.method, self.max_new_tokens = method, max_new_tokens
     self.batch_size, self.seed = batch_size, seed
-    self.mesh, self.sharding_preset = mesh, sharding_preset
+    self.mesh, self.rules = mesh, rules
     if tokenizer is None and path is None:
       raise ValueError(f"model {name}: no tokenizer directory")
     loaded = teachers.load_teacher(
         teachers.Teacher(name, model if model is not None else os.fspath(path),
                          tokenizer=os.fspath(tokenizer) if tokenizer is not None else None),
-        mesh, sharding_preset)
+        mesh, rules)
     self.tokenizer, self.cfg, self.params = loaded.tokenizer, loaded.cfg, loaded.params
     self.stop, self.pad = loaded.stop_ids, loaded.pad_id
 
@@ -161,7 +161,7 @@ class Model:
       res = sampler.generate(self.cfg, self.params, [toks[i] for i in idx],
                              prompt_keys(self.seed, [prompts[i].id for i in idx]),
                              self.method, self.max_new_tokens, self.stop, 1, self.pad,
-                             self.mesh, self.sharding_preset)
+                             self.mesh, self.rules)
       for i, text in zip(idx, res.texts(self.tokenizer, self.stop)):
         out[i] = text.strip()
     return out

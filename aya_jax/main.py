@@ -23,15 +23,15 @@ from aya_jax import config_files
 # stage name -> module with run(config, workdir). Only stages that exist.
 STAGES = {
     "sft": "aya_jax.train.sft",
-    "generate": "aya_jax.teachers",
-    "merge": "aya_jax.merge_stream",
+    "generate": "aya_jax.arbitrage.teachers",
+    "merge": "aya_jax.merging.stream",
     "reward_model": "aya_jax.train.reward_model",
-    "arbitrage": "aya_jax.arbitrage",
+    "arbitrage": "aya_jax.arbitrage.stage",
     "dpo": "aya_jax.train.dpo",
     "online_dpo": "aya_jax.train.online",  # RLOO: --config.online.algorithm=rloo
-    "world": "aya_jax.world",
+    "world": "aya_jax.world.bootstrap",
     "eval": "aya_jax.evaluation",
-    "pipeline": "aya_jax.recipe",
+    "pipeline": "aya_jax.recipe.pipeline",
     "plan": "aya_jax.planner",  # configs/aya_expanse_8b.py --config.dry_run=True
 }
 

@@ -276,8 +276,8 @@ def plan(config) -> dict:
   from aya_jax import axes, checkpoint, sharding
   from aya_jax.models import config as model_config
   from aya_jax.train import sft
-  mesh_shape = tuple(config.mesh.shape)
-  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:num_devices(config)])
+  shape = tuple(config.mesh.shape)
+  mesh = sharding.make_mesh(shape, jax.devices()[:num_devices(config)])
   rules = axes.rules(config.mesh.rules)
   m = config.model
   over = sft.execution(m)

@@ -233,7 +233,7 @@ class FunctionScorer:
 
 def verifier_scorer(**kw) -> FunctionScorer:
   """The synthetic world's gold judge as a Scorer."""
-  from aya_jax.data import synthetic
+  from aya_jax.world import tasks as synthetic
   return FunctionScorer(synthetic.Verifier(**kw).score)
 
 

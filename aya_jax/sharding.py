@@ -15,6 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -24,6 +25,14 @@ from aya_jax.models.config import ModelConfig
 from aya_jax.models.transformer import Transformer
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_block() -> ml_collections.ConfigDict:
+  """Every stage's `mesh` config block: `mesh.shape` and `mesh.rules`."""
+  c = ml_collections.ConfigDict()
+  c.shape = (-1, 1, 1)    # (data, fsdp, tensor); one -1 takes the remaining devices
+  c.rules = "fsdp"        # axes.PRESETS: dp | fsdp | fsdp_tp
+  return c
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:

@@ -35,7 +35,7 @@ sides scored) next to pairs_offline.jsonl and a contrast section in the report.
 Rerunning after a kill generates and scores only what is missing.
 """
 
-from aya_jax import arbitrage
+from aya_jax.arbitrage import stage as arbitrage
 
 
 def get_config(arg=None):

@@ -42,7 +42,7 @@ import os
 
 import ml_collections
 
-from aya_jax import config_files, optim, planner
+from aya_jax import config_files, optim, planner, sharding
 from aya_jax.train import dpo, sft
 
 FAMILIES = "european:en,fr,es,de;slavic_turkic:en,ru,tr;asian_semitic:en,ar,hi,ja,zh"
@@ -84,7 +84,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.01
   c.optim.b2 = 0.95
   # --- mesh: a v5p-128 slice (64 chips) or 8 nodes of 8 H100
-  c.mesh = sft.mesh_block()
+  c.mesh = sharding.mesh_block()
   c.mesh.shape = (1, 64, 1)
   c.mesh.rules = "fsdp"
   c.distributed = sft.distributed_block()
@@ -101,7 +101,7 @@ def pipeline_config(plan):
       teachers=";".join(f"{os.path.basename(t)}:{t}" for t in plan.teachers),
       families=FAMILIES, languages=plan.languages, prompts=plan.prompts,
       eval_prompts="/data/prompts/eval.jsonl"))  # held out, m-ArenaHard layout
-  c.mesh_shape, c.mesh_rules = plan.mesh.shape, plan.mesh.rules
+  c.mesh.shape, c.mesh.rules = plan.mesh.shape, plan.mesh.rules
   c.distributed = plan.distributed  # multi-host: explicit, or from the environment
   c.model.update({k: plan.model[k] for k in c.model})  # bf16, remat, chunked vocab/attention
   # samples of 8B teachers on real prompts: long answers, large batches

@@ -23,6 +23,8 @@ teacher leaves unset come from `config.sampling`; temperature 0 is greedy.
 
 import ml_collections
 
+from aya_jax import sharding
+
 
 def _teacher(model: str) -> ml_collections.ConfigDict:
   """A teacher; None sampling fields fall back to config.sampling. The field
@@ -42,8 +44,7 @@ def get_config(arg=None):
   config.output = ""  # default: <workdir>/completions.jsonl
   config.seed = 0
   config.batch_size = 16  # prompts per batch (each sampled n times)
-  config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor), used on more than one device
-  config.sharding = "fsdp"  # aya_jax.axes preset for the params
+  config.mesh = sharding.mesh_block()  # used on more than one device
   config.only = ""  # comma-separated teacher names; empty = all
   config.sampling = ml_collections.ConfigDict(dict(
       temperature=0.7, top_k=0, top_p=0.95, n=1, max_new_tokens=512))

@@ -25,7 +25,8 @@ held-out gains).
 
 import ml_collections
 
-from aya_jax import world
+from aya_jax import sharding
+from aya_jax.world import bootstrap as world
 
 
 def _train(steps, lr, batch_size, seq_len, **extra):
@@ -41,8 +42,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.seed = 0
-  c.mesh_shape = (-1, 1, 1)
-  c.mesh_rules = "fsdp"   # axes presets: dp | fsdp | fsdp_tp (training, sampling, scoring)
+  c.mesh = sharding.mesh_block()  # training, sampling and scoring
   # the stages' model settings (compute dtype, rematerialisation, vocab-chunked
   # loss, flash-style attention tiles)
   c.model = ml_collections.ConfigDict(dict(dtype="float32", remat="none", vocab_chunk=0,

@@ -10,7 +10,7 @@ languages than on the others; the weak model is weak everywhere but English.
 `--config=configs/world.py:tiny` is the small world the tests use.
 """
 
-from aya_jax import world
+from aya_jax.world import bootstrap as world
 
 
 def get_config(arg=None):

@@ -6,11 +6,14 @@ import os
 import numpy as np
 import pytest
 
-from aya_jax import arbitrage as A
 from aya_jax import config_files
-from aya_jax import preference, reward, routing
-from aya_jax import teachers as T
-from aya_jax.data import records, synthetic
+from aya_jax import reward
+from aya_jax.arbitrage import contrast as preference
+from aya_jax.arbitrage import routing
+from aya_jax.arbitrage import stage as A
+from aya_jax.arbitrage import teachers as T
+from aya_jax.data import records
+from aya_jax.world import tasks as synthetic
 from conftest import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,7 +219,7 @@ def test_a_half_written_prompts_file_is_not_trusted(tmp_path):
 
 @pytest.mark.slow
 def test_real_teacher_pool_and_reward_model_scorer(tmp_path):
-  """The stage drives aya_jax.teachers.TeacherPool and a RewardModelScorer
+  """The stage drives aya_jax.arbitrage.teachers.TeacherPool and a RewardModelScorer
   (tiny random models) through the same interfaces."""
   from aya_jax.models import tiny
   from aya_jax.sampling import methods

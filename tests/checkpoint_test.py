@@ -14,7 +14,8 @@ import optax
 import pytest
 from conftest import random_params
 
-from aya_jax import axes, checkpoint, config_files, merge_stream, sharding
+from aya_jax import axes, checkpoint, config_files, sharding
+from aya_jax.merging import stream as merge_stream
 from aya_jax.models import config as config_lib
 from aya_jax.models import hf
 from aya_jax.train import sft

@@ -35,7 +35,7 @@ def test_32b_config_builds_on_the_8b_one():
   p32 = config_files.get_config(os.path.join(ROOT, "configs", "aya_expanse_32b.py:pipeline"))
   assert p32.stage == p8.stage == "pipeline"
   assert p32.inputs.base == "/data/models/aya-expanse-32b" != p8.inputs.base
-  assert (p32.sft.batch_size, p32.dpo.batch_size, tuple(p32.mesh_shape)) == (256, 256, (1, 256, 1))
+  assert (p32.sft.batch_size, p32.dpo.batch_size, tuple(p32.mesh.shape)) == (256, 256, (1, 256, 1))
   assert p32.inputs.teachers == p8.inputs.teachers and p32.online.to_dict() == p8.online.to_dict()
   with pytest.raises(ValueError, match="variants are"):
     config_files.get_config(os.path.join(ROOT, "configs", "aya_expanse_32b.py:typo"))

@@ -13,7 +13,7 @@ import pytest
 
 from aya_jax import axes, checkpoint, config_files, sharding
 from aya_jax.data import formatting
-from aya_jax.data import preference_pipeline as pp
+from aya_jax.data import pairs as pp
 from aya_jax.data import records
 from aya_jax.metrics import read_metrics
 from aya_jax.train import dpo

@@ -9,11 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, config_files, evaluation, sharding, world
-from aya_jax.data import formatting, records, synthetic
+from aya_jax import checkpoint, config_files, evaluation, sharding
+from aya_jax.data import formatting, records
 from aya_jax.models import config as model_config
 from aya_jax.models import hf, init_params
 from aya_jax.sampling import methods
+from aya_jax.world import bootstrap as world
+from aya_jax.world import tasks as synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ("en", "fr", "ru")
@@ -90,7 +92,7 @@ def test_paired_bootstrap_matches_scipy():
   # are Monte Carlo with B = 100k: each end is off by < 6 x the sd of the difference of two
   # independent percentile estimates. Unpaired, the interval would be twice as wide.
   from scipy import stats
-  from aya_jax import recipe_report
+  from aya_jax.recipe import report as recipe_report
   rng = np.random.default_rng(0)
   a = rng.normal(0.6, 0.2, 80)
   b = a - 0.05 + rng.normal(0.0, 0.08, 80)  # the same prompts: strongly correlated

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from aya_jax import merge_ranks
+from aya_jax.merging import ranks as merge_ranks
 
 A = np.float32
 

@@ -15,7 +15,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, merge_search, merge_spec, merge_stream, merging
+from aya_jax import checkpoint
+from aya_jax.merging import methods as merging
+from aya_jax.merging import search as merge_search
+from aya_jax.merging import spec as merge_spec
+from aya_jax.merging import stream as merge_stream
 from aya_jax.models import hf
 
 from conftest import hf_tiny_model
@@ -529,7 +533,7 @@ def test_failed_merge_keeps_the_previous_one(llama_dirs, tmp_path, out_hf):
 _RSS_SCRIPT = """
 import resource, sys
 import numpy as np
-from aya_jax import merge_stream
+from aya_jax.merging import stream as merge_stream
 from aya_jax.models import config, hf
 mode, n_layers, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if mode == "make":

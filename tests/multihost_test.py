@@ -35,8 +35,8 @@ def _worker(pid: int, nproc: int, port: int, out: str):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                                process_id=pid)
   from aya_jax import axes, checkpoint, optim, sharding
-  from aya_jax.sampling import methods, sampler
   from aya_jax.models import config as model_config
+  from aya_jax.sampling import methods, sampler
   from aya_jax.train import state as state_lib
   from aya_jax.train import steps
   assert jax.device_count() == 4, jax.devices()
@@ -109,7 +109,7 @@ def _rloo(out, cfg, policy, mesh, rules, rs):
 
 def _merge(run: str, out: str):
   """DARE-TIES of a run's step-1 and final params against its step-0 params."""
-  from aya_jax import merge_stream
+  from aya_jax.merging import stream as merge_stream
   merge_stream.merge_checkpoints(
       [os.path.join(run, "params_1"), os.path.join(run, "params")], "dare_ties",
       dict(density=0.5), out=out, base=os.path.join(run, "params_0"),

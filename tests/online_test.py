@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, config_files, losses, merging
+from aya_jax import checkpoint, config_files, losses
 from aya_jax.data import formatting, records
+from aya_jax.merging import methods as merging
 from aya_jax.models import tiny
 from conftest import random_params
 from aya_jax.train import online, sft
@@ -233,7 +234,7 @@ def test_rloo_kl_is_to_the_fixed_reference(sft_model, tmp_path):
 def test_pipeline_online_rounds_share_one_reference(tmp_path, monkeypatch):
   """recipe_steps.run_online: round r starts from round r-1's policy, and every
   round's reference is the policy the online stage started from."""
-  from aya_jax import recipe_steps
+  from aya_jax.recipe import steps as recipe_steps
   seen = []
 
   def fake_run(oc, sub, scorer=None):

@@ -13,8 +13,8 @@ import pytest
 
 from aya_jax import axes, optim, planner, sharding
 from aya_jax.models import config as model_config
-from aya_jax.train import state as state_lib
 from aya_jax.train import sft
+from aya_jax.train import state as state_lib
 
 CFG = dict(d_model=64, d_ff=256, vocab_size=301, n_layers=4, n_heads=4, n_kv_heads=2,
            head_dim=16)
@@ -30,7 +30,7 @@ def _config(mesh_shape=(1, 4, 2), rules="fsdp_tp", opt_state="as_trained", layer
   c.dpo = ml_collections.ConfigDict(dict(seq_len=32, batch_size=8, grad_accum=1, beta=0.1))
   c.optim = optim.default_optim_config()
   c.optim.weight_decay = 0.01
-  c.mesh = sft.mesh_block()
+  c.mesh = sharding.mesh_block()
   c.mesh.shape, c.mesh.rules = mesh_shape, rules
   c.plan = planner.plan_block()
   c.plan.opt_state, c.plan.dry_run_layers = opt_state, layers

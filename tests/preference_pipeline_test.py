@@ -3,7 +3,7 @@
 import pytest
 
 from aya_jax.data import formatting
-from aya_jax.data import preference_pipeline as pp
+from aya_jax.data import pairs as pp
 from aya_jax.data import records
 
 WORDS = ["red", "blue", "green", "cat", "dog", "fish"]

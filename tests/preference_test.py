@@ -2,8 +2,11 @@
 
 import numpy as np
 
-from aya_jax import arbitrage, preference, reward
-from aya_jax.data import records, synthetic
+from aya_jax import reward
+from aya_jax.arbitrage import contrast as preference
+from aya_jax.arbitrage import stage as arbitrage
+from aya_jax.data import records
+from aya_jax.world import tasks as synthetic
 
 
 def _items():

@@ -9,10 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, config_files, recipe, recipe_inputs, recipe_report, teachers, world
+from aya_jax import checkpoint, config_files
+from aya_jax.arbitrage import teachers
 from aya_jax.data import atomic, formatting, records
 from aya_jax.models import config as model_config
 from aya_jax.models import hf
+from aya_jax.recipe import artifacts
+from aya_jax.recipe import inputs as recipe_inputs
+from aya_jax.recipe import pipeline as recipe
+from aya_jax.recipe import report as recipe_report
+from aya_jax.world import bootstrap as world
 from conftest import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,11 +152,11 @@ def test_report_verdicts_are_computed_from_the_scores(tmp_path):
 
 
 def test_runner_skips_a_finished_step_and_reruns_a_changed_one(tmp_path):
-  r = recipe.Runner(str(tmp_path))
+  r = artifacts.Runner(str(tmp_path))
   calls = []
   fn = lambda d: calls.append(d) or {"x": len(calls)}
   assert r.step("a", {"k": 1}, fn)[0] == {"x": 1}
-  r2 = recipe.Runner(str(tmp_path))  # a new process reads pipeline_state.json
+  r2 = artifacts.Runner(str(tmp_path))  # a new process reads pipeline_state.json
   assert r2.step("a", {"k": 1}, fn)[0] == {"x": 1} and len(calls) == 1
   assert r2.step("a", {"k": 2}, fn)[0] == {"x": 2} and r2.ran == ["a"]
 
@@ -160,15 +166,15 @@ def test_runner_on_other_processes_runs_steps_but_leaves_the_workdir_to_process_
   (tmp_path / "a").mkdir()
   (tmp_path / "a" / "leftover").write_text("another spec's")
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  r = recipe.Runner(str(tmp_path))
+  r = artifacts.Runner(str(tmp_path))
   assert r.step("a", {"k": 1}, lambda d: {"dir": d})[0] == {"dir": str(tmp_path / "a")}
   # process 0 cleans, marks and records; process 1 only runs the step (and keeps its state)
   assert (tmp_path / "a" / "leftover").exists() and not (tmp_path / "a" / ".spec").exists()
-  assert not (tmp_path / recipe.STATE).exists() and r.ran == ["a"]
+  assert not (tmp_path / artifacts.STATE).exists() and r.ran == ["a"]
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  r0 = recipe.Runner(str(tmp_path))
+  r0 = artifacts.Runner(str(tmp_path))
   r0.step("a", {"k": 1}, lambda d: {"n": len(os.listdir(d))})
-  assert not (tmp_path / "a" / "leftover").exists() and (tmp_path / recipe.STATE).exists()
+  assert not (tmp_path / "a" / "leftover").exists() and (tmp_path / artifacts.STATE).exists()
 
 
 def _make(d, *names):
@@ -182,16 +188,16 @@ def _make(d, *names):
 
 def test_state_paths_are_relative_so_a_copy_reads_its_own_files(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  r = recipe.Runner(a)
+  r = artifacts.Runner(a)
   out, _ = r.step("sft", {"k": 1}, lambda d: _make(d, "params/w", "data.jsonl"))
-  stored = json.load(open(os.path.join(a, recipe.STATE)))["sft"]["outputs"]
+  stored = json.load(open(os.path.join(a, artifacts.STATE)))["sft"]["outputs"]
   assert stored == {"params": "./sft/params", "files": ["./sft/params/w", "./sft/data.jsonl"],
                     "note": "not a path", "none": ""}
   shutil.copytree(a, b)  # cp -a runs/a runs/b
   with open(os.path.join(b, "sft", "params", "w"), "w") as f:
     f.write("b's own")
   calls = []
-  rb = recipe.Runner(b)
+  rb = artifacts.Runner(b)
   out_b, _ = rb.step("sft", {"k": 1}, lambda d: calls.append(d))
   assert calls == [] and out_b == {"params": os.path.join(b, "sft", "params"), "note": "not a path",
                                    "files": [os.path.join(b, "sft", "params", "w"),
@@ -204,10 +210,10 @@ def test_state_paths_are_relative_so_a_copy_reads_its_own_files(tmp_path):
 
 def test_a_moved_workdir_finds_its_arbitrage_pairs(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  recipe.Runner(a).step("arbitrage", {"k": 1}, lambda d: dict(
+  artifacts.Runner(a).step("arbitrage", {"k": 1}, lambda d: dict(
       pairs=_make(d, "pairs_offline.jsonl")["files"][0], contrast=""))
   shutil.move(a, b)  # mv runs/a runs/b, then a changed DPO value
-  arb, _ = recipe.Runner(b).step("arbitrage", {"k": 1}, lambda d: pytest.fail("ran again"))
+  arb, _ = artifacts.Runner(b).step("arbitrage", {"k": 1}, lambda d: pytest.fail("ran again"))
   assert arb["pairs"] == os.path.join(b, "arbitrage", "pairs_offline.jsonl")
   assert os.path.exists(arb["pairs"])
   # no pairs at all is recorded as "" and blamed on min_gap, with no path to mislead
@@ -220,9 +226,9 @@ def test_a_step_whose_outputs_are_missing_runs_again(tmp_path, caplog):
   work = str(tmp_path / "w")
   calls = []
   fn = lambda d: calls.append(d) or _make(d, "params/w")  # noqa: E731
-  recipe.Runner(work).step("sft_merged", {"k": 1}, fn)
+  artifacts.Runner(work).step("sft_merged", {"k": 1}, fn)
   shutil.rmtree(os.path.join(work, "sft_merged", "params"))
-  r = recipe.Runner(work)
+  r = artifacts.Runner(work)
   with caplog.at_level("WARNING"):
     out, _ = r.step("sft_merged", {"k": 1}, fn)
   assert len(calls) == 2 and r.ran == ["sft_merged"] and os.path.exists(out["files"][0])
@@ -230,21 +236,21 @@ def test_a_step_whose_outputs_are_missing_runs_again(tmp_path, caplog):
   assert f"sft_merged is recorded as done but its recorded output {missing} is missing" \
       in caplog.text
   # a state file from before paths were relative, copied: not trusted either
-  state = json.load(open(os.path.join(work, recipe.STATE)))
+  state = json.load(open(os.path.join(work, artifacts.STATE)))
   state["sft_merged"]["outputs"]["params"] = "/elsewhere/runs/a/sft_merged/params"
-  atomic.write_json(os.path.join(work, recipe.STATE), state)
-  recipe.Runner(work).step("sft_merged", {"k": 1}, fn)
+  atomic.write_json(os.path.join(work, artifacts.STATE), state)
+  artifacts.Runner(work).step("sft_merged", {"k": 1}, fn)
   assert len(calls) == 3
 
 
 def test_a_torn_state_file_is_stale_and_steps_resume_in_place(tmp_path, caplog):
   work = str(tmp_path / "w")
-  recipe.Runner(work).step("sft", {"k": 1}, lambda d: _make(d, "params/w", "ckpt"))
-  path = os.path.join(work, recipe.STATE)
+  artifacts.Runner(work).step("sft", {"k": 1}, lambda d: _make(d, "params/w", "ckpt"))
+  path = os.path.join(work, artifacts.STATE)
   with open(path, "r+") as f:
     f.truncate(30)
   with caplog.at_level("WARNING"):
-    r = recipe.Runner(work)
+    r = artifacts.Runner(work)
   assert r.state == {} and f"{path}: unreadable pipeline state" in caplog.text
   # the step runs again in its own directory: same spec, so its files stay (resume)
   left = []
@@ -256,7 +262,7 @@ def test_a_torn_state_file_is_stale_and_steps_resume_in_place(tmp_path, caplog):
 @pytest.mark.parametrize("field,value,message", [
     ("sft_family.init", "foo", r"config\.sft_family\.init='foo': 'foo' is not one of \['base', "
      r"'mixed'\]"),
-    ("mesh_rules", "fsdp_pt", r"config\.mesh_rules='fsdp_pt': .* not one of \['', 'dp', 'fsdp', "
+    ("mesh.rules", "fsdp_pt", r"config\.mesh\.rules='fsdp_pt': .* not one of \['', 'dp', 'fsdp', "
      r"'fsdp_tp'\]"),
     ("model.remat", "ful", r"config\.model\.remat='ful'"),
     ("model.dtype", "bf16", r"config\.model\.dtype='bf16'"),
@@ -278,7 +284,7 @@ def test_a_wrong_choice_fails_before_the_first_step(tmp_path, monkeypatch, field
   monkeypatch.setattr(recipe.steps, "run_world", lambda *a: pytest.fail("a step ran"))
   with pytest.raises(ValueError, match=message):
     recipe.run(c, str(tmp_path / "w"))
-  assert not os.path.exists(tmp_path / "w" / recipe.STATE)
+  assert not os.path.exists(tmp_path / "w" / artifacts.STATE)
 
 
 # ------------------------------------------------------------- real inputs

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aya_jax import axes, checkpoint, config_files, losses, preference, reward, sharding
-from aya_jax.data import records, synthetic
+from aya_jax import axes, checkpoint, config_files, losses, reward, sharding
+from aya_jax.arbitrage import contrast as preference
+from aya_jax.data import records
 from aya_jax.models import tiny
 from aya_jax.train import loop, reward_model
+from aya_jax.world import tasks as synthetic
 from conftest import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

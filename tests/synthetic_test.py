@@ -1,4 +1,4 @@
-"""Tests for aya_jax.data.synthetic and aya_jax.data.lexicon: the world."""
+"""Tests for aya_jax.world.tasks and aya_jax.world.lexicon: the world."""
 
 import unicodedata
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from aya_jax.data import formatting
-from aya_jax.data import lexicon as lx
 from aya_jax.data import records
-from aya_jax.data import synthetic as S
+from aya_jax.world import lexicon as lx
+from aya_jax.world import tasks as S
 
 V = S.Verifier()
 

@@ -1,4 +1,4 @@
-"""Tests for aya_jax.teachers: the pool, resuming, prompts, errors, the stage."""
+"""Tests for aya_jax.arbitrage.teachers: the pool, resuming, prompts, errors, the stage."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import config_files, teachers as T
+from aya_jax import config_files
+from aya_jax.arbitrage import teachers as T
 from aya_jax.data import formatting as F
 from aya_jax.data import records
 from aya_jax.models import hf, init_params, tiny

@@ -4,8 +4,10 @@ import os
 
 import pytest
 
-from aya_jax import checkpoint, config_files, world
-from aya_jax.data import formatting, synthetic
+from aya_jax import checkpoint, config_files
+from aya_jax.data import formatting
+from aya_jax.world import bootstrap as world
+from aya_jax.world import tasks as synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

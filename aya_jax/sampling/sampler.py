@@ -153,7 +153,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray], rng,
              method=methods_lib.Greedy(), max_new_tokens: int = 64,
              stop_ids: Optional[Sequence[int]] = None, n: int = 1,
              pad_id: Optional[int] = None, mesh: Optional[Mesh] = None,
-             sharding_preset: str = "fsdp") -> SampleResult:
+             rules: str = "fsdp") -> SampleResult:
   """Samples `n` completions of each prompt (ragged 1-D token id arrays).
 
   Args:
@@ -166,7 +166,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray], rng,
     n: samples per prompt (the prompt is prefilled once).
     pad_id: emitted after a row is done; default cfg.pad_id (or 0).
     mesh: a ('data', 'fsdp', 'tensor') mesh: batch over data x fsdp, params
-      by `sharding_preset` (see aya_jax.axes.PRESETS).
+      by `rules` (see aya_jax.axes.PRESETS).
   Returns a SampleResult with B * n rows.
   """
   if cfg.value_head:
@@ -188,18 +188,18 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray], rng,
   tokens, positions, segments, lengths = _pad_prompts(prompts, b_pad, length, pad)
   keys = _as_prompt_keys(rng, b, b_pad)
 
-  fn = _compiled(cfg, method, max_new_tokens, n, stop, pad, mesh, sharding_preset)
+  fn = _compiled(cfg, method, max_new_tokens, n, stop, pad, mesh, rules)
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params)
     out = fn(params, tokens, positions, segments, lengths, keys)
   else:  # every process holds the same inputs; device_put makes global arrays of them
-    params = sharding_lib.shard_tree(params, _param_shardings(cfg, mesh, sharding_preset))
+    params = sharding_lib.shard_tree(params, _param_shardings(cfg, mesh, rules))
     b2, b1 = sharding_lib.batch_sharding(mesh, 2), sharding_lib.batch_sharding(mesh, 1)
     tokens, positions, segments = (jax.device_put(x, b2) for x in (tokens, positions, segments))
     lengths = jax.device_put(lengths, b1)
     keys = jax.random.wrap_key_data(  # typed keys cannot be put on other hosts' devices
         jax.device_put(np.asarray(jax.random.key_data(keys)), b2), impl=jax.random.key_impl(keys))
-    with sharding_lib.activation_rules(mesh, axes_lib.rules(sharding_preset)):
+    with sharding_lib.activation_rules(mesh, axes_lib.rules(rules)):
       out = fn(params, tokens, positions, segments, lengths, keys)
   out = jax.device_get(out)
   rows = b * n
@@ -223,11 +223,11 @@ def _compiled(cfg, method, max_new, n, stop, pad, mesh, preset):
                  out_shardings=sharding_lib.replicated(mesh))
 
 
-def _constrain_cache(cache, mesh_rules):
+def _constrain_cache(cache, mesh_and_rules):
   """Cache batch over the batch axes (kv heads as the rules say)."""
-  if mesh_rules is None:
+  if mesh_and_rules is None:
     return cache
-  mesh, rules = mesh_rules
+  mesh, rules = mesh_and_rules
   names = dict(k=("layers", "batch", "length", "kv_heads", "kv"),
                v=("layers", "batch", "length", "kv_heads", "kv"),
                segment_ids=("batch", "length"), positions=("batch", "length"), index=())
@@ -236,14 +236,14 @@ def _constrain_cache(cache, mesh_rules):
           for key, x in cache.items()}
 
 
-def _prefill_and_decode(cfg, method, max_new, n, stop, pad, mesh_rules,
+def _prefill_and_decode(cfg, method, max_new, n, stop, pad, mesh_and_rules,
                         params, tokens, positions, segments, lengths, keys):
   model = Transformer(cfg)
   b, length = tokens.shape
   rows = b * n
 
   # prefill: the whole padded prompt, logits of the last column only
-  cache = _constrain_cache(init_cache(cfg, b, length + max_new), mesh_rules)
+  cache = _constrain_cache(init_cache(cfg, b, length + max_new), mesh_and_rules)
   hidden, cache = model.apply({"params": params}, tokens, positions, segments, cache=cache,
                               return_hidden=True)
   cdt = dtype_of(cfg.dtype)
@@ -256,7 +256,7 @@ def _prefill_and_decode(cfg, method, max_new, n, stop, pad, mesh_rules,
     cache = dict(k=jnp.repeat(cache["k"], n, axis=1), v=jnp.repeat(cache["v"], n, axis=1),
                  segment_ids=jnp.repeat(cache["segment_ids"], n, axis=0),
                  positions=jnp.repeat(cache["positions"], n, axis=0), index=cache["index"])
-    cache = _constrain_cache(cache, mesh_rules)
+    cache = _constrain_cache(cache, mesh_and_rules)
     logits_bv = jnp.repeat(logits_bv, n, axis=0)
     lengths = jnp.repeat(lengths, n)
   sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aya_jax import axes, checkpoint, losses, optim, sharding
 from aya_jax.data import atomic, formatting
-from aya_jax.data import preference_pipeline as pp
+from aya_jax.data import pairs as pp
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import sft
 from aya_jax.train import state as state_lib

@@ -57,10 +57,11 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from aya_jax import axes, checkpoint, merging, sharding
+from aya_jax import axes, checkpoint, sharding
 from aya_jax.data import atomic, formatting
-from aya_jax.data import preference_pipeline as pp
+from aya_jax.data import pairs as pp
 from aya_jax.data import records as records_lib
+from aya_jax.merging import methods as merging
 from aya_jax.sampling import methods, sampler
 from aya_jax.train import dpo, rloo, sft
 
@@ -124,7 +125,7 @@ def read_prompts(paths) -> list:
 
 def make_scorer(config):
   if config.online.scorer == "verifier":
-    from aya_jax.data import synthetic
+    from aya_jax.world import tasks as synthetic
     return synthetic.Verifier()
   raise ValueError(f"online.scorer={config.online.scorer!r}: 'verifier', or pass scorer= to run()")
 
@@ -175,7 +176,7 @@ def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag) 
   for s in range(0, len(prompts), oc.sample_batch):
     res = sampler.generate(cfg, params, prompt_ids[s:s + oc.sample_batch],
                            jax.random.fold_in(rng, s), method, oc.max_new_tokens, stop, oc.k,
-                           mesh=mesh, sharding_preset=preset)
+                           mesh=mesh, rules=preset)
     rows += [res.completion(r) for r in range(res.tokens.shape[0])]
     lengths.append(res.lengths)
     stopped.append(res.stopped)

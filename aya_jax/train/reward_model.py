@@ -65,8 +65,8 @@ def default_config():
 
 def synthetic_data(config, workdir: str):
   """(train paths, valid paths, tokenizer dir) of the embedded default data."""
-  from aya_jax import preference
-  from aya_jax.data import synthetic
+  from aya_jax.arbitrage import contrast as preference
+  from aya_jax.world import tasks as synthetic
   d = os.path.join(workdir, "synthetic")
   tok_dir = config.tokenizer or os.path.join(d, "tokenizer")
   langs = tuple(config.synthetic.languages) or synthetic.LANGUAGES

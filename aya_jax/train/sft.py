@@ -40,13 +40,6 @@ def execution(mcfg) -> dict:
   return dict(dtype=mcfg.dtype, remat=mcfg.remat, attention_chunk=mcfg.attention_chunk)
 
 
-def mesh_block() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.shape = (-1, 1, 1)    # (data, fsdp, tensor); one -1 takes the remaining devices
-  c.rules = "fsdp"        # axes.PRESETS: dp | fsdp | fsdp_tp
-  return c
-
-
 def distributed_block() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_processes = 1
@@ -73,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.skip_invalid = False
   c.optim = optim.default_optim_config()
   c.loop = loop_lib.default_loop_config()
-  c.mesh = mesh_block()
+  c.mesh = sharding.mesh_block()
   c.distributed = distributed_block()
   c.export_hf = False     # also write workdir/hf/ (transformers-loadable)
   return c
@@ -136,7 +129,8 @@ def finish(workdir, cfg, params, export_hf: bool):
 
 def embedded_data(workdir: str, n_per_language: int = 128, languages=None):
   """The embedded default: the synthetic world's tokenizer, train and valid splits."""
-  from aya_jax.data import records, synthetic
+  from aya_jax.data import records
+  from aya_jax.world import tasks as synthetic
   root = os.path.join(workdir, "embedded")
   tok_dir = os.path.join(root, "tokenizer")
   if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):

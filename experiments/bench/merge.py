@@ -1,4 +1,4 @@
-"""Merge benchmark: aya_jax.merge_stream vs mergekit 0.1.5 on the same random Llama checkpoints.
+"""Merge benchmark: aya_jax.merging.stream vs mergekit 0.1.5 on the same random Llama checkpoints.
 
   .venv/bin/python experiments/bench/merge.py [--size small|medium] [--models 3] [--root DIR]
 
@@ -33,7 +33,7 @@ mp = [dict(weight=1.0 / n, density=0.5) if method == "ties" else dict(weight=1.0
       for _ in models]
 if which.startswith("ours"):
   import jax, orbax.checkpoint, tensorstore
-  from aya_jax import merge_stream
+  from aya_jax.merging import stream as merge_stream
   jax.devices()
   t = time.perf_counter()
   merge_stream.merge_checkpoints(

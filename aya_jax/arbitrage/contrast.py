@@ -42,9 +42,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from aya_jax import teachers as teachers_lib
+from aya_jax.arbitrage import teachers as teachers_lib
 from aya_jax.data import records as records_lib
-from aya_jax.data import synthetic
+from aya_jax.world import tasks as synthetic
 
 SOURCE = "translation_contrast"
 PromptRecord = teachers_lib.PromptRecord

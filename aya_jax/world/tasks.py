@@ -42,10 +42,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 from absl import logging
 import numpy as np
 
-from aya_jax.data import lexicon
-from aya_jax.data.lexicon import (COLOUR_KEYS, DAY_KEYS, LANGUAGES, LEXICON,
-                                  NOUN_KEYS, SCRIPTS, TEMPLATES)  # noqa: F401 (SCRIPTS: re-exported)
 from aya_jax.data.records import SFTRecord
+from aya_jax.world import lexicon
+from aya_jax.world.lexicon import (COLOUR_KEYS, DAY_KEYS, LANGUAGES, LEXICON,
+                                  NOUN_KEYS, SCRIPTS, TEMPLATES)  # noqa: F401 (SCRIPTS: re-exported)
 
 # Language families for per-family SFT; each includes English.
 LANGUAGE_FAMILIES = {'european': ('en', 'fr', 'es', 'de'),

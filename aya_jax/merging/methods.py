@@ -53,8 +53,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from aya_jax.merge_ranks import keep_ranks
-from aya_jax.merge_spec import (METHODS, check_inputs, check_method, hf_layouts, hf_names,
+from aya_jax.merging.ranks import keep_ranks
+from aya_jax.merging.spec import (METHODS, check_inputs, check_method, hf_layouts, hf_names,
                                  tensor_parameters, warn_weights)
 
 _CHUNK = 1 << 16  # elements of one block of the elementwise pass (fits in L2 with its temps)

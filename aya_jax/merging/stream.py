@@ -23,7 +23,9 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from aya_jax import checkpoint, merge_spec, merging
+from aya_jax import checkpoint
+from aya_jax.merging import methods as merging
+from aya_jax.merging import spec as merge_spec
 from aya_jax.models import hf
 from aya_jax.models.config import EXECUTION_FIELDS
 

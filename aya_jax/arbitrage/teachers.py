@@ -122,7 +122,7 @@ class Loaded:
   pad_id: int
 
 
-def load_teacher(teacher: Teacher, mesh=None, sharding_preset: str = "fsdp") -> Loaded:
+def load_teacher(teacher: Teacher, mesh=None, rules: str = "fsdp") -> Loaded:
   """Model, params (on device, sharded when a mesh is given) and tokenizer."""
   tok_dir = teacher.tokenizer or teacher.model
   tok = formatting.load_tokenizer(tok_dir)
@@ -134,7 +134,7 @@ def load_teacher(teacher: Teacher, mesh=None, sharding_preset: str = "fsdp") -> 
       raise ValueError(f"teacher {teacher.name}: {e}") from None
     shardings = None
     if mesh is not None:
-      shardings = sharding_lib.param_shardings(cfg, mesh, axes_lib.rules(sharding_preset))
+      shardings = sharding_lib.param_shardings(cfg, mesh, axes_lib.rules(rules))
     cfg, params = checkpoint.load_model(path, shardings=shardings)
     where = path
   else:
@@ -198,7 +198,7 @@ class TeacherPool:
   """Named teachers answering prompt files; see the module docstring."""
 
   def __init__(self, teachers: Sequence[Teacher], batch_size: int = 8, seed: int = 0,
-               mesh=None, sharding_preset: str = "fsdp"):
+               mesh=None, rules: str = "fsdp"):
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
       raise ValueError(f"teacher pool: duplicate teacher names in {names}")
@@ -206,7 +206,7 @@ class TeacherPool:
       raise ValueError(f"teacher pool: batch_size={batch_size} must be >= 1")
     self.teachers = {t.name: t for t in teachers}
     self.batch_size, self.seed = batch_size, seed
-    self.mesh, self.sharding_preset = mesh, sharding_preset
+    self.mesh, self.rules = mesh, rules
 
   def select(self, names: Optional[Iterable[str]]) -> list[Teacher]:
     if names is None:
@@ -242,7 +242,7 @@ class TeacherPool:
       if max_batches is not None and stats["batches"] >= max_batches:
         stats["finished"] = False
         return stats
-      loaded = load_teacher(teacher, self.mesh, self.sharding_preset)
+      loaded = load_teacher(teacher, self.mesh, self.rules)
       tokens = _tokenize(teacher, loaded, prompts)
       order = sorted(range(len(prompts)), key=lambda i: len(tokens[i]))  # stable
       for start in range(0, len(order), self.batch_size):
@@ -279,7 +279,7 @@ class TeacherPool:
         loaded.cfg, loaded.params, tokens, prompt_keys(self.seed, teacher.name,
                                                       [p.id for p in batch]),
         teacher.method, teacher.max_new_tokens, loaded.stop_ids, teacher.n, loaded.pad_id,
-        self.mesh, self.sharding_preset)
+        self.mesh, self.rules)
     texts = res.texts(loaded.tokenizer, loaded.stop_ids)
     recs, empty = [], []
     for row, text in enumerate(texts):
@@ -334,10 +334,10 @@ def run(config, workdir: str) -> dict:
   teachers = teachers_from_config(config)
   mesh = None
   if jax.device_count() > 1:
-    mesh = sharding_lib.make_mesh(tuple(config.mesh_shape))
+    mesh = sharding_lib.make_mesh(tuple(config.mesh.shape))
   out = config.output or os.path.join(workdir, "completions.jsonl")
   pool = TeacherPool(teachers, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-                     sharding_preset=config.sharding)
+                     rules=config.mesh.rules)
   only = [s for s in config.only.split(",") if s] if config.get("only") else None
   stats = pool.answer(config.prompts, out, teachers=only)
   logging.info("generate: %s -> %s", stats, out)

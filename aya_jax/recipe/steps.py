@@ -1,4 +1,4 @@
-"""The pipeline's steps (aya_jax.recipe chains them): each `fn(config, dir, ...)`
+"""The pipeline's steps (aya_jax.recipe.pipeline chains them): each `fn(config, dir, ...)`
 runs one stage in its directory and returns its outputs (JSON).
 
 `w` is what the inputs are: the world step's outputs, or
@@ -15,11 +15,16 @@ import os
 import jax
 from absl import logging
 
-from aya_jax import (arbitrage, checkpoint, evaluation, merging, preference, reward, sharding,
-                     teachers, world)
-from aya_jax.data import atomic, records, synthetic
+from aya_jax import checkpoint, evaluation, reward, sharding
+from aya_jax.arbitrage import contrast as preference
+from aya_jax.arbitrage import stage as arbitrage
+from aya_jax.arbitrage import teachers
+from aya_jax.data import atomic, records
+from aya_jax.merging import methods as merging
 from aya_jax.sampling import methods
 from aya_jax.train import dpo, online, reward_model, sft
+from aya_jax.world import bootstrap as world
+from aya_jax.world import tasks as synthetic
 
 
 def real(w: dict) -> bool:
@@ -40,8 +45,8 @@ def train_block(c, block, tok: str, init: str, pc):
   c.loop.num_steps, c.loop.log_every = block.steps, max(1, block.steps // 5)
   c.loop.checkpoint_every = block.get("checkpoint_every") or max(1, block.steps // 2)
   c.loop.eval_every = 0
-  c.mesh.shape = tuple(pc.mesh_shape)
-  c.mesh.rules = pc.get("mesh_rules") or c.mesh.rules
+  c.mesh.shape = tuple(pc.mesh.shape)
+  c.mesh.rules = pc.mesh.rules or c.mesh.rules
   for k, v in (pc.model.items() if pc.get("model") is not None else ()):
     if k not in c.model or k in ("init", "preset"):
       raise ValueError(f"config.model.{k}: not a setting of the {c.stage} stage's model block "
@@ -77,12 +82,12 @@ def merge(d: str, inputs: list) -> str:
 def _mesh(w, c):
   """Sharded sampling and scoring on real inputs over several devices; None on
   the world (its models fit one device)."""
-  return sharding.make_mesh(tuple(c.mesh_shape)) if real(w) and jax.device_count() > 1 else None
+  return sharding.make_mesh(tuple(c.mesh.shape)) if real(w) and jax.device_count() > 1 else None
 
 
 def _rules(c) -> str:
   """The sharding rules preset of the run's mesh."""
-  return (c.get("mesh_rules") if c is not None else None) or "fsdp"
+  return (c.mesh.rules if c is not None else None) or "fsdp"
 
 
 def scorer(w, c, rm: dict, judge: bool = False):
@@ -145,7 +150,7 @@ def pool(w, b, seed: int, c=None):
                                     1, b.max_new_tokens))
   mesh = _mesh(w, c) if c is not None else None
   return teachers.TeacherPool(members, batch_size=b.batch_size, seed=seed, mesh=mesh,
-                              sharding_preset=_rules(c))
+                              rules=_rules(c))
 
 
 def _prompt_file(c, d, w) -> str:
@@ -304,7 +309,7 @@ def run_eval(c, d, w, models: dict, langs, rm=None):
   mesh = _mesh(w, c)  # real inputs on several devices: the run's mesh
   ms = {name: evaluation.Model(name, path, tok, max_new_tokens=b.max_new_tokens,
                                batch_size=b.batch_size, seed=c.seed, mesh=mesh,
-                               sharding_preset=_rules(c))
+                               rules=_rules(c))
         for name, path in models.items()}
   answers, results = {}, {}
   base = ms["sft_single"]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from aya_jax import merging
+from aya_jax.merging import methods as merging
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ means in the report are per language and never pooled across languages.
 Ties are broken deterministically: higher score, then the teacher with the
 higher mean score in the prompt's language, then earlier teacher (the pool's
 order), then lower sample index; the worst answer is the reverse. The fixed
-table, the learned router and the report live in `aya_jax.routing`.
+table, the learned router and the report live in `aya_jax.arbitrage.routing`.
 
 Translation contrast (`config.contrast.enabled`): `preference.run_contrast`
 adds pairs_contrast.jsonl (chosen: the strong teacher's in-language answer,
@@ -49,9 +49,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aya_jax import preference
-from aya_jax import routing
-from aya_jax import teachers as teachers_lib
+from aya_jax import sharding
+from aya_jax.arbitrage import contrast as preference
+from aya_jax.arbitrage import routing
+from aya_jax.arbitrage import teachers as teachers_lib
 from aya_jax.data import atomic
 from aya_jax.data import records as records_lib
 
@@ -148,7 +149,7 @@ def synthetic_teacher(skill: dict, seed: int = 0, name: str = "") -> Callable:
   """A world teacher: answers a prompt right with probability skill[lang]
   (key '*' = other languages); otherwise answers in English (language
   confusion) or with another number/word. Deterministic per prompt/sample."""
-  from aya_jax.data import synthetic
+  from aya_jax.world import tasks as synthetic
 
   def respond(p, j):
     inst = synthetic.parse_id(p.id)
@@ -304,14 +305,13 @@ def make_pool(config):
     return FunctionPool({name: (synthetic_teacher(skill, config.seed, name), config.synthetic.n)
                          for name, skill in parse_skills(config.synthetic.teachers).items()})
   import jax
-  from aya_jax import sharding
   ts = [t for t in teachers_lib.teachers_from_config(config) if t.model]
   if not ts:
     raise ValueError("arbitrage: no teachers (set config.teachers.<name>.model or "
                      "config.synthetic.teachers)")
-  mesh = sharding.make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
+  mesh = sharding.make_mesh(tuple(config.mesh.shape)) if jax.device_count() > 1 else None
   return teachers_lib.TeacherPool(ts, batch_size=config.batch_size, seed=config.seed,
-                                  mesh=mesh, sharding_preset=config.sharding)
+                                  mesh=mesh, rules=config.mesh.rules)
 
 
 def make_scorer(config):
@@ -330,7 +330,7 @@ def _prompts_source(config, workdir):
   existing file is never trusted) to workdir/prompts.jsonl."""
   if config.prompts:
     return config.prompts
-  from aya_jax.data import synthetic
+  from aya_jax.world import tasks as synthetic
   path = os.path.join(workdir, "prompts.jsonl")
   langs = tuple(config.synthetic.languages) or synthetic.LANGUAGES
   recs = synthetic.make_split("train", config.synthetic.n_per_language, config.seed, langs)
@@ -420,10 +420,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.mode = "reward"          # reward | fixed | learned
   c.prompts = ""             # prompts JSONL {"id", "language", "messages"}; "" = synthetic
-  # model teachers (aya_jax.teachers); a teacher with model "" is left out
+  # model teachers (aya_jax.arbitrage.teachers); a teacher with model "" is left out
   c.batch_size = 16
-  c.mesh_shape = (-1, 1, 1)
-  c.sharding = "fsdp"
+  c.mesh = sharding.mesh_block()
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=0.7, top_k=0, top_p=0.95, n=2, max_new_tokens=256))
   c.teachers = ml_collections.ConfigDict(dict(teacher_a=_teacher(), teacher_b=_teacher()))

@@ -36,8 +36,10 @@ from __future__ import annotations
 import os
 import types
 
-from aya_jax import checkpoint, world
+from aya_jax import checkpoint
 from aya_jax.data import formatting
+from aya_jax.recipe import artifacts
+from aya_jax.world import bootstrap as world
 
 FIELD = "config.inputs"
 
@@ -136,11 +138,11 @@ def resolve(config) -> dict:
   eval_prompts = _exists("eval_prompts", c.eval_prompts)
   model = config.model.to_dict() if "model" in config else None  # dtype, remat
   hashes = dict(
-      pool=world.spec_hash([teachers, tokenizers, weak, c.translator, tok]),
-      prompts=world.spec_hash([prompts, langs]),
-      rm=world.spec_hash([rm, rm_tok]),
-      base=world.spec_hash([base, tok, model]),
-      eval=world.spec_hash([eval_prompts, judge, judge_tok, langs]))
+      pool=artifacts.spec_hash([teachers, tokenizers, weak, c.translator, tok]),
+      prompts=artifacts.spec_hash([prompts, langs]),
+      rm=artifacts.spec_hash([rm, rm_tok]),
+      base=artifacts.spec_hash([base, tok, model]),
+      eval=artifacts.spec_hash([eval_prompts, judge, judge_tok, langs]))
   return dict(tokenizer=tok, base=base, teachers=teachers, teacher_tokenizers=tokenizers,
               weak=weak, translator=c.translator, families={k: list(v) for k, v in fams.items()},
               languages=list(langs), prompts=prompts, eval_prompts=eval_prompts,

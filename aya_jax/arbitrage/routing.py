@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from aya_jax import teachers as teachers_lib
+from aya_jax.arbitrage import teachers as teachers_lib
 from aya_jax.data import atomic
 
 # ------------------------------------------------------------------- fixed

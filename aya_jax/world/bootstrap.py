@@ -32,7 +32,6 @@ atomically (aya_jax.data.atomic).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,9 +43,12 @@ import numpy as np
 from absl import logging
 
 from aya_jax import axes, checkpoint, evaluation, sharding
-from aya_jax.data import atomic, formatting, lexicon, records, synthetic
+from aya_jax.data import atomic, formatting, records
 from aya_jax.models import config as model_config
+from aya_jax.recipe.artifacts import spec_hash
 from aya_jax.train import sft
+from aya_jax.world import lexicon
+from aya_jax.world import tasks as synthetic
 
 SPEC, DONE, DOC_USER = "world_spec.json", "world_done.json", "·"
 _PARAMS_DONE = os.path.join("params", checkpoint.MODEL_CONFIG)  # a model artifact's output
@@ -72,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.weak = ml_collections.ConfigDict(dict(steps=100, lr=2e-3, n_per_language=200))
   c.report = ml_collections.ConfigDict(dict(n_per_language=40, max_new_tokens=40,
                                             batch_size=64))
-  c.mesh_shape = (-1, 1, 1)
+  c.mesh = sharding.mesh_block()
   c.export_hf = True
   return c
 
@@ -151,12 +153,6 @@ def build_tokenizer(out_dir: str, languages, vocab_size: int = 0, seed: int = 0)
   return formatting.train_tokenizer(texts, out_dir, vocab_size=vocab_size, seed=seed)
 
 
-def spec_hash(obj) -> str:
-  """A short hash of a JSON-able spec: the world's caches and the pipeline's finished steps
-  (recipe.Runner) are keyed by it."""
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _cached(directory: str, spec: dict, output: str) -> bool:
   """True if `directory` holds a finished artifact of `spec` whose `output`
   (a path in it) exists; otherwise makes sure it holds nothing of another
@@ -200,7 +196,7 @@ def _sft_config(config, init: str, train_path: str, tok_dir: str, steps: int, lr
   c.loop.num_steps, c.loop.log_every = steps, max(1, steps // 10)
   c.loop.checkpoint_every = max(100, steps // 2)
   c.loop.seed = config.seed
-  c.mesh.shape = tuple(config.mesh_shape)
+  c.mesh.shape = tuple(config.mesh.shape)
   c.export_hf = bool(config.export_hf)
   return c
 
@@ -225,7 +221,7 @@ def _init_params(config, directory: str, tokenizer) -> str:
                           head_dim=m.head_dim, d_ff=m.d_ff, max_seq_len=m.max_seq_len,
                           pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
                           eos_ids=formatting.end_of_turn_ids(tokenizer))
-  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
   params = sharding.init_params_sharded(cfg, jax.random.key(config.seed), mesh,
                                         axes.rules("fsdp"))
   return checkpoint.save_params(os.path.join(directory, "init"), cfg, params)

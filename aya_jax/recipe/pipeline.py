@@ -5,7 +5,7 @@ r"""The whole Aya Expanse recipe as one resumable pipeline (stage 'pipeline').
 Steps, each a directory of the workdir and each still a stage of its own:
 
   world         tokenizer, base model, a teacher per language family, a weak
-                English-only model (aya_jax.world)
+                English-only model (aya_jax.world.bootstrap)
   reward_model  the arbiter: a reward model on verifier-labelled pairs (gold
                 vs corrupted answers; with reward_model.samples, the pool's
                 own answers to other prompts, labelled by the verifier)
@@ -31,7 +31,7 @@ Steps, each a directory of the workdir and each still a stage of its own:
                 the world's verifier (never seen in training or tuning)
   report        report.json, report.md, report.png
 
-Real inputs (`config.inputs`, aya_jax.recipe_inputs): with inputs.base set
+Real inputs (`config.inputs`, aya_jax.recipe.inputs): with inputs.base set
 there is no world and no reward_model step; the base, teachers (local HF or
 params/ dirs), arbiter reward model and prompt JSONL files are read from the
 given paths, translation contrast runs only with inputs.translator (a
@@ -44,7 +44,7 @@ reads) and every output path it recorded still exists; a changed block or
 path re-runs that step and every step after it that reads it, a missing
 output re-runs the step. Inside a step, a killed run continues from its
 checkpoints (the stages' own resume). The steps themselves are in
-aya_jax.recipe_steps.
+aya_jax.recipe.steps.
 
 Output paths inside the workdir are stored relative to it ("./sft_merged/
 params") and resolved on read, so a copied or moved workdir reads its own
@@ -57,23 +57,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
-from absl import logging
 
-from aya_jax import axes, preference, recipe_inputs, world
-from aya_jax import recipe_steps as steps
-from aya_jax.data import atomic, synthetic
+from aya_jax import axes
+from aya_jax.arbitrage import contrast as preference
 from aya_jax.models import config as model_config
-
-STATE = "pipeline_state.json"
-HERE = "./"  # how a stored output path inside the workdir starts
+from aya_jax.recipe import artifacts
+from aya_jax.recipe import inputs as recipe_inputs
+from aya_jax.recipe import steps
+from aya_jax.world import bootstrap as world
+from aya_jax.world import tasks as synthetic
 
 # config field -> its allowed values (a tuple field: each of its items);
 # checked at the start, not after the steps before the one that reads it
 CHOICES = {
-    "mesh_rules": ("",) + tuple(axes.PRESETS),
+    "mesh.rules": ("",) + tuple(axes.PRESETS),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "sft_family.init": ("base", "mixed"),
@@ -85,9 +84,6 @@ WORLD_CHOICES = {  # only without real inputs
     "world.weak_languages": synthetic.LANGUAGES,
     "reward_model.kinds": preference.CORRUPTIONS,
 }
-
-
-_hash = world.spec_hash
 
 
 def _field(c, name: str):
@@ -126,142 +122,12 @@ def _cfg_dict(c):
   return json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else c
 
 
-def _lead() -> bool:
-  import jax
-  return jax.process_index() == 0
-
-
-def _sync(tag: str):
-  import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(tag)
-
-
-def _is_path(s) -> bool:
-  """An absolute path among the strings of a step's outputs."""
-  return isinstance(s, str) and os.path.isabs(s) and "\n" not in s
-
-
-def _map_strings(obj, fn):
-  if isinstance(obj, dict):
-    return {k: _map_strings(v, fn) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_map_strings(v, fn) for v in obj]
-  return fn(obj) if isinstance(obj, str) else obj
-
-
-class Runner:
-  """Runs named steps once per spec; remembers finished steps in pipeline_state.json."""
-
-  def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
-    self.path = os.path.join(self.workdir, STATE)
-    self.state = self._load()
-    self.ran, self.seconds = [], {}
-
-  def dir(self, name: str) -> str:
-    return os.path.join(self.workdir, name)
-
-  def _load(self) -> dict:
-    """The recorded steps, output paths resolved against this workdir; an
-    unreadable file or entry is dropped with a warning (its steps are checked
-    again: those whose directory holds a finished run resume from it)."""
-    state = atomic.read_json_cache(self.path, "pipeline state")
-    if state is not None and not isinstance(state, dict):
-      logging.warning("%s: not a JSON object: treated as stale", self.path)
-    out = {}
-    for name, entry in (state.items() if isinstance(state, dict) else ()):
-      if not (isinstance(entry, dict) and isinstance(entry.get("hash"), str)
-              and "outputs" in entry):
-        logging.warning("%s: entry %r is malformed: step %s will run again", self.path, name,
-                        name)
-        continue
-      out[name] = dict(entry, outputs=_map_strings(entry["outputs"], self._resolve))
-    return out
-
-  def _resolve(self, s: str) -> str:
-    return os.path.join(self.workdir, os.path.normpath(s[len(HERE):])) if s.startswith(HERE) \
-        else s
-
-  def _inside(self, path: str):
-    """`path` relative to the workdir; None when it is outside."""
-    rel = os.path.relpath(os.path.normpath(path), self.workdir)
-    return None if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
-
-  def _relative(self, s: str) -> str:
-    rel = self._inside(s) if _is_path(s) else None
-    return s if rel is None else HERE + rel
-
-  def _untrusted(self, outputs) -> str:
-    """Why a recorded step cannot be trusted ("" if it can): an output path
-    that is missing, or outside this workdir (a state file written with
-    absolute paths, then copied or moved)."""
-    paths = []
-    _map_strings(outputs, lambda s: paths.append(s) if _is_path(s) else None)
-    for p in paths:
-      if self._inside(p) is None:
-        return f"its recorded output {p} is outside the workdir {self.workdir} (a copy?)"
-      if not os.path.exists(p):
-        return f"its recorded output {p} is missing"
-    return ""
-
-  def step(self, name: str, spec: dict, fn):
-    """fn(directory) -> outputs (JSON); returns (outputs, spec hash)."""
-    h = _hash(spec)
-    done = self.state.get(name)
-    if done and done["hash"] == h:
-      why = self._untrusted(done["outputs"])
-      if not why:
-        logging.info("pipeline: %s is done (spec %s), skipped", name, h)
-        return done["outputs"], h
-      logging.warning("pipeline: %s is recorded as done but %s: running it again", name, why)
-    d = self.dir(name)
-    partial = os.path.join(d, ".spec")
-    if self.state.pop(name, None) is not None:  # its artefacts go: no longer done
-      self._save()
-    if _lead():  # several processes share the workdir: one cleans it, the others wait
-      if os.path.exists(d):
-        if _read_text(partial) != h:  # another spec's leftovers: start clean
-          shutil.rmtree(d)
-      os.makedirs(d, exist_ok=True)
-      atomic.write_text(partial, h)
-    _sync(f"pipeline step {name} {h}")
-    logging.info("pipeline: running %s (spec %s)", name, h)
-    print(f"[pipeline] {name} ...", flush=True)
-    t0 = time.time()
-    outputs = fn(d)
-    self.seconds[name] = time.time() - t0
-    print(f"[pipeline] {name} done in {self.seconds[name]:.0f}s", flush=True)
-    self.state[name] = dict(hash=h, outputs=outputs, seconds=self.seconds[name])
-    self.ran.append(name)
-    self._save()
-    return outputs, h
-
-  def _save(self):
-    if not _lead():
-      return
-    state = {name: dict(entry, outputs=_map_strings(entry["outputs"], self._relative))
-             for name, entry in self.state.items()}
-    atomic.write_json(self.path, state, indent=1)
-
-
-def _read_text(path: str):
-  """The file's text; None when it is absent or unreadable."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except (OSError, ValueError):
-    return None
-
-
 def run(config, workdir: str) -> dict:
   c = config
   t_start = time.time()
   real = bool(c.get("inputs") and c.inputs.base)
   check_config(c, real)
-  r = Runner(workdir)
+  r = artifacts.Runner(workdir)
   if real:  # local paths instead of the world; spec hashes name the paths read
     w = recipe_inputs.resolve(c)
     check_baseline(c, list(w["teachers"]))
@@ -328,7 +194,7 @@ def run(config, workdir: str) -> dict:
   if real:
     spec["judge"] = key("eval")
   ev, _ = r.step("eval", spec, lambda d: steps.run_eval(c, d, w, models, langs, rm))
-  from aya_jax import recipe_report
+  from aya_jax.recipe import report as recipe_report
   rep = recipe_report.write(r.workdir, ev, dict(
       seed=c.seed, wall_seconds=time.time() - t_start,
       step_seconds={k: v.get("seconds") for k, v in r.state.items()},
