@@ -21,14 +21,9 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from aya_jax.models.layers import softcap
+
 Array = jax.Array
-
-
-def softcap(x: Array, cap: Optional[float]) -> Array:
-  """Gemma 2 logit soft-capping: tanh(x / cap) * cap; identity for None."""
-  if cap is None:
-    return x
-  return jnp.tanh(x / cap) * cap
 
 
 def _logsumexp(x: Array) -> Array:

@@ -30,9 +30,9 @@ STAGES = {
     "dpo": "aya_jax.train.dpo",
     "online_dpo": "aya_jax.train.online",  # RLOO: --config.online.algorithm=rloo
     "world": "aya_jax.world.bootstrap",
-    "eval": "aya_jax.evaluation",
+    "eval": "aya_jax.world.evaluate",
     "pipeline": "aya_jax.recipe.pipeline",
-    "plan": "aya_jax.planner",  # configs/aya_expanse_8b.py --config.dry_run=True
+    "plan": "aya_jax.train.planner",  # configs/aya_expanse_8b.py --config.dry_run=True
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

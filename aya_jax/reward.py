@@ -1,7 +1,7 @@
 """Scorers: one protocol, `score(records) -> np.ndarray` (one float each).
 
     scorer = RewardModelScorer.load("runs/rm/params", tokenizer_dir)
-    scorer = FunctionScorer(synthetic.Verifier().score)   # the gold judge
+    scorer = FunctionScorer(lambda records: [len(r.completion) for r in records])
     scores = scorer.score(completion_records)
 
 A record is anything holding a prompt and an answer: a CompletionRecord (or
@@ -197,7 +197,7 @@ class RewardModelScorer:
 
 
 class FunctionScorer:
-  """Wraps `fn(records) -> scores` (e.g. `synthetic.Verifier().score`) or,
+  """Wraps `fn(records) -> scores` (e.g. the world's `Verifier().score`) or,
   with `per_record=True`, `fn(record) -> float`, as a Scorer. A record the
   function raises on scores NaN (`errors` keeps why) unless `strict`."""
 
@@ -229,12 +229,6 @@ class FunctionScorer:
         self.errors[rid] = f"{type(e).__name__}: {e}"
         out[i] = np.nan
     return out
-
-
-def verifier_scorer(**kw) -> FunctionScorer:
-  """The synthetic world's gold judge as a Scorer."""
-  from aya_jax.world import tasks as synthetic
-  return FunctionScorer(synthetic.Verifier(**kw).score)
 
 
 def pair_scores(scorer: Scorer, pairs: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:

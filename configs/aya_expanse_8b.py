@@ -42,8 +42,9 @@ import os
 
 import ml_collections
 
-from aya_jax import config_files, optim, planner, sharding
-from aya_jax.train import dpo, sft
+from aya_jax import config_files, optim, sharding
+from aya_jax.train import common, dpo
+from aya_jax.train import planner
 
 FAMILIES = "european:en,fr,es,de;slavic_turkic:en,ru,tr;asian_semitic:en,ar,hi,ja,zh"
 
@@ -66,7 +67,7 @@ def get_config(arg=None):
   c.prompts = ("/data/prompts/train.jsonl",)      # {"id", "language", "messages"} per line
   c.languages = ("ar", "de", "en", "es", "fr", "hi", "ja", "ru", "tr", "zh")
   # --- model: the planner uses model.init's config.json when it exists, else the preset
-  c.model = sft.model_block()
+  c.model = common.model_block()
   c.model.init = c.base
   c.model.preset = "aya_expanse_8b"
   c.model.dtype = "bfloat16"
@@ -87,7 +88,7 @@ def get_config(arg=None):
   c.mesh = sharding.mesh_block()
   c.mesh.shape = (1, 64, 1)
   c.mesh.rules = "fsdp"
-  c.distributed = sft.distributed_block()
+  c.distributed = common.distributed_block()
   c.plan = planner.plan_block()
   return c
 

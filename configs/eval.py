@@ -13,9 +13,9 @@ score per language). Expected on the world demo: a family teacher beats the
 weak English-only model on its own languages (win rate > 0.5).
 """
 
-from aya_jax import evaluation
+from aya_jax.world import evaluate
 
 
 def get_config(arg=None):
   del arg
-  return evaluation.default_config()
+  return evaluate.default_config()

@@ -18,7 +18,7 @@ layer) that `aya_jax.checkpoint.load_model` reads, `runs/merge/merge_spec.json`,
 Host memory stays at a few tensors (one layer of each input), not the model size.
 Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
 breadcrumbs_ties, slerp (parameters.t), model_stock; see aya_jax/merging/methods.py (methods),
-aya_jax/merge_spec.py (parameters, YAML) and aya_jax/merge_stream.py (this stage).
+aya_jax/merging/spec.py (parameters, YAML) and aya_jax/merging/stream.py (this stage).
 """
 
 import ml_collections

@@ -47,7 +47,7 @@ def get_config(arg=None):
   # loss, flash-style attention tiles)
   c.model = ml_collections.ConfigDict(dict(dtype="float32", remat="none", vocab_chunk=0,
                                            attention_chunk=0))
-  # Real inputs (aya_jax/recipe_inputs.py): all empty = the embedded world. With
+  # Real inputs (aya_jax/recipe/inputs.py): all empty = the embedded world. With
   # inputs.base set, the world and reward_model steps are skipped and these
   # local paths are used; see configs/aya_expanse_8b.py:pipeline.
   c.inputs = ml_collections.ConfigDict(dict(

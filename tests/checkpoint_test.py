@@ -18,7 +18,7 @@ from aya_jax import axes, checkpoint, config_files, sharding
 from aya_jax.merging import stream as merge_stream
 from aya_jax.models import config as config_lib
 from aya_jax.models import hf
-from aya_jax.train import sft
+from aya_jax.train import common
 from aya_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ def test_reward_model_cannot_initialise_a_language_model(tmp_path, kind):
   c.model.init = path
   mesh = sharding.make_mesh((2, 4, 1))
   with pytest.raises(ValueError, match=match):
-    sft.setup_model(c.model, 97, mesh, axes.rules("fsdp"), 0)
+    common.setup_model(c.model, 97, mesh, axes.rules("fsdp"), 0)
   # scoring with it (no language_model) still loads it
   loaded_cfg, loaded = checkpoint.load_model(path)
   assert loaded_cfg.value_head

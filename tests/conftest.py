@@ -31,6 +31,13 @@ def random_params(cfg, seed: int = 0, std: float = 0.1) -> dict:
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * std).astype(s.dtype), shapes)
 
+def close_to_float32(a, b):
+  """Equal to float32 rounding: 1e-5 relative to the array's largest entry."""
+  import numpy as np
+  b = np.asarray(b)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
 # --- hf_tiny_dirs: tiny random Hugging Face models, one directory per variant (hf_test.py) ---
 import pytest  # noqa: E402
 
@@ -85,3 +92,47 @@ def hf_tiny_dirs(tmp_path_factory):
     dirs[variant] = str(root / variant)
     hf_tiny_model(variant, seed).save_pretrained(dirs[variant])
   return dirs
+
+
+# --- world_models: a world tokenizer and two tiny random models (evaluation tests) ---
+
+
+@pytest.fixture(scope="session")
+def world_models(tmp_path_factory):
+  """A world tokenizer (en, fr, ru) and two random tiny Llamas: `a` a params/ dir (also
+  in memory: cfg, params), `b` an HF dir with the tokenizer beside it."""
+  import jax
+  from aya_jax import checkpoint
+  from aya_jax.data import formatting
+  from aya_jax.models import config as model_config
+  from aya_jax.models import hf, init_params
+  from aya_jax.world import bootstrap as world
+  d = tmp_path_factory.mktemp("models")
+  tok = world.build_tokenizer(str(d / "tok"), ("en", "fr", "ru"))
+  cfg = model_config.tiny("llama", vocab_size=len(tok), pad_id=tok.pad_token_id,
+                          bos_id=tok.bos_token_id, eos_ids=formatting.end_of_turn_ids(tok))
+  params = init_params(cfg, jax.random.key(1))
+  checkpoint.save_params(str(d / "a" / "params"), cfg, params)
+  hf.save(cfg, jax.device_get(init_params(cfg, jax.random.key(2))), str(d / "b"))
+  tok.save_pretrained(str(d / "b"))
+  return dict(tok=str(d / "tok"), a=str(d / "a" / "params"), b=str(d / "b"), cfg=cfg,
+              params=params)
+
+
+@pytest.fixture(scope="session")
+def world_tok(tmp_path_factory):
+  """The world's tokenizer (every language) and its directory."""
+  from aya_jax.world import tasks
+  d = tmp_path_factory.mktemp("world_tok")
+  return tasks.build_tokenizer(str(d)), str(d)
+
+
+def world_instances(n_per_task: int = 12, seed: int = 0):
+  """Random world instances: every language x task, `n_per_task` each, templates in turn."""
+  import numpy as np
+  from aya_jax.world import tasks
+  rng = np.random.default_rng(seed)
+  for lang in tasks.LANGUAGES:
+    for task in tasks.TASKS:
+      for k in range(n_per_task):
+        yield tasks.sample_instance(task, lang, rng, template=k % 3)

@@ -16,7 +16,7 @@ from aya_jax.data import formatting
 from aya_jax.data import pairs as pp
 from aya_jax.data import records
 from aya_jax.metrics import read_metrics
-from aya_jax.train import dpo
+from aya_jax.train import common, dpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = ["red", "blue", "green", "yellow", "purple", "orange"]
@@ -104,7 +104,7 @@ def _setup(toy, n_dev=8, **over):
   tok = formatting.load_tokenizer(str(toy / "tok"))
   mesh = sharding.make_mesh((n_dev, 1, 1), jax.devices()[:n_dev])
   rules = axes.rules("fsdp")
-  cfg, params = dpo.sft.setup_model(c.model, len(tok), mesh, rules, 0, pad_id=0, bos_id=1,
+  cfg, params = common.setup_model(c.model, len(tok), mesh, rules, 0, pad_id=0, bos_id=1,
                                     eos_ids=formatting.end_of_turn_ids(tok))
   pairs, _ = pp.tokenize_pairs(records.read_jsonl(toy / "train.jsonl", "preference"), tok, 40)
   return c, cfg, params, pairs, mesh, rules

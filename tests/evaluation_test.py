@@ -1,28 +1,23 @@
-"""Win rates under a judge: outcomes, bootstrap interval, prompt files, the eval stage."""
+"""Win rates under a judge: outcomes, bootstrap interval, models answering prompts."""
 
 import hashlib
-import json
 import math
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, config_files, evaluation, sharding
-from aya_jax.data import formatting, records
-from aya_jax.models import config as model_config
-from aya_jax.models import hf, init_params
+from aya_jax import evaluation, sharding
 from aya_jax.sampling import methods
-from aya_jax.world import bootstrap as world
+from aya_jax.world import evaluate as world_evaluate
 from aya_jax.world import tasks as synthetic
+from aya_jax.world import verifier
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ("en", "fr", "ru")
 
 
 def _prompts(n=12, split="test"):
-  return evaluation.world_prompts(split, n, LANGS)
+  return world_evaluate.world_prompts(split, n, LANGS)
 
 
 class Oracle:
@@ -49,7 +44,7 @@ class Wrong:
       inst = synthetic.parse_id(p.id)
       other = [q for q in _prompts(12, "valid") if q.language == inst.answer_language]
       wrong = next(a for a in (synthetic.parse_id(q.id).answer() for q in other)
-                   if synthetic.Verifier().score_answer(inst, a) == 0)
+                   if verifier.Verifier().score_answer(inst, a) == 0)
       out.append(wrong)
     return out
 
@@ -115,28 +110,31 @@ def test_paired_bootstrap_matches_scipy():
 
 def test_against_itself_is_half_and_against_wrong_is_one():
   ps = _prompts()
-  half = evaluation.compare(Oracle("a", 0.6), Oracle("a2", 0.6), ps)
+  half = evaluation.compare(Oracle("a", 0.6), Oracle("a2", 0.6), ps, verifier.Verifier())
+  assert "verifier_a" not in half["per_language"]["all"]  # no reference: no score columns
   for lang, row in half["per_language"].items():
     assert row["win_rate"] == 0.5 and row["ci"][0] <= 0.5 <= row["ci"][1], lang
     assert row["ties"] == row["n"]
-  r = evaluation.compare(Oracle(), Wrong(), ps)
+  r = evaluation.compare(Oracle(), Wrong(), ps, verifier.Verifier(),
+                         reference=world_evaluate.verifier_scores)
   assert set(r["per_language"]) == set(LANGS) | {"all"}
   for lang, row in r["per_language"].items():
     assert row["win_rate"] == 1.0 and row["ci"] == [1.0, 1.0], lang
     assert row["verifier_a"] == 1.0 and row["verifier_b"] == 0.0
   # a partly right model: win rate = share right, interval around it
-  r = evaluation.compare(Oracle("half", 0.5), Wrong(), ps)["per_language"]["all"]
+  r = evaluation.compare(Oracle("half", 0.5), Wrong(), ps,
+                         verifier.Verifier())["per_language"]["all"]
   assert 0.2 < r["win_rate"] < 0.8 and r["ci"][0] < r["win_rate"] < r["ci"][1]
   assert r["wins"] + r["ties"] == r["n"] and r["losses"] == 0
 
 
 def test_ties_and_empty_answers():
   ps = _prompts(4)
-  out = evaluation.outcomes(synthetic.Verifier(), ps, Empty().answer(ps), Wrong().answer(ps))
+  out = evaluation.outcomes(verifier.Verifier(), ps, Empty().answer(ps), Wrong().answer(ps))
   np.testing.assert_array_equal(out, 0.0)   # empty loses to any answer
-  out = evaluation.outcomes(synthetic.Verifier(), ps, Empty().answer(ps), Empty().answer(ps))
+  out = evaluation.outcomes(verifier.Verifier(), ps, Empty().answer(ps), Empty().answer(ps))
   np.testing.assert_array_equal(out, 0.5)
-  out = evaluation.outcomes(synthetic.Verifier(), ps, Wrong().answer(ps), Wrong().answer(ps))
+  out = evaluation.outcomes(verifier.Verifier(), ps, Wrong().answer(ps), Wrong().answer(ps))
   np.testing.assert_array_equal(out, 0.5)   # both wrong: a tie (both score 0)
 
 
@@ -144,7 +142,7 @@ class FirstBiasedJudge:
   """Pairwise: prefers the better verifier score; on a tie, the first answer."""
 
   def compare(self, first, second):
-    v = synthetic.Verifier()
+    v = verifier.Verifier()
     a, b = v.score(first), v.score(second)
     return np.where(a > b, 1.0, np.where(b > a, 0.0, 1.0))
 
@@ -166,112 +164,24 @@ def test_pairwise_judge_both_orders_cancel_position_bias():
   assert r["per_language"]["all"]["win_rate"] == 1.0
 
 
-def _write(path, rows):
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-  return str(path)
-
-
-def test_prompt_file_layouts_and_errors(tmp_path):
-  good = {"id": "syn:en:next_day:mon:t0", "language": "en",
-          "messages": [{"role": "user", "content": "What day comes after Monday?"}]}
-  arena = {"question_id": 17, "language": "fr", "cluster": "x", "prompt": "Bonjour ?"}
-  turns = {"question_id": "q3", "language": "ru", "turns": [{"content": "Привет?"}]}
-  ps = evaluation.read_prompts(_write(tmp_path / "ok.jsonl", [good, arena, turns]))
-  assert [p.id for p in ps] == ["syn:en:next_day:mon:t0", "17", "q3"]
-  assert ps[1].messages == ({"role": "user", "content": "Bonjour ?"},)
-  cases = [
-      ({"id": "a", "language": "xx", "prompt": "hi"}, "language", "unknown language 'xx'"),
-      ({"id": "a", "prompt": "hi"}, "language", "missing"),
-      ({"id": "a", "language": "en"}, "messages", "missing"),
-      ({"language": "en", "prompt": "hi"}, "id", "missing"),
-      ({"id": "a", "language": "en", "prompt": ""}, "prompt", "empty"),
-      (good, "id", "duplicate"),
-      ("{not json", None, "malformed JSON"),
-  ]
-  for row, field, what in cases:
-    path = _write(tmp_path / "bad.jsonl", [good, row])
-    with pytest.raises(records.RecordError) as e:
-      evaluation.read_prompts(path)
-    msg = str(e.value)
-    assert "bad.jsonl:2:" in msg and what in msg, msg
-    if field:
-      assert f"field '{field}'" in msg, msg
-  with pytest.raises(records.RecordError, match="language 'de'"):  # restricted languages
-    evaluation.read_prompts(_write(tmp_path / "de.jsonl", [dict(good, language="de")]),
-                            languages=("en",))
-  # only=: any language parses, the others are dropped, every line is still checked
-  xx = {"id": "x1", "language": "xx", "prompt": "hi"}
-  mixed = _write(tmp_path / "mixed.jsonl", [good, xx, arena])
-  assert [p.id for p in evaluation.read_prompts(mixed, only=("en", "fr"))] == [good["id"], "17"]
-  assert [p.id for p in evaluation.read_prompts(mixed, only=("xx",))] == ["x1"]
-  with pytest.raises(records.RecordError, match="bad.jsonl:2:.*field 'id'"):
-    evaluation.read_prompts(_write(tmp_path / "bad.jsonl", [xx, {"language": "xx", "prompt": "a"}]),
-                            only=("en",))
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-  """A world tokenizer; a random params/ model and the same model as an HF dir."""
-  d = tmp_path_factory.mktemp("models")
-  tok = world.build_tokenizer(str(d / "tok"), LANGS)
-  cfg = model_config.tiny("llama", vocab_size=len(tok), pad_id=tok.pad_token_id,
-                          bos_id=tok.bos_token_id, eos_ids=formatting.end_of_turn_ids(tok))
-  params = init_params(cfg, jax.random.key(1))
-  checkpoint.save_params(str(d / "a" / "params"), cfg, params)
-  hf.save(cfg, jax.device_get(init_params(cfg, jax.random.key(2))), str(d / "b"))
-  tok.save_pretrained(str(d / "b"))
-  return dict(tok=str(d / "tok"), a=str(d / "a" / "params"), b=str(d / "b"), cfg=cfg,
-              params=params)
-
-
 @pytest.mark.slow
-def test_model_same_seed_same_answers(tiny_models):
+def test_model_same_seed_same_answers(world_models):
   ps = _prompts(2)
-  m = evaluation.Model("a", tiny_models["a"], tiny_models["tok"],
+  m = evaluation.Model("a", world_models["a"], world_models["tok"],
                        method=methods.Sampling(temperature=1.0), max_new_tokens=8)
-  again = evaluation.Model("a_again", model=(tiny_models["cfg"], tiny_models["params"]),
-                           tokenizer=tiny_models["tok"], method=methods.Sampling(1.0),
+  again = evaluation.Model("a_again", model=(world_models["cfg"], world_models["params"]),
+                           tokenizer=world_models["tok"], method=methods.Sampling(1.0),
                            max_new_tokens=8, batch_size=3)  # other batching, same keys
   ans = {"a": m.answer(ps), "a_again": again.answer(ps)}
   assert ans["a"] == ans["a_again"] and len(set(ans["a"])) > 1
-  r = evaluation.compare(m, again, ps, answers=ans)
+  r = evaluation.compare(m, again, ps, verifier.Verifier(), answers=ans)
   assert r["per_language"]["all"]["win_rate"] == 0.5
   # sharded over the 8 fake devices (how the pipeline evaluates 8B models): the same answers
   mesh = sharding.make_mesh((2, 4, 1))
-  sharded = evaluation.Model("a_mesh", tiny_models["a"], tiny_models["tok"],
+  sharded = evaluation.Model("a_mesh", world_models["a"], world_models["tok"],
                              method=methods.Sampling(temperature=1.0), max_new_tokens=8,
                              mesh=mesh)
   leaves = jax.tree.leaves(sharded.params)
   assert all(len(x.sharding.device_set) == 8 for x in leaves)
   assert any(not x.sharding.is_fully_replicated for x in leaves)
   assert sharded.answer(ps) == ans["a"]
-
-
-def _eval_config():
-  mod = config_files.load_module(os.path.join(ROOT, "configs/eval.py"))
-  return mod.get_config()
-
-
-@pytest.mark.slow
-def test_eval_stage_writes_report(tiny_models, tmp_path):
-  c = _eval_config()
-  c.models = f"a={tiny_models['a']},b={tiny_models['b']}"
-  c.tokenizer = tiny_models["tok"]
-  c.languages, c.n_per_language, c.max_new_tokens = LANGS, 4, 6
-  results = evaluation.run(c, str(tmp_path))
-  report = json.load(open(tmp_path / "eval.json"))
-  assert report["comparisons"] == json.loads(json.dumps(results))
-  row = results[0]["per_language"]
-  assert results[0]["a"] == "a" and results[0]["b"] == "b"
-  assert set(row) == set(LANGS) | {"all"} and row["all"]["n"] == 12
-  assert 0 <= row["all"]["win_rate"] <= 1 and "verifier_a" in row["en"]
-  md = open(tmp_path / "eval.md").read()
-  assert "| fr | 4 |" in md
-  assert len(evaluation.read_prompts(str(tmp_path / "prompts.jsonl"))) == 12
-  c.models = "a=x"
-  with pytest.raises(ValueError, match="at least two"):
-    evaluation.run(c, str(tmp_path))
-  c.prompts = _write(tmp_path / "arena.jsonl", [{"question_id": 1, "language": "en",
-                                                 "prompt": "Write a poem."}])
-  with pytest.raises(ValueError, match="verifier judges only world prompts"):
-    evaluation.run(c, str(tmp_path))

@@ -94,8 +94,8 @@ def test_online_rounds_raise_the_preferred_property(sft_model, tmp_path, algorit
 
 
 def test_best_worst_pairs_and_report_by_hand():
-  prompts = [("a", "en", ({"role": "user", "content": "q"},)),
-             ("b", "fr", ({"role": "user", "content": "q"},))]
+  prompts = [records.PromptRecord("a", "en", ({"role": "user", "content": "q"},)),
+             records.PromptRecord("b", "fr", ({"role": "user", "content": "q"},))]
   texts = ["x", "y", "z", "u", "v", "w"]
   scores = np.array([[0.1, 0.9, 0.5], [0.3, 0.3, 0.3]], np.float32)
   pairs = online.best_worst_pairs(prompts, texts, scores, 0.0, "t")
@@ -189,7 +189,7 @@ def test_group_scores_empty_answers_and_unscorable_prompts_by_hand():
 
 def test_pairs_and_report_skip_unscorable_prompts():
   """A NaN score must not reach max/min (order-dependent) nor the means."""
-  prompts = [(p, "en", ({"role": "user", "content": "q"},)) for p in "ab"]
+  prompts = [records.PromptRecord(p, "en", ({"role": "user", "content": "q"},)) for p in "ab"]
   texts = ["x", "y", "z", "u", "v", "w"]
   scores = np.array([[0.1, 0.9, 0.5], [0.3, float("nan"), 0.7]], np.float32)
   usable = np.array([True, False])

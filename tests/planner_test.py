@@ -11,9 +11,10 @@ import jax
 import ml_collections
 import pytest
 
-from aya_jax import axes, optim, planner, sharding
+from aya_jax import axes, optim, sharding
 from aya_jax.models import config as model_config
-from aya_jax.train import sft
+from aya_jax.train import common
+from aya_jax.train import planner
 from aya_jax.train import state as state_lib
 
 CFG = dict(d_model=64, d_ff=256, vocab_size=301, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -24,7 +25,7 @@ def _config(mesh_shape=(1, 4, 2), rules="fsdp_tp", opt_state="as_trained", layer
   c = ml_collections.ConfigDict()
   c.stage, c.dry_run = "plan", True
   c.languages = ("en", "fr")
-  c.model = sft.model_block()
+  c.model = common.model_block()
   c.model.preset = "tiny_cohere"
   c.sft = ml_collections.ConfigDict(dict(seq_len=32, batch_size=8, grad_accum=1))
   c.dpo = ml_collections.ConfigDict(dict(seq_len=32, batch_size=8, grad_accum=1, beta=0.1))

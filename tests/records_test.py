@@ -260,3 +260,58 @@ def test_append_mode_and_atomic_overwrite(tmp_path):
   R.write_jsonl(path, recs[:1])
   assert [r.id for r in R.read_jsonl(path, "completion")] == ["c0"]
   assert sorted(os.listdir(tmp_path)) == ["inc.jsonl"]
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def test_prompts_of_every_layout(tmp_path):
+  good = {"id": "syn:en:next_day:mon:t0", "language": "en",
+          "messages": [{"role": "user", "content": "What day comes after Monday?"}]}
+  arena = {"question_id": 17, "language": "fr", "prompt": "Bonjour ?"}
+  turns = {"question_id": "q3", "language": "ru", "turns": [{"content": "Привет?"}]}
+  sft = {"id": "s1", "language": "en", "messages": [
+      {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+  pref = {"id": "p1", "language": "en", "prompt": [{"role": "user", "content": "Which?"}],
+          "chosen": "a", "rejected": "b", "source": "x"}
+  ps = R.read_prompts(_write_lines(tmp_path, name="ok.jsonl",
+                                   lines=[good, arena, turns, sft, pref]))
+  assert [p.id for p in ps] == ["syn:en:next_day:mon:t0", "17", "q3", "s1", "p1"]
+  assert all(isinstance(p, R.PromptRecord) for p in ps)
+  assert ps[1].messages == ({"role": "user", "content": "Bonjour ?"},)
+  assert ps[2].messages == ({"role": "user", "content": "Привет?"},)
+  assert ps[3].messages == ({"role": "user", "content": "Hi"},)  # the answer dropped
+  assert ps[4].messages == ({"role": "user", "content": "Which?"},)
+  # only=: any language parses, the others are dropped, every line is still checked
+  xx = {"id": "x1", "language": "xx", "prompt": "hi"}
+  mixed = _write_lines(tmp_path, name="mixed.jsonl", lines=[good, xx, arena])
+  assert [p.id for p in R.read_prompts(mixed, only=("en", "fr"))] == [good["id"], "17"]
+  assert [p.id for p in R.read_prompts(mixed, only=("xx",))] == ["x1"]
+  with pytest.raises(R.RecordError, match="bad.jsonl:2:.*field 'id'"):
+    R.read_prompts(_write_lines(tmp_path, name="bad.jsonl",
+                                lines=[xx, {"language": "xx", "prompt": "a"}]), only=("en",))
+
+
+@pytest.mark.parametrize("row, field, what", [
+    ({"id": "a", "prompt": "hi"}, "language", "missing"),
+    ({"id": "a", "language": "en"}, "messages", "missing"),  # no messages, prompt or turns
+    ({"language": "en", "prompt": "hi"}, "id", "missing"),
+    ({"id": "a", "language": "en", "prompt": ""}, "prompt", "empty"),
+    ({"id": "a", "language": "", "prompt": "hi"}, None, None),
+    ({"id": "a", "language": "en", "messages": [{"role": "assistant", "content": "x"}]},
+     "messages[0].role", "expected 'user'"),
+    ({"id": "a", "language": "en", "prompt": "hi", "cluster": "x"}, "cluster", "unknown field"),
+    ({"id": "p1", "language": "en", "prompt": "again"}, "id", "duplicate id 'p1' (first on line 1)"),
+    ("{not json", None, "malformed JSON"),
+])
+def test_prompt_file_errors_name_file_line_and_field(tmp_path, row, field, what):
+  good = {"id": "p1", "language": "en", "messages": [{"role": "user", "content": "q"}]}
+  path = _write_lines(tmp_path, name="bad.jsonl", lines=[good, row])
+  with pytest.raises(R.RecordError) as e:
+    R.read_prompts(path)
+  msg = str(e.value)
+  assert "bad.jsonl:2:" in msg, msg
+  if what:
+    assert what in msg, msg
+  if field:
+    assert f"field '{field}'" in msg, msg

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from aya_jax import axes, checkpoint, config_files, losses, reward, sharding
-from aya_jax.arbitrage import contrast as preference
 from aya_jax.data import records
 from aya_jax.models import tiny
 from aya_jax.train import loop, reward_model
@@ -79,51 +78,6 @@ def test_bradley_terry_weights_and_normalizer_accumulate_exactly():
 # ---------------------------------------------------------------- scorer
 
 
-@pytest.fixture(scope="module")
-def world_tok(tmp_path_factory):
-  d = tmp_path_factory.mktemp("world_tok")
-  return synthetic.build_tokenizer(str(d)), str(d)
-
-
-def _rm(vocab, seed=0):
-  cfg = tiny("llama", vocab_size=vocab, value_head=True)
-  return cfg, random_params(cfg, seed)
-
-
-@pytest.mark.slow
-def test_scorer_batch_invariant_and_mesh_equal(world_tok):
-  tok, _ = world_tok
-  cfg, params = _rm(len(tok))
-  recs = synthetic.make_split("valid", 3, languages=("en", "fr", "zh"))
-  comp = [dict(id=r.id, language=r.language, prompt=r.messages[:1],
-               completion=r.messages[1]["content"]) for r in recs]
-  scorer = reward.RewardModelScorer(cfg, params, tok, batch_size=4, max_len=64)
-  together = scorer.score(comp)
-  alone = np.array([scorer.score([c])[0] for c in comp])
-  np.testing.assert_allclose(together, alone, atol=1e-5)
-  assert np.std(together) > 1e-4  # different records, different rewards
-  # SFT records and (prompt, completion) tuples score the same
-  np.testing.assert_allclose(scorer.score(recs[:2]), together[:2], atol=1e-6)
-  # the reward is the value at the last token of prompt + completion
-  toks, _ = reward.encode(tok, comp[0]["prompt"], comp[0]["completion"], 64)
-  values = reward.Transformer(cfg).apply({"params": params}, toks[None])[0]
-  np.testing.assert_allclose(together[0], values[0, -1], atol=1e-5)
-  mesh = sharding.make_mesh((2, 4, 1))
-  sharded = reward.RewardModelScorer(cfg, params, tok, batch_size=4, max_len=64, mesh=mesh)
-  np.testing.assert_allclose(sharded.score(comp), together, atol=1e-5)
-  # an answer cut away by max_len scores NaN (reported by the caller)
-  short = reward.RewardModelScorer(cfg, params, tok, batch_size=4, max_len=6)
-  assert np.isnan(short.score(comp[:1])[0]) and short.stats.n_cut == 1
-
-
-def test_function_scorer_nan_for_bad_records():
-  s = reward.verifier_scorer()
-  good = dict(id="syn:en:add:1.2:t0", language="en", prompt=None, completion="three")
-  bad = dict(id="not-a-world-id", language="en", prompt=None, completion="x")
-  out = s.score([good, bad])
-  assert out[0] == 1.0 and np.isnan(out[1]) and "not-a-world-id" in s.errors
-
-
 def test_setup_reward_model_from_causal_params_dir(tmp_path):
   cfg = tiny("llama", vocab_size=97)
   params = random_params(cfg, 3)
@@ -139,51 +93,6 @@ def test_setup_reward_model_from_causal_params_dir(tmp_path):
 
 
 # ----------------------------------------------------------------- stage
-
-
-def test_verifier_labelled_pairs_are_labelled_by_the_verifier():
-  recs = synthetic.make_split("train", 4, languages=("en", "fr"))
-  pairs = preference.verifier_labelled_pairs(recs)
-  assert pairs and all(p.chosen_score > p.rejected_score for p in pairs)
-  v = synthetic.Verifier()
-  for p in pairs:
-    assert p.chosen_score == pytest.approx(v.score_answer(p.id, p.chosen))
-    assert p.rejected_score == pytest.approx(v.score_answer(p.id, p.rejected))
-  fr = [p for p in pairs if p.language == "fr"]
-  assert any(p.rejected_score == 0.5 for p in fr)  # English answer: half credit
-
-
-def test_sample_labelled_pairs_rank_model_answers_by_the_verifier():
-  recs = synthetic.make_split("train", 3, languages=("en", "fr"), tasks=("next_day",))
-  v = synthetic.Verifier()
-  comps = []
-  for r in recs:
-    inst = synthetic.parse_id(r.id)
-    answers = [inst.answer(), inst.answer("en"), "xyz", inst.answer()]  # right, English, wrong, dup
-    comps += [records.CompletionRecord(id=f"{r.id}#t{j % 2}#{j // 2}", language=r.language,
-                                       prompt=r.messages[:-1], completion=a, teacher=f"t{j % 2}")
-              for j, a in enumerate(answers)]
-  pairs = preference.sample_labelled_pairs(comps, min_gap=0.25, max_per_prompt=2)
-  by_prompt = {}
-  for p in pairs:
-    pid = p.id.split("#")[0]
-    by_prompt.setdefault(pid, []).append(p)
-    assert p.chosen_score == pytest.approx(v.score_answer(pid, p.chosen))
-    assert p.rejected_score == pytest.approx(v.score_answer(pid, p.rejected))
-    assert p.chosen_score - p.rejected_score >= 0.25 and p.source == "verifier_samples"
-  assert set(by_prompt) == {r.id for r in recs}
-  assert all(len(ps) <= 2 for ps in by_prompt.values())
-  en = [p for p in pairs if p.language == "en"]  # en: right vs wrong only (English = right)
-  assert en and all(p.chosen_score == 1.0 and p.rejected_score == 0.0 for p in en)
-  fr_pairs = {(p.chosen, p.rejected) for p in pairs if p.language == "fr"}
-  assert len(fr_pairs) > len([r for r in recs if r.language == "fr"])  # more than one kind
-  # order-independent; a larger budget gives every pair with a big enough gap
-  again = preference.sample_labelled_pairs(comps[::-1], min_gap=0.25, max_per_prompt=2)
-  dump = lambda ps: sorted(json.dumps(p.to_dict(), sort_keys=True) for p in ps)  # noqa: E731
-  assert dump(again) == dump(pairs)
-  fr = [c for c in comps if c.language == "fr"]
-  full = preference.sample_labelled_pairs(fr, min_gap=0.25, max_per_prompt=10, gold=False)
-  assert len(full) == 3 * len(fr) // 4  # (right, en), (right, wrong), (en, wrong) per prompt
 
 
 def _stage_config(tok_dir):

@@ -188,13 +188,13 @@ def test_params_restore_into_a_different_mesh(tmp_path):
 
 def test_model_block_execution_fields_reach_the_model(tmp_path):
   from aya_jax import axes, sharding
-  from aya_jax.train import sft
+  from aya_jax.train import common
   mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  m = sft.model_block()
+  m = common.model_block()
   m.update(dict(preset="tiny_llama", remat="full", attention_chunk=4))
-  cfg, params = sft.setup_model(m, 256, mesh, axes.rules("fsdp"), 0)
+  cfg, params = common.setup_model(m, 256, mesh, axes.rules("fsdp"), 0)
   assert (cfg.remat, cfg.attention_chunk, cfg.vocab_size) == ("full", 4, 256)
   path = checkpoint.save_params(str(tmp_path / "params"), cfg, params)
   m.update(dict(init=path, remat="none", attention_chunk=8))
-  cfg2, _ = sft.setup_model(m, 256, mesh, axes.rules("fsdp"), 0)
+  cfg2, _ = common.setup_model(m, 256, mesh, axes.rules("fsdp"), 0)
   assert (cfg2.remat, cfg2.attention_chunk) == ("none", 8)

@@ -45,9 +45,10 @@ import numpy as np
 from aya_jax.arbitrage import teachers as teachers_lib
 from aya_jax.data import records as records_lib
 from aya_jax.world import tasks as synthetic
+from aya_jax.world import translator
+from aya_jax.world import verifier
 
 SOURCE = "translation_contrast"
-PromptRecord = teachers_lib.PromptRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,19 +60,13 @@ class ContrastItem:
   english_id: str = ""   # id of the English request ("" = '<id>#en')
 
 
-def keyed_rng(seed: int, key: str) -> np.random.Generator:
-  """A generator that depends only on (seed, key): the same draws on a rerun."""
-  h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
-  return np.random.default_rng([seed, h])
-
-
 # ------------------------------------------------------------- translators
 
 
 def lexicon_translator(untranslated_rate: float = 0.1) -> Callable:
-  """The world's word-by-word translator (`synthetic.translate`)."""
+  """The world's word-by-word translator (`translator.translate`)."""
   def translate(text, src, tgt, rng):
-    return synthetic.translate(text, src, tgt, rng, untranslated_rate)
+    return translator.translate(text, src, tgt, rng, untranslated_rate)
   return translate
 
 
@@ -86,10 +81,10 @@ class PromptedTranslator:
   def __init__(self, responder: Callable, template: str = PROMPT_TEMPLATE):
     self.responder, self.template, self.cache = responder, template, {}
 
-  def _request(self, text, src, tgt) -> PromptRecord:
+  def _request(self, text, src, tgt) -> records_lib.PromptRecord:
     key = hashlib.sha256(f"{src}\0{tgt}\0{text}".encode()).hexdigest()[:16]
     msg = {"role": "user", "content": self.template.format(src=src, tgt=tgt, text=text)}
-    return PromptRecord(id=f"translate:{key}", language=tgt, messages=(msg,))
+    return records_lib.PromptRecord(id=f"translate:{key}", language=tgt, messages=(msg,))
 
   def prefetch(self, requests: Sequence[tuple]):
     """requests: (text, src, tgt) triples."""
@@ -117,7 +112,7 @@ def _answers(path: str, teacher: str) -> dict:
     got = {r.id: r.completion for r in records_lib.iter_jsonl(path, "completion")}
   out = {}
   for cid in done:
-    pid, t, j = teachers_lib.parse_completion_id(cid)
+    pid, t, j = records_lib.parse_completion_id(cid)
     if t == teacher and j == 0:
       out[pid] = got.get(cid, "")
   return out
@@ -168,7 +163,7 @@ def contrast_items(records, translator: Optional[Callable] = None, seed: int = 0
         continue
       if translator is None:
         raise ValueError("not a world prompt and no translator")
-      rng = keyed_rng(seed, r.id + "#prompt")
+      rng = records_lib.keyed_rng(seed, r.id + "#prompt")
       english = tuple(dict(m, content=translator(m["content"], r.language, source_language, rng))
                       if m["role"] == "user" else m for m in prompt)
       items.append(ContrastItem(r.id, r.language, prompt, english))
@@ -189,8 +184,8 @@ def translation_contrast_pairs(items: Sequence[ContrastItem], strong: Callable, 
   translator = translator or lexicon_translator()
   items = list(items)
   en_id = lambda it: it.english_id or f"{it.id}#{source_language}"  # noqa: E731
-  strong_answers = strong([PromptRecord(it.id, it.language, it.prompt) for it in items])
-  weak_answers = weak([PromptRecord(en_id(it), source_language, it.english_prompt)
+  strong_answers = strong([records_lib.PromptRecord(it.id, it.language, it.prompt) for it in items])
+  weak_answers = weak([records_lib.PromptRecord(en_id(it), source_language, it.english_prompt)
                        for it in items])
   pairs, problems, todo = [], [], []
   for it, good, bad in zip(items, strong_answers, weak_answers):
@@ -205,7 +200,7 @@ def translation_contrast_pairs(items: Sequence[ContrastItem], strong: Callable, 
   if hasattr(translator, "prefetch"):
     translator.prefetch([(bad, source_language, it.language) for it, _, bad in todo])
   for it, good, bad in todo:
-    rejected = translator(bad, source_language, it.language, keyed_rng(seed, it.id))
+    rejected = translator(bad, source_language, it.language, records_lib.keyed_rng(seed, it.id))
     if not rejected.strip():
       problems.append(dict(id=it.id, problem="translator returned an empty text"))
     elif rejected.strip() == good.strip():
@@ -321,15 +316,14 @@ def verifier_labelled_pairs(records, scorer=None, kinds=("english", "verbose"), 
   (default: the Verifier); one pair per kind whose score gap is at least
   `min_gap`, ids '<id>#vp-<kind>'."""
   if scorer is None:
-    from aya_jax import reward
-    scorer = reward.verifier_scorer()
+    scorer = verifier.verifier_scorer()
   pool: dict = {}
   for r in records:
     inst = synthetic.parse_id(r.id)
     pool.setdefault((inst.language, inst.task), []).append(inst.answer())
   pairs = []
   for r in records:
-    rng = keyed_rng(seed, r.id)
+    rng = records_lib.keyed_rng(seed, r.id)
     bad = corrupted_answers(r, pool, rng)
     names = [k for k in kinds if k in bad and bad[k] != r.messages[-1]["content"]]
     if not names:
@@ -362,11 +356,10 @@ def sample_labelled_pairs(completions, scorer=None, gold: bool = True, min_gap: 
   `min_gap` are drawn (keyed by the prompt id, so the set does not depend on
   order); ids '<prompt id>#sp-<i>'."""
   if scorer is None:
-    from aya_jax import reward
-    scorer = reward.verifier_scorer()
+    scorer = verifier.verifier_scorer()
   by_prompt: dict = {}
   for r in completions:
-    pid = teachers_lib.parse_completion_id(r.id)[0]
+    pid = records_lib.parse_completion_id(r.id)[0]
     answers = by_prompt.setdefault(pid, (r, {}))[1]
     answers.setdefault(r.completion, None)
   rows, index = [], []
@@ -389,7 +382,7 @@ def sample_labelled_pairs(completions, scorer=None, gold: bool = True, min_gap: 
             if items[i][1] - items[j][1] >= min_gap]
     if not cand:
       continue
-    rng = keyed_rng(seed, pid)
+    rng = records_lib.keyed_rng(seed, pid)
     pick = rng.permutation(len(cand))[:max_per_prompt]
     for n, c in enumerate(sorted(pick)):
       (ca, cs), (ra, rs) = items[cand[c][0]], items[cand[c][1]]

@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from aya_jax.arbitrage import teachers as teachers_lib
 from aya_jax.data import atomic
+from aya_jax.data import records
 
 # ------------------------------------------------------------------- fixed
 
@@ -115,7 +115,7 @@ def in_holdout(pid: str, fraction: float) -> bool:
 
 
 def _winner(decision) -> str:
-  return teachers_lib.parse_completion_id(decision.best.id)[1]
+  return records.parse_completion_id(decision.best.id)[1]
 
 
 def evaluate_router(decisions, teachers, scored, holdout_fraction: float = 0.2,
@@ -134,7 +134,7 @@ def evaluate_router(decisions, teachers, scored, holdout_fraction: float = 0.2,
   router = fit(train)
   best_of = collections.defaultdict(lambda: -np.inf)
   for c in scored:
-    pid, t, _ = teachers_lib.parse_completion_id(c.id)
+    pid, t, _ = records.parse_completion_id(c.id)
     best_of[pid, t] = max(best_of[pid, t], c.score)
   out = dict(n_train=len(train), n_holdout=len(test), per_language={})
   for name, ds in (("train", train), ("holdout", test)):

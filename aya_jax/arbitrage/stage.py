@@ -57,7 +57,6 @@ from aya_jax.data import atomic
 from aya_jax.data import records as records_lib
 
 SOURCE = "arbitrage_offline"
-PromptRecord = teachers_lib.PromptRecord
 
 
 # ----------------------------------------------------------------- prompts
@@ -88,7 +87,7 @@ def read_prompts(src) -> tuple[list, list]:
     try:
       if isinstance(obj, records_lib.RecordError):
         raise obj
-      rec = obj if isinstance(obj, PromptRecord) else PromptRecord.from_dict(obj)
+      rec = obj if isinstance(obj, records_lib.PromptRecord) else records_lib.PromptRecord.from_dict(obj)
       if rec.id in seen:
         raise records_lib.RecordError(f"duplicate id {rec.id!r}", field="id")
     except records_lib.RecordError as e:
@@ -121,9 +120,9 @@ class FunctionPool:
     names = list(teachers) if teachers is not None else list(self.teachers)
     written = 0
     for name in names:
-      for p in teachers_lib.as_prompts(prompts):
+      for p in records_lib.as_prompts(prompts):
         for j in range(self.teachers[name].n):
-          cid = teachers_lib.completion_id(p.id, name, j)
+          cid = records_lib.completion_id(p.id, name, j)
           if cid in done:
             continue
           text = self.fns[name](p, j)
@@ -153,7 +152,7 @@ def synthetic_teacher(skill: dict, seed: int = 0, name: str = "") -> Callable:
 
   def respond(p, j):
     inst = synthetic.parse_id(p.id)
-    rng = preference.keyed_rng(seed, f"{name}\0{p.id}\0{j}")
+    rng = records_lib.keyed_rng(seed, f"{name}\0{p.id}\0{j}")
     if rng.random() < skill.get(p.language, skill.get("*", 0.5)):
       return inst.answer()
     if inst.answer_language != "en" and rng.random() < 0.5:
@@ -180,7 +179,7 @@ def generate(prompts, pool, path: str, teachers: Optional[Sequence[str]] = None)
   names = list(teachers) if teachers is not None else list(pool.teachers)
   done = teachers_lib.done_ids(path)
   todo = [p for p in prompts if any(
-      teachers_lib.completion_id(p.id, t, j) not in done
+      records_lib.completion_id(p.id, t, j) not in done
       for t in names for j in range(pool.teachers[t].n))]
   expected = sum(pool.teachers[t].n for t in names) * len(prompts)
   if todo:
@@ -192,7 +191,7 @@ def generate(prompts, pool, path: str, teachers: Optional[Sequence[str]] = None)
 def _jsonl_ids(path):
   if not os.path.exists(path):
     return []
-  teachers_lib._drop_partial_line(path)  # pylint: disable=protected-access
+  records_lib.drop_partial_line(path)
   return [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
 
 
@@ -206,7 +205,7 @@ def score_completions(path: str, scored_path: str, scorer, chunk: int = 64,
     comps = [c for c in comps if keep(c.id)]
   have = {}
   if os.path.exists(scored_path):
-    teachers_lib._drop_partial_line(scored_path)  # pylint: disable=protected-access
+    records_lib.drop_partial_line(scored_path)
     if any(l.strip() for l in open(scored_path, encoding="utf-8")):
       have = {r.id: r for r in records_lib.iter_jsonl(scored_path, "completion")}
   nan_ids = set(_jsonl_ids(scored_path + ".nan"))
@@ -235,7 +234,7 @@ def score_completions(path: str, scored_path: str, scorer, chunk: int = 64,
 
 @dataclasses.dataclass
 class Decision:
-  prompt: PromptRecord
+  prompt: records_lib.PromptRecord
   best: records_lib.CompletionRecord
   worst: records_lib.CompletionRecord
   n_candidates: int
@@ -256,7 +255,7 @@ def route_by_reward(prompts, scored, teacher_order: Sequence[str],
   sums = collections.defaultdict(lambda: [0.0, 0])
   by_prompt = collections.defaultdict(list)
   for c in scored:
-    pid, teacher, j = teachers_lib.parse_completion_id(c.id)
+    pid, teacher, j = records_lib.parse_completion_id(c.id)
     by_prompt[pid].append((teacher, j, c))
     sums[c.language, teacher][0] += c.score
     sums[c.language, teacher][1] += 1
@@ -318,7 +317,8 @@ def make_scorer(config):
   from aya_jax import reward
   s = config.scorer
   if s.kind == "verifier":
-    return reward.verifier_scorer()
+    from aya_jax.world import verifier
+    return verifier.verifier_scorer()
   if s.kind == "reward_model":
     return reward.RewardModelScorer.load(s.path, s.tokenizer or None, batch_size=s.batch_size,
                                          max_len=s.max_len or None)
@@ -334,7 +334,7 @@ def _prompts_source(config, workdir):
   path = os.path.join(workdir, "prompts.jsonl")
   langs = tuple(config.synthetic.languages) or synthetic.LANGUAGES
   recs = synthetic.make_split("train", config.synthetic.n_per_language, config.seed, langs)
-  records_lib.write_jsonl(path, [PromptRecord(r.id, r.language, tuple(r.messages[:-1]))
+  records_lib.write_jsonl(path, [records_lib.PromptRecord(r.id, r.language, tuple(r.messages[:-1]))
                                  for r in recs])
   return path
 
@@ -370,7 +370,7 @@ def run(config, workdir: str, pool=None, scorer=None) -> dict:
         gen[t] = generate(mine, pool, comp, [t])
 
     def keep(cid):  # only the routed teacher's answers count
-      pid, teacher, _ = teachers_lib.parse_completion_id(cid)
+      pid, teacher, _ = records_lib.parse_completion_id(cid)
       return routes.get(pid) == teacher
   routed = [p for p in prompts if routes is None or p.id in routes]
   scored, more = score_completions(comp, scored_path, scorer, config.scorer.chunk, keep)

@@ -9,7 +9,7 @@ directory carries the chat template (default: the model directory).
 each prompt with that teacher's chat template, samples `n` completions per
 prompt with `aya_jax.sampling.generate` and appends CompletionRecords to
 `out_path` after every batch (flushed). Completion ids are
-`completion_id(prompt id, teacher, sample)` = "<prompt id>#<teacher>#<j>".
+`records.completion_id(prompt id, teacher, sample)` = "<prompt id>#<teacher>#<j>".
 
 Resuming: on start, the ids already in `out_path` (and in the sidecar
 `<out_path>.empty`, which lists samples that decoded to empty text and so
@@ -27,67 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import os
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from aya_jax import axes as axes_lib
-from aya_jax import checkpoint
 from aya_jax import sharding as sharding_lib
 from aya_jax.data import atomic, formatting, records
-from aya_jax.models.config import ModelConfig
 from aya_jax.sampling import methods as methods_lib
 from aya_jax.sampling import sampler
 
-SEP = "#"
 EMPTY_SUFFIX = ".empty"
-
-
-# ------------------------------------------------------------------ prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptRecord(records._Record):  # pylint: disable=protected-access
-  """A conversation awaiting an answer (its last message is the user's)."""
-  id: str
-  language: str
-  messages: tuple
-  KIND = "prompt"
-  _CHECKS = {"id": records._text, "language": records._text,  # pylint: disable=protected-access
-             "messages": records._prompt}  # pylint: disable=protected-access
-
-
-def read_prompts(path) -> list[PromptRecord]:
-  """Reads a prompts JSONL file strictly; errors name the file, line and field."""
-  return records.read_parsed(path, PromptRecord.from_dict, "prompts")
-
-
-def as_prompts(prompts) -> list[PromptRecord]:
-  """A path, or PromptRecords / dicts of that shape."""
-  if isinstance(prompts, (str, os.PathLike)):
-    return read_prompts(prompts)
-  out = [p if isinstance(p, PromptRecord) else PromptRecord.from_dict(p) for p in prompts]
-  ids = [p.id for p in out]
-  if len(set(ids)) != len(ids):
-    raise ValueError(f"prompts: duplicate ids {sorted({i for i in ids if ids.count(i) > 1})}")
-  if not out:
-    raise ValueError("prompts: none given")
-  return out
-
-
-def completion_id(prompt_id: str, teacher: str, sample: int) -> str:
-  return f"{prompt_id}{SEP}{teacher}{SEP}{sample}"
-
-
-def parse_completion_id(cid: str) -> tuple[str, str, int]:
-  """(prompt id, teacher, sample) of a completion id (prompt ids may hold '#')."""
-  prompt_id, teacher, sample = cid.rsplit(SEP, 2)
-  return prompt_id, teacher, int(sample)
 
 
 # ----------------------------------------------------------------- teachers
@@ -105,72 +56,15 @@ class Teacher:
   max_new_tokens: int = 256
 
   def __post_init__(self):
-    if not self.name or SEP in self.name:
-      raise ValueError(f"teacher name {self.name!r}: must be non-empty without {SEP!r}")
+    if not self.name or records.SEP in self.name:
+      raise ValueError(f"teacher name {self.name!r}: must be non-empty without {records.SEP!r}")
     if not (isinstance(self.n, int) and self.n >= 1):
       raise ValueError(f"teacher {self.name}: n={self.n!r} must be an int >= 1")
     if self.tokenizer is None and not isinstance(self.model, (str, os.PathLike)):
       raise ValueError(f"teacher {self.name}: an in-memory model needs a tokenizer directory")
 
 
-@dataclasses.dataclass
-class Loaded:
-  cfg: ModelConfig
-  params: Any
-  tokenizer: Any
-  stop_ids: tuple
-  pad_id: int
-
-
-def load_teacher(teacher: Teacher, mesh=None, rules: str = "fsdp") -> Loaded:
-  """Model, params (on device, sharded when a mesh is given) and tokenizer."""
-  tok_dir = teacher.tokenizer or teacher.model
-  tok = formatting.load_tokenizer(tok_dir)
-  if isinstance(teacher.model, (str, os.PathLike)):
-    path = os.fspath(teacher.model)
-    try:
-      cfg = checkpoint.peek_config(path)
-    except FileNotFoundError as e:
-      raise ValueError(f"teacher {teacher.name}: {e}") from None
-    shardings = None
-    if mesh is not None:
-      shardings = sharding_lib.param_shardings(cfg, mesh, axes_lib.rules(rules))
-    cfg, params = checkpoint.load_model(path, shardings=shardings)
-    where = path
-  else:
-    cfg, params = teacher.model
-    where = "the in-memory model"
-  if mesh is None:
-    params = jax.tree.map(jnp.asarray, params)
-  if len(tok) > cfg.vocab_size:
-    raise ValueError(f"teacher {teacher.name}: tokenizer {tok_dir} has {len(tok)} tokens but "
-                     f"{where} has vocab_size {cfg.vocab_size} (tokenizer/model mismatch)")
-  stop = tuple(dict.fromkeys(formatting.end_of_turn_ids(tok) + tuple(cfg.eos_ids)))
-  pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_id or 0)
-  return Loaded(cfg, params, tok, stop, int(pad))
-
-
-def prompt_keys(seed: int, teacher: str, prompt_ids: Sequence[str]):
-  """[B] PRNG keys, one per (seed, teacher, prompt id): independent of batching."""
-  words = np.asarray([np.frombuffer(hashlib.sha256(
-      f"{teacher}\0{pid}".encode()).digest()[:8], np.uint32) for pid in prompt_ids])
-  base = jax.random.key(seed)
-  fold = lambda w: jax.random.fold_in(jax.random.fold_in(base, w[0]), w[1])
-  return jax.vmap(fold)(jnp.asarray(words, jnp.uint32))
-
-
 # ------------------------------------------------------------------- output
-
-
-def _drop_partial_line(path: str):
-  """Cuts a half-written last line (no trailing newline) off a file."""
-  with open(path, "rb+") as f:
-    data = f.read()
-    if data and not data.endswith(b"\n"):
-      keep = data.rfind(b"\n") + 1
-      logging.warning("%s: dropping a half-written last line (%d bytes)", path,
-                      len(data) - keep)
-      f.truncate(keep)
 
 
 def done_ids(out_path) -> set:
@@ -178,14 +72,14 @@ def done_ids(out_path) -> set:
   out_path = os.fspath(out_path)
   done = set()
   if os.path.exists(out_path):
-    _drop_partial_line(out_path)
+    records.drop_partial_line(out_path)
     with open(out_path, encoding="utf-8") as f:
       has_lines = any(line.strip() for line in f)
     if has_lines:  # iter_jsonl rejects an empty file
       done.update(r.id for r in records.iter_jsonl(out_path, "completion"))
   empty = out_path + EMPTY_SUFFIX
   if os.path.exists(empty):
-    _drop_partial_line(empty)
+    records.drop_partial_line(empty)
     with open(empty, encoding="utf-8") as f:
       done.update(line.strip() for line in f if line.strip())
   return done
@@ -226,7 +120,7 @@ class TeacherPool:
     tests); the next call resumes. Returns counts: written, empty, skipped
     (already done), batches, and finished (False when stopped early).
     """
-    prompts = as_prompts(prompts)
+    prompts = records.as_prompts(prompts)
     out_path = os.fspath(out_path)
     selected = self.select(teachers)
     done = done_ids(out_path)
@@ -234,7 +128,7 @@ class TeacherPool:
     writer = jax.process_index() == 0
     for teacher in selected:
       todo = [(i, j) for i, p in enumerate(prompts) for j in range(teacher.n)
-              if completion_id(p.id, teacher.name, j) not in done]
+              if records.completion_id(p.id, teacher.name, j) not in done]
       stats["skipped"] += len(prompts) * teacher.n - len(todo)
       if not todo:
         logging.info("teacher %s: all %d prompts done", teacher.name, len(prompts))
@@ -242,12 +136,13 @@ class TeacherPool:
       if max_batches is not None and stats["batches"] >= max_batches:
         stats["finished"] = False
         return stats
-      loaded = load_teacher(teacher, self.mesh, self.rules)
+      loaded = sampler.load_for_sampling(teacher.model, teacher.tokenizer, self.mesh,
+                                           self.rules, name=f"teacher {teacher.name}")
       tokens = _tokenize(teacher, loaded, prompts)
       order = sorted(range(len(prompts)), key=lambda i: len(tokens[i]))  # stable
       for start in range(0, len(order), self.batch_size):
         batch = order[start:start + self.batch_size]
-        need = [i for i in batch if any(completion_id(prompts[i].id, teacher.name, j) not in done
+        need = [i for i in batch if any(records.completion_id(prompts[i].id, teacher.name, j) not in done
                                         for j in range(teacher.n))]
         if not need:
           continue
@@ -276,15 +171,15 @@ class TeacherPool:
 
   def _generate(self, teacher, loaded, batch, tokens, done):
     res = sampler.generate(
-        loaded.cfg, loaded.params, tokens, prompt_keys(self.seed, teacher.name,
-                                                      [p.id for p in batch]),
+        loaded.cfg, loaded.params, tokens,
+        sampler.prompt_keys(self.seed, [p.id for p in batch], salt=teacher.name),
         teacher.method, teacher.max_new_tokens, loaded.stop_ids, teacher.n, loaded.pad_id,
         self.mesh, self.rules)
     texts = res.texts(loaded.tokenizer, loaded.stop_ids)
     recs, empty = [], []
     for row, text in enumerate(texts):
       p, j = batch[row // teacher.n], row % teacher.n
-      cid = completion_id(p.id, teacher.name, j)
+      cid = records.completion_id(p.id, teacher.name, j)
       if cid in done:
         continue
       if not text.strip():
@@ -295,7 +190,7 @@ class TeacherPool:
     return recs, empty
 
 
-def _tokenize(teacher: Teacher, loaded: Loaded, prompts: list[PromptRecord]) -> list:
+def _tokenize(teacher: Teacher, loaded: sampler.SamplingModel, prompts: list) -> list:
   """Prompt token ids under the teacher's chat template; checks their length."""
   limit = loaded.cfg.max_seq_len - teacher.max_new_tokens
   out = []

@@ -35,8 +35,6 @@ from absl import logging
 from aya_jax.data import formatting, pipeline
 from aya_jax.data import records as records_lib
 
-PAIR_KEYS = pipeline.KEYS + ("pair_mask", "language", "index")
-
 
 class Pair(NamedTuple):
   """A tokenised preference pair."""

@@ -1,8 +1,9 @@
 """Record types of the recipe and their strict JSONL readers and writers.
 
-Three kinds of record travel between stages, one JSON object per line, each
+Four kinds of record travel between stages, one JSON object per line, each
 with a ``language`` field:
 
+  PromptRecord      {"id", "language", "messages": [..., user turn]}: a request
   SFTRecord         {"id", "language", "messages": [{"role", "content"}, ...]}
   PreferenceRecord  {"id", "language", "prompt": [messages], "chosen",
                      "rejected", "chosen_score", "rejected_score", "source"}
@@ -25,6 +26,11 @@ neither read nor written. The rules:
   * a line is UTF-8 text (a line that is not is invalid, like malformed JSON);
   * ids are unique within a file; an empty file is an error.
 
+Prompts have one reader, `read_prompts`, for every stage that answers them
+(teachers, arbitrage, online rounds, evaluation): it takes prompt records,
+the m-ArenaHard layouts ({"question_id"}, {"prompt": str}, {"turns"}) and the
+prompts of SFT, preference and completion records.
+
 Readers raise ``RecordError`` naming file, line and field. With
 ``skip_invalid=True`` invalid lines are skipped, counted by reason, and the
 count is logged; an empty file still raises. Messages are kept as plain
@@ -35,105 +41,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
+import hashlib
 import json
-import math
 import os
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
+import numpy as np
 from absl import logging
 
 from aya_jax.data import atomic
-
-ROLES = ("system", "user", "assistant")
-PathLike = Union[str, os.PathLike]
-
-
-class RecordError(ValueError):
-  """An invalid record; the message names file, line and field when known."""
-
-  def __init__(self, message: str, *, field: Optional[str] = None,
-               path: Optional[PathLike] = None, line: Optional[int] = None,
-               reason: Optional[str] = None):
-    self.field, self.path, self.line, self.detail = field, path, line, message
-    self.reason = reason or message  # short, countable, for skip summaries
-    where = ""
-    if path is not None:
-      where = f"{os.fspath(path)}:{line}: " if line else f"{os.fspath(path)}: "
-    what = f"field '{field}': " if field else ""
-    super().__init__(f"{where}{what}{message}")
-
-  def located(self, path: PathLike, line: int) -> "RecordError":
-    return RecordError(self.detail, field=self.field, path=path, line=line,
-                       reason=self.reason)
-
-
-def _fail(field: str, message: str, reason: str) -> RecordError:
-  return RecordError(message, field=field, reason=reason)
-
-
-def _check_str(value: Any, field: str, non_empty: bool = True) -> str:
-  if not isinstance(value, str):
-    raise _fail(field, f"expected a string, got {type(value).__name__}",
-                "wrong type")
-  if non_empty and not value.strip():
-    raise _fail(field, "must not be empty", "empty value")
-  return value
-
-
-def _check_score(value: Any, field: str) -> Optional[float]:
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise _fail(field, f"expected a number or null, got "
-                f"{type(value).__name__}", "wrong type")
-  if not math.isfinite(value):
-    raise _fail(field, f"must be finite, got {value}", "non-finite score")
-  return float(value)
-
-
-def _check_messages(value: Any, field: str, last_role: str) -> tuple:
-  """Validates a conversation; returns it as a tuple of fresh dicts."""
-  if not isinstance(value, (list, tuple)):
-    raise _fail(field, f"expected a list of messages, got "
-                f"{type(value).__name__}", "wrong type")
-  if not value:
-    raise _fail(field, "must contain at least one message", "empty value")
-  out = []
-  for i, msg in enumerate(value):
-    where = f"{field}[{i}]"
-    if not isinstance(msg, Mapping):
-      raise _fail(where, f"expected an object, got {type(msg).__name__}",
-                  "wrong type")
-    for key in ("role", "content"):
-      if key not in msg:
-        raise _fail(f"{where}.{key}", "missing", "missing field")
-    extra = sorted(set(msg) - {"role", "content"})
-    if extra:
-      raise _fail(where, f"unknown keys {extra}", "unknown field")
-    role = _check_str(msg["role"], f"{where}.role")
-    if role not in ROLES:
-      raise _fail(f"{where}.role", f"unknown role {role!r}; expected one of "
-                  f"{ROLES}", "unknown role")
-    content = _check_str(msg["content"], f"{where}.content")
-    out.append({"role": role, "content": content})
-  # role order: [system] user assistant user ... <last_role>
-  start = 1 if out[0]["role"] == "system" else 0
-  for i, msg in enumerate(out[start:], start):
-    want = "user" if (i - start) % 2 == 0 else "assistant"
-    if msg["role"] != want:
-      raise _fail(f"{field}[{i}].role", f"expected {want!r} here, got "
-                  f"{msg['role']!r} (order: optional system, then user/"
-                  f"assistant alternating from user)", "role order")
-  if len(out) == start or out[-1]["role"] != last_role:
-    raise _fail(field, f"must end with a {last_role!r} message", "role order")
-  return tuple(out)
-
-
-_text = _check_str
-_label = functools.partial(_check_str, non_empty=False)  # may be empty
-_conversation = functools.partial(_check_messages, last_role="assistant")
-_prompt = functools.partial(_check_messages, last_role="user")
+from aya_jax.data.fields import (PathLike, RecordError, check_conversation, check_label,
+                                 check_prompt, check_score, check_text, fail)
 
 
 class _Record:
@@ -163,12 +81,22 @@ class _Record:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(obj) - set(names))
     if unknown:
-      raise _fail(unknown[0], f"unknown field for a {cls.KIND} record "
+      raise fail(unknown[0], f"unknown field for a {cls.KIND} record "
                   f"(fields: {names})", "unknown field")
     for name in names:
       if name not in obj and name not in cls._OPTIONAL:
-        raise _fail(name, "missing", "missing field")
+        raise fail(name, "missing", "missing field")
     return cls(**{name: obj.get(name) for name in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord(_Record):
+  """A conversation awaiting an answer (its last message is the user's)."""
+  id: str
+  language: str
+  messages: tuple
+  KIND = "prompt"
+  _CHECKS = {"id": check_text, "language": check_text, "messages": check_prompt}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +106,7 @@ class SFTRecord(_Record):
   language: str
   messages: tuple
   KIND = "sft"
-  _CHECKS = {"id": _text, "language": _text, "messages": _conversation}
+  _CHECKS = {"id": check_text, "language": check_text, "messages": check_conversation}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,14 +122,14 @@ class PreferenceRecord(_Record):
   source: str = ""
   KIND = "preference"
   _OPTIONAL = ("chosen_score", "rejected_score")
-  _CHECKS = {"id": _text, "language": _text, "prompt": _prompt,
-             "chosen": _text, "rejected": _text, "chosen_score": _check_score,
-             "rejected_score": _check_score, "source": _label}
+  _CHECKS = {"id": check_text, "language": check_text, "prompt": check_prompt,
+             "chosen": check_text, "rejected": check_text, "chosen_score": check_score,
+             "rejected_score": check_score, "source": check_label}
 
   def __post_init__(self):
     super().__post_init__()
     if self.chosen == self.rejected:
-      raise _fail("rejected", "is the same text as 'chosen': the pair prefers nothing",
+      raise fail("rejected", "is the same text as 'chosen': the pair prefers nothing",
                   "chosen equals rejected")
 
 
@@ -216,17 +144,17 @@ class CompletionRecord(_Record):
   score: Optional[float] = None
   KIND = "completion"
   _OPTIONAL = ("score",)
-  _CHECKS = {"id": _text, "language": _text, "prompt": _prompt,
-             "completion": _text, "teacher": _label, "score": _check_score}
+  _CHECKS = {"id": check_text, "language": check_text, "prompt": check_prompt,
+             "completion": check_text, "teacher": check_label, "score": check_score}
 
 
-Record = Union[SFTRecord, PreferenceRecord, CompletionRecord]
-KINDS = {cls.KIND: cls for cls in (SFTRecord, PreferenceRecord,
+Record = Union[PromptRecord, SFTRecord, PreferenceRecord, CompletionRecord]
+KINDS = {cls.KIND: cls for cls in (PromptRecord, SFTRecord, PreferenceRecord,
                                    CompletionRecord)}
 
 
 def record_class(kind: Union[str, type]) -> type:
-  """'sft' | 'preference' | 'completion' (or the class itself) -> class."""
+  """'prompt' | 'sft' | 'preference' | 'completion' (or the class itself) -> class."""
   if isinstance(kind, type) and kind in KINDS.values():
     return kind
   if kind not in KINDS:
@@ -398,3 +326,116 @@ def read_parsed(path: PathLike, parse, what: str = "records") -> list:
   if not out:
     raise RecordError(f"empty file: no {what}", path=path)
   return out
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def prompt_from_json(obj: Any) -> PromptRecord:
+  """The request of one JSON line: a prompt record, an m-ArenaHard line
+  ({"question_id" or "id", "language", "prompt": str or "turns": [{"content"}]}),
+  an SFT record (its last assistant turn dropped) or a preference /
+  completion record (its prompt)."""
+  if not isinstance(obj, Mapping):
+    raise RecordError(f"expected a JSON object, got {type(obj).__name__}",
+                      reason="not an object")
+  if "chosen" in obj:
+    return _request_of(PreferenceRecord.from_dict(obj), "prompt")
+  if "completion" in obj:
+    return _request_of(CompletionRecord.from_dict(obj), "prompt")
+  messages = obj.get("messages")
+  if (isinstance(messages, list) and messages and isinstance(messages[-1], Mapping)
+      and messages[-1].get("role") == "assistant"):
+    return _request_of(SFTRecord.from_dict(obj), "messages")
+  if "messages" in obj or ("id" in obj and "question_id" not in obj
+                           and "prompt" not in obj and "turns" not in obj):
+    return PromptRecord.from_dict(obj)
+  return _arena_prompt(obj)
+
+
+def _request_of(record, field: str) -> PromptRecord:
+  messages = getattr(record, field)
+  return PromptRecord(record.id, record.language,
+                      messages[:-1] if field == "messages" else messages)
+
+
+def _arena_prompt(obj: Mapping) -> PromptRecord:
+  """m-ArenaHard: an int or str id (`id` or `question_id`), the request as
+  `prompt` (a string) or `turns` (the first turn's content)."""
+  unknown = sorted(set(obj) - {"id", "question_id", "language", "prompt", "turns"})
+  if unknown:
+    raise fail(unknown[0], "unknown field for a prompt (fields: id or question_id, language, "
+               "messages, prompt or turns)", "unknown field")
+  if "language" not in obj:
+    raise fail("language", "missing", "missing field")
+  pid = obj.get("id", obj.get("question_id"))
+  if pid is None:
+    raise fail("id", "missing (or 'question_id')", "missing field")
+  if isinstance(pid, int) and not isinstance(pid, bool):
+    pid = str(pid)
+  if "prompt" in obj:
+    text = check_text(obj["prompt"], "prompt")
+  elif "turns" in obj:
+    turns = obj["turns"]
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], Mapping):
+      raise fail("turns", "expected a list of {'content': ...}", "wrong type")
+    text = check_text(turns[0].get("content"), "turns[0].content")
+  else:
+    raise fail("messages", "missing (or 'prompt' / 'turns')", "missing field")
+  return PromptRecord(pid, obj["language"], ({"role": "user", "content": text},))
+
+
+def read_prompts(path: PathLike, only: Optional[Iterable[str]] = None) -> list:
+  """The PromptRecords of a JSONL file (any layout `prompt_from_json` takes),
+  read strictly: errors name the file, line and field; ids are unique. With
+  `only`, the prompts in other languages are dropped (every line is still
+  checked)."""
+  prompts = read_parsed(path, prompt_from_json, "prompts")
+  return prompts if only is None else [p for p in prompts if p.language in set(only)]
+
+
+def as_prompts(prompts) -> list:
+  """A path, or PromptRecords / dicts of that shape; at least one, unique ids."""
+  if isinstance(prompts, (str, os.PathLike)):
+    return read_prompts(prompts)
+  out = [p if isinstance(p, PromptRecord) else prompt_from_json(p) for p in prompts]
+  ids = [p.id for p in out]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"prompts: duplicate ids {sorted({i for i in ids if ids.count(i) > 1})}")
+  if not out:
+    raise ValueError("prompts: none given")
+  return out
+
+
+# ------------------------------------------------------- completion ids
+
+SEP = "#"  # completion ids: '<prompt id>#<teacher>#<sample>'
+
+
+def completion_id(prompt_id: str, teacher: str, sample: int) -> str:
+  return f"{prompt_id}{SEP}{teacher}{SEP}{sample}"
+
+
+def parse_completion_id(cid: str) -> tuple:
+  """(prompt id, teacher, sample) of a completion id (prompt ids may hold '#')."""
+  prompt_id, teacher, sample = cid.rsplit(SEP, 2)
+  return prompt_id, teacher, int(sample)
+
+
+def keyed_rng(seed: int, key: str) -> np.random.Generator:
+  """A generator that depends only on (seed, key), e.g. a record id: the same
+  draws on a rerun, whatever the order records come in."""
+  digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
+  return np.random.default_rng([seed, digest])
+
+
+def drop_partial_line(path: PathLike):
+  """Cuts a half-written last line (no trailing newline, from a killed append)
+  off a JSONL file, so an append-mode writer resumes on a line boundary."""
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      keep = data.rfind(b"\n") + 1
+      logging.warning("%s: dropping a half-written last line (%d bytes)", os.fspath(path),
+                      len(data) - keep)
+      f.truncate(keep)

@@ -1,5 +1,5 @@
-"""Model merging: pure merges of params pytrees (over checkpoints: merge_stream.py; methods'
-parameters by tensor name and depth, YAML specs: merge_spec.py).
+"""Model merging: pure merges of params pytrees (over checkpoints: merging/stream.py;
+methods' parameters by tensor name and depth, YAML specs: merging/spec.py).
 
 Methods (mergekit 0.1.5 names and semantics; accumulation in fp32, fp64 for fp64 inputs):
   linear            sum_i w_i x_i / sum_i w_i (normalize=True, the default) or sum_i w_i x_i

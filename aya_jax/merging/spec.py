@@ -8,7 +8,7 @@ Parameters (mergekit's `parameters`): a scalar; a list of numbers, interpolated 
 wins. Per-model settings (weight, density, gamma) come before the shared ones.
 
 A merge over checkpoints is a `MergeSpec`, from a mergekit-style YAML (`spec_from_yaml`)
-or configs/merge.py (`spec_from_config`); merging.py computes merges, merge_stream.py runs
+or configs/merge.py (`spec_from_config`); methods.py computes merges, stream.py runs
 them over checkpoints.
 """
 

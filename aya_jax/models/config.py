@@ -13,7 +13,7 @@ new preset, not new model code.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 FAMILIES = ("cohere", "llama", "gemma2", "qwen2")
 # fields that change how a model is computed, not what it computes (a config
@@ -109,12 +109,6 @@ class ModelConfig:
       if isinstance(d.get(key), list):
         d[key] = tuple(d[key])
     return cls(**d)
-
-  @classmethod
-  def from_hf(cls, hf: Any) -> "ModelConfig":
-    """From a transformers config object or its config.json dict."""
-    from aya_jax.models import hf_config  # local import: hf_config imports config
-    return hf_config.config_from_hf(hf if isinstance(hf, dict) else hf.to_dict())
 
   @property
   def n_params(self) -> int:

@@ -7,7 +7,7 @@ softmax run in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -147,7 +147,8 @@ class MLP(nn.Module):
     return dense("down", c.d_ff, c.d_model, "mlp", "embed")(h)
 
 
-def softcap(x, cap):
+def softcap(x, cap: Optional[float]):
+  """Gemma 2 logit soft-capping: tanh(x / cap) * cap; identity for None."""
   if cap is None:
     return x
   return jnp.tanh(x / cap) * cap

@@ -22,7 +22,7 @@ steps and uses these paths (all local; nothing is downloaded):
                     arbiter itself)
   prompts           JSONL file(s), {"id", "language", "messages"} per line: what
                     arbitrage routes and online rounds sample on
-  eval_prompts      held-out JSONL (m-ArenaHard layout, evaluation.read_prompts)
+  eval_prompts      held-out JSONL (m-ArenaHard layout, records.read_prompts)
 
 `resolve(config)` checks every path (an error names the config field) and
 returns what the world step returns (tokenizer, base, teachers, weak,

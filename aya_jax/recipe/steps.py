@@ -24,7 +24,9 @@ from aya_jax.merging import methods as merging
 from aya_jax.sampling import methods
 from aya_jax.train import dpo, online, reward_model, sft
 from aya_jax.world import bootstrap as world
+from aya_jax.world import evaluate as world_evaluate
 from aya_jax.world import tasks as synthetic
+from aya_jax.world import verifier
 
 
 def real(w: dict) -> bool:
@@ -160,7 +162,7 @@ def _prompt_file(c, d, w) -> str:
   if real(w):
     langs, recs, seen = set(w["languages"]), [], set()
     for path in w["prompts"]:
-      for p in teachers.read_prompts(path):
+      for p in records.read_prompts(path):
         if p.id in seen:
           raise ValueError(f"config.inputs.prompts: id {p.id!r} of {path} appears twice")
         seen.add(p.id)
@@ -182,7 +184,7 @@ def _prompt_file(c, d, w) -> str:
 
 def _prompt_records(recs) -> list:
   """The requests (messages up to the user turn) of world SFT records."""
-  return [teachers.PromptRecord(id=r.id, language=r.language, messages=tuple(r.messages[:-1]))
+  return [records.PromptRecord(id=r.id, language=r.language, messages=tuple(r.messages[:-1]))
           for r in recs]
 
 
@@ -222,7 +224,7 @@ def _single_teacher(d: str, teacher: str) -> str:
   """The baseline's data: one teacher's first sample for every prompt (no arbiter)."""
   out, seen = [], set()
   for r in records.read_jsonl(os.path.join(d, "completions.jsonl"), "completion"):
-    pid, t, j = teachers.parse_completion_id(r.id)
+    pid, t, j = records.parse_completion_id(r.id)
     if t == teacher and j == 0 and pid not in seen:
       seen.add(pid)
       out.append(records.SFTRecord(id=pid, language=r.language, messages=tuple(r.prompt) + (
@@ -287,7 +289,7 @@ def run_online(c, d, w, init, rm, arb, fams, langs, algorithm):
 
 def _eval_prompts(path: str, langs) -> list:
   """The prompts of `path` in `langs`, read strictly (errors name file and line)."""
-  prompts = evaluation.read_prompts(path, only=langs)
+  prompts = records.read_prompts(path, only=langs)
   missing = sorted(set(langs) - {p.language for p in prompts})
   if missing:
     raise ValueError(f"config.inputs.eval_prompts={path!r}: no prompts in {missing}")
@@ -302,10 +304,10 @@ def run_eval(c, d, w, models: dict, langs, rm=None):
     prompts = _eval_prompts(w["eval_prompts"], langs)
     judge, judge_name = scorer(w, c, rm, judge=True), f"reward model {w['judge']}"
   else:
-    prompts = evaluation.world_prompts("test", b.n_per_language, langs, tuple(c.world.tasks),
-                                       c.seed)
-    judge, judge_name = synthetic.Verifier(), "verifier"
-  evaluation.write_prompts(os.path.join(d, "prompts.jsonl"), prompts)
+    prompts = world_evaluate.world_prompts("test", b.n_per_language, langs,
+                                           tuple(c.world.tasks), c.seed)
+    judge, judge_name = verifier.Verifier(), "verifier"
+  records.write_jsonl(os.path.join(d, "prompts.jsonl"), prompts)
   mesh = _mesh(w, c)  # real inputs on several devices: the run's mesh
   ms = {name: evaluation.Model(name, path, tok, max_new_tokens=b.max_new_tokens,
                                batch_size=b.batch_size, seed=c.seed, mesh=mesh,
@@ -315,7 +317,7 @@ def run_eval(c, d, w, models: dict, langs, rm=None):
   base = ms["sft_single"]
   for name, m in ms.items():
     results[name] = evaluation.compare(m, base, prompts, judge, b.n_boot, c.seed,
-                                       answers=answers)
+                                       answers=answers, reference=world_evaluate.verifier_scores)
   atomic.write_json(os.path.join(d, "answers.json"), answers)
   atomic.write_json(os.path.join(d, "per_prompt.json"),  # for the report's paired intervals
                      {name: r.pop("per_prompt") for name, r in results.items()})

@@ -171,8 +171,3 @@ def sample(method, logits_bv, keys_b) -> tuple[jax.Array, jax.Array]:
   logp_bv = jax.nn.log_softmax(f_bv, axis=-1)
   return tokens, jnp.take_along_axis(logp_bv, tokens[:, None], axis=-1)[:, 0]
 
-
-def token_logprobs(logits_bv, tokens_b):
-  """log softmax(logits)[token] per row (the raw model's log-prob)."""
-  logp_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]

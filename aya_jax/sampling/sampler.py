@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+import hashlib
+import os
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from aya_jax import axes as axes_lib
+from aya_jax import checkpoint, losses
 from aya_jax import sharding as sharding_lib
+from aya_jax.data import formatting
 from aya_jax.models.config import ModelConfig
 from aya_jax.models.layers import dtype_of
 from aya_jax.models.transformer import (Transformer, init_cache, output_logits,
@@ -268,7 +272,7 @@ def _prefill_and_decode(cfg, method, max_new, n, stop, pad, mesh_and_rules,
     toks, lps, mlps, n_gen = outs
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
     tok, lp = methods_lib.sample(method, logits, step_keys)
-    mlp = methods_lib.token_logprobs(logits, tok)
+    mlp = losses.token_logprobs(logits, tok)  # the raw model's log-prob
     tok = jnp.where(done, pad, tok)
     lp = jnp.where(done, 0.0, lp)
     mlp = jnp.where(done, 0.0, mlp)
@@ -299,3 +303,61 @@ def _prefill_and_decode(cfg, method, max_new, n, stop, pad, mesh_and_rules,
   _, _, _, done, outs = jax.lax.while_loop(cond, body, state)
   toks, lps, mlps, n_gen = outs
   return toks, lps, mlps, n_gen, done
+
+
+# ------------------------------------------------------- models to sample
+
+
+@dataclasses.dataclass
+class SamplingModel:
+  """A model ready to sample from: config, params (on device), tokenizer, the
+  ids that end an answer and the pad id."""
+  cfg: ModelConfig
+  params: Any
+  tokenizer: Any
+  stop_ids: tuple
+  pad_id: int
+
+
+def load_for_sampling(model: Union[str, os.PathLike, tuple], tokenizer: Optional[str] = None,
+                      mesh=None, rules: str = "fsdp", name: str = "model") -> SamplingModel:
+  """`model`: an HF dir, an aya_jax params/ dir or an in-memory (cfg, params);
+  `tokenizer`: a directory (default: `model`'s). Params go on the device,
+  sharded by `rules` over `mesh` when one is given. Errors (named after
+  `name`) for a missing checkpoint and a tokenizer larger than the vocabulary."""
+  tok_dir = tokenizer or model
+  tok = formatting.load_tokenizer(tok_dir)
+  if isinstance(model, (str, os.PathLike)):
+    path = os.fspath(model)
+    try:
+      cfg = checkpoint.peek_config(path)
+    except FileNotFoundError as e:
+      raise ValueError(f"{name}: {e}") from None
+    shardings = None
+    if mesh is not None:
+      shardings = sharding_lib.param_shardings(cfg, mesh, axes_lib.rules(rules))
+    cfg, params = checkpoint.load_model(path, shardings=shardings)
+    where = path
+  else:
+    cfg, params = model
+    where = "the in-memory model"
+  if mesh is None:
+    params = jax.tree.map(jnp.asarray, params)
+  if len(tok) > cfg.vocab_size:
+    raise ValueError(f"{name}: tokenizer {tok_dir} has {len(tok)} tokens but "
+                     f"{where} has vocab_size {cfg.vocab_size} (tokenizer/model mismatch)")
+  stop = tuple(dict.fromkeys(formatting.end_of_turn_ids(tok) + tuple(cfg.eos_ids)))
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_id or 0)
+  return SamplingModel(cfg, params, tok, stop, int(pad))
+
+
+def prompt_keys(seed: int, prompt_ids: Sequence[str], salt: str = ""):
+  """[B] PRNG keys, one per (seed, salt, prompt id): independent of batching
+  and order. A teacher salts with its name (each teacher its own draws);
+  evaluation leaves it empty (both models of a comparison get the same keys)."""
+  texts = [f"{salt}\0{pid}" if salt else pid for pid in prompt_ids]
+  words = np.asarray([np.frombuffer(hashlib.sha256(t.encode()).digest()[:8], np.uint32)
+                      for t in texts])
+  base = jax.random.key(seed)
+  fold = lambda w: jax.random.fold_in(jax.random.fold_in(base, w[0]), w[1])  # noqa: E731
+  return jax.vmap(fold)(jnp.asarray(words, jnp.uint32))

@@ -43,8 +43,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aya_jax import axes, checkpoint, losses, optim, sharding
 from aya_jax.data import atomic, formatting
 from aya_jax.data import pairs as pp
+from aya_jax.train import common
 from aya_jax.train import loop as loop_lib
-from aya_jax.train import sft
 from aya_jax.train import state as state_lib
 from aya_jax.train import steps
 
@@ -68,8 +68,7 @@ def dpo_block() -> ml_collections.ConfigDict:
 
 
 def default_config() -> ml_collections.ConfigDict:
-  c = sft.default_config()
-  c.stage = "dpo"
+  c = common.base_config("dpo")
   c.data = ml_collections.ConfigDict()
   c.data.train = ()            # JSONL files of preference records
   c.data.eval = ()             # held-out preference records (optional)
@@ -386,7 +385,7 @@ def run(config, workdir: str):
   tok = formatting.load_tokenizer(config.tokenizer)
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = axes.rules(config.mesh.rules)
-  cfg, params = sft.setup_model(config.model, len(tok), mesh, rules, config.seed,
+  cfg, params = common.setup_model(config.model, len(tok), mesh, rules, config.seed,
                                 pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
                                 eos_ids=formatting.end_of_turn_ids(tok))
   ref_params = None
@@ -404,4 +403,4 @@ def run(config, workdir: str):
                                       skip)
   params, _ = train_dpo(config, workdir, cfg, params, pairs, mesh, rules, ref_params=ref_params,
                         eval_pairs=eval_pairs)
-  return sft.finish(workdir, cfg, params, config.export_hf)
+  return common.finish(workdir, cfg, params, config.export_hf)

@@ -7,9 +7,12 @@
   its step; the per-step rng is fold_in(key(seed), step), so a resumed run
   gives the same result as an uninterrupted one.
 - Metrics: averaged over `log_every` steps, written to workdir/metrics.jsonl
-  (process 0), with steps/s and tokens/s.
+  (process 0), with steps/s and tokens/s. They stay on the device between
+  log steps: the loop never waits for a step to finish except at a log step,
+  an eval, a checkpoint and the end (one fetch of everything since the last).
 - NaN guard: the step skips non-finite updates; more than `max_nonfinite`
-  in a row raises FloatingPointError naming the step (the last checkpoint is
+  in a row raises FloatingPointError naming the step, found at the next
+  fetch and always before a checkpoint is written (the last checkpoint is
   intact).
 - Checkpoints every `checkpoint_every` steps and at the end, never of
   non-finite params (FloatingPointError instead); SIGTERM (a preempted VM, a
@@ -31,6 +34,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from aya_jax import accelerators
 from aya_jax import metrics as metrics_lib
 from aya_jax import sharding
 from aya_jax.checkpoint import Checkpointer
@@ -54,17 +58,6 @@ def default_loop_config() -> ml_collections.ConfigDict:
   c.flops_per_token = 0.0       # set by the stage (models.config.train_flops_per_token)
   c.allow_config_change = False  # resume checkpoints written under another training config
   return c
-
-
-# Dense bf16 peak TFLOP/s per chip (published figures).
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "v5p": 459.0, "v5e": 197.0,
-               "v5 lite": 197.0, "v4": 275.0, "v6e": 918.0, "v6 lite": 918.0}
-
-
-def peak_tflops(device=None) -> float:
-  """Peak TFLOP/s of one device from its kind; 0.0 when unknown (CPU)."""
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
 
 
 class _SignalFlag:
@@ -126,11 +119,12 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
       batches.set_state(data_state)
     logging.info("resumed at step %d", start)
   writer = metrics_lib.MetricWriter(workdir)
-  peak = (cfg.peak_tflops_per_device or peak_tflops()) * 1e12 * jax.device_count()
+  peak = (cfg.peak_tflops_per_device or accelerators.peak_tflops()) * 1e12 * jax.device_count()
   progress = sys.stderr.isatty() and jax.process_index() == 0
   acc = metrics_lib.MeanAccumulator()
+  guard = _NonFiniteGuard(cfg.max_nonfinite, ckpt.directory)
   base_rng = jax.random.key(cfg.seed)
-  nonfinite_run, t0, tokens = 0, time.time(), 0
+  t0, tokens, last_loss = time.time(), 0, float("nan")
   step = start
   data_state = lambda: batches.get_state() if hasattr(batches, "get_state") else None
   with _SignalFlag() as flag:
@@ -138,18 +132,14 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
       batch = sharding.global_batch(next(batches), mesh)
       state, m = step_fn(state, batch, jax.random.fold_in(base_rng, step))
       step += 1
-      m = jax.device_get(m)
-      nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
-      if nonfinite_run > cfg.max_nonfinite:
-        raise FloatingPointError(
-            f"step {step}: loss or gradient non-finite for {nonfinite_run} steps in a row "
-            f"(loss={m['loss']}, grad_norm={m['grad_norm']}); last checkpoint is intact in "
-            f"{ckpt.directory}")
       tokens += int(batch["tokens"].size)
-      acc.add(m)
+      acc.add(m)  # device arrays: no host sync here
+      guard.add(step, m)
       if step % cfg.log_every == 0 or step == cfg.num_steps:
+        guard.check()
         dt = max(time.time() - t0, 1e-9)
         scalars = _finalise(acc.result())
+        last_loss = scalars.get("loss", last_loss)
         scalars.update(steps_per_s=len_or(cfg.log_every, step) / dt, tokens_per_s=tokens / dt)
         if peak and cfg.flops_per_token:
           scalars["mfu"] = tokens / dt * cfg.flops_per_token / peak
@@ -159,15 +149,17 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
         logging.info("step %d %s", step, {k: round(v, 4) for k, v in scalars.items()})
         t0, tokens = time.time(), 0
       if progress:
-        sys.stderr.write(f"\rstep {step}/{cfg.num_steps} loss {float(m['loss']):.4f}")
+        sys.stderr.write(f"\rstep {step}/{cfg.num_steps} loss {last_loss:.4f}")
         sys.stderr.flush()
       done = step == cfg.num_steps
       if eval_fn is not None and (done or (cfg.eval_every and step % cfg.eval_every == 0)):
+        guard.check()
         ev = {f"eval_{k}": v for k, v in eval_fn(state).items()}
         writer.write(step, ev)
         logging.info("step %d eval %s", step, ev)
       stopping = flag.raised or (stop_after is not None and step - start >= stop_after)
       if done or stopping or step % cfg.checkpoint_every == 0:
+        guard.check()
         if not finite(state.params):  # a checkpoint is only ever of usable weights
           raise FloatingPointError(
               f"step {step}: the params hold non-finite values; not checkpointed (the last "
@@ -180,6 +172,29 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
   writer.close()
   ckpt.close()
   return state
+
+
+class _NonFiniteGuard:
+  """Counts steps whose update was skipped as non-finite, in order, from the
+  step metrics kept on the device; `check` fetches the flags since the last
+  check and raises when more than `max_run` came in a row."""
+
+  def __init__(self, max_run: int, checkpoint_dir: str):
+    self.max_run, self.checkpoint_dir = max_run, checkpoint_dir
+    self.run, self.pending = 0, []
+
+  def add(self, step: int, metrics: dict):
+    self.pending.append((step, metrics["nonfinite"], metrics["loss"], metrics["grad_norm"]))
+
+  def check(self):
+    pending, self.pending = jax.device_get(self.pending), []
+    for step, nonfinite, loss, grad_norm in pending:
+      self.run = self.run + 1 if nonfinite else 0
+      if self.run > self.max_run:
+        raise FloatingPointError(
+            f"step {step}: loss or gradient non-finite for {self.run} steps in a row "
+            f"(loss={loss}, grad_norm={grad_norm}); last checkpoint is intact in "
+            f"{self.checkpoint_dir}")
 
 
 def len_or(every, step):

@@ -63,7 +63,7 @@ from aya_jax.data import pairs as pp
 from aya_jax.data import records as records_lib
 from aya_jax.merging import methods as merging
 from aya_jax.sampling import methods, sampler
-from aya_jax.train import dpo, rloo, sft
+from aya_jax.train import common, dpo, rloo
 
 
 def online_block() -> ml_collections.ConfigDict:
@@ -110,23 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
 # -------------------------------------------------------------------- data
 
 
-def read_prompts(paths) -> list:
-  """[(id, language, prompt messages)] from SFT, preference or completion JSONL."""
-  out = []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      first = json.loads(next(line for line in f if line.strip()))
-    kind = "sft" if "messages" in first else ("preference" if "chosen" in first else "completion")
-    for r in records_lib.read_jsonl(path, kind):
-      prompt = r.messages[:-1] if kind == "sft" else r.prompt
-      out.append((r.id, r.language, tuple(prompt)))
-  return out
-
-
 def make_scorer(config):
   if config.online.scorer == "verifier":
-    from aya_jax.world import tasks as synthetic
-    return synthetic.Verifier()
+    from aya_jax.world import verifier
+    return verifier.Verifier()
   raise ValueError(f"online.scorer={config.online.scorer!r}: 'verifier', or pass scorer= to run()")
 
 
@@ -171,7 +158,7 @@ def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag) 
   to the scorer)."""
   stop = formatting.end_of_turn_ids(tok)
   method = methods.from_config(oc.temperature, 0, oc.top_p)
-  prompt_ids = [formatting.tokenize_prompt(tok, p) for _, _, p in prompts]
+  prompt_ids = [formatting.tokenize_prompt(tok, p.messages) for p in prompts]
   rows, lengths, stopped = [], [], []
   for s in range(0, len(prompts), oc.sample_batch):
     res = sampler.generate(cfg, params, prompt_ids[s:s + oc.sample_batch],
@@ -184,10 +171,11 @@ def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag) 
   empty = np.asarray([not t.strip() for t in texts])
   recs = []
   for i, text in enumerate(texts):
-    pid, lang, prompt = prompts[i // oc.k]
+    prompt = prompts[i // oc.k]
     if not empty[i]:  # an empty answer cannot be a record
       recs.append(records_lib.CompletionRecord(
-          id=f"{pid}#{tag}s{i % oc.k}", language=lang, prompt=prompt, completion=text,
+          id=f"{prompt.id}#{tag}s{i % oc.k}", language=prompt.language, prompt=prompt.messages,
+          completion=text,
           teacher=tag, score=None))
   raw = np.full(len(texts), np.nan, np.float32)
   if recs:
@@ -205,7 +193,7 @@ def best_worst_pairs(prompts, texts, scores_pk, min_gap: float, tag: str,
                      usable=None) -> list:
   """PreferenceRecords: the best vs the worst non-empty answer per usable prompt."""
   out, k = [], scores_pk.shape[1]
-  for p, (pid, lang, prompt) in enumerate(prompts):
+  for p, prompt in enumerate(prompts):
     cand = [j for j in range(k) if texts[p * k + j].strip()]
     if len(cand) < 2 or (usable is not None and not usable[p]):
       continue
@@ -215,7 +203,8 @@ def best_worst_pairs(prompts, texts, scores_pk, min_gap: float, tag: str,
         or texts[p * k + best] == texts[p * k + worst]):  # one answer scored twice: no pair
       continue
     out.append(records_lib.PreferenceRecord(
-        id=f"{pid}#{tag}", language=lang, prompt=prompt, chosen=texts[p * k + best],
+        id=f"{prompt.id}#{tag}", language=prompt.language, prompt=prompt.messages,
+        chosen=texts[p * k + best],
         rejected=texts[p * k + worst], chosen_score=float(scores_pk[p, best]),
         rejected_score=float(scores_pk[p, worst]), source=f"online_{tag}"))
   return out
@@ -229,7 +218,7 @@ def round_report(prompts, scores_pk, lengths, stopped, prev_scores=None, usable=
   k = scores_pk.shape[1]
   ok = np.ones(len(prompts), bool) if usable is None else np.asarray(usable, bool)
   rows = np.repeat(ok, k)
-  langs = np.repeat([lang for _, lang, _ in prompts], k)
+  langs = np.repeat([p.language for p in prompts], k)
   flat = scores_pk.reshape(-1)
   mean = lambda sel: float(flat[sel].mean()) if sel.any() else float("nan")
   rep = {"mean_score": mean(rows), "mean_length": float(np.mean(lengths)),
@@ -320,7 +309,7 @@ def run(config, workdir: str, scorer=None):
   scorer = scorer if scorer is not None else make_scorer(config)
   tok = formatting.load_tokenizer(config.tokenizer)
   mesh, rules = sharding.make_mesh(config.mesh.shape), axes.rules(config.mesh.rules)
-  cfg, params = sft.setup_model(config.model, len(tok), mesh, rules, config.seed,
+  cfg, params = common.setup_model(config.model, len(tok), mesh, rules, config.seed,
                                 pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
                                 eos_ids=formatting.end_of_turn_ids(tok))
   pshard = sharding.param_shardings(cfg, mesh, rules)
@@ -335,7 +324,7 @@ def run(config, workdir: str, scorer=None):
                                        language_model=True)[1]
                  if config.dpo.reference_init else init)
   extra_models = load_merge_inputs(mc, pshard)
-  prompts = read_prompts(list(config.data.prompts))
+  prompts = [p for path in config.data.prompts for p in records_lib.read_prompts(path)]
   pad_id = cfg.pad_id if cfg.pad_id is not None else 0
   reports, prev = [], None
   for i in range(oc.iterations + 1):  # the last round only samples
@@ -385,4 +374,4 @@ def run(config, workdir: str, scorer=None):
   if jax.process_index() == 0:
     atomic.write_text(os.path.join(workdir, "report.jsonl"),
                            "".join(json.dumps(r) + "\n" for r in reports))
-  return sft.finish(workdir, cfg, params, config.export_hf), reports
+  return common.finish(workdir, cfg, params, config.export_hf), reports

@@ -36,19 +36,20 @@ from absl import logging
 from aya_jax import axes, checkpoint, losses, reward, sharding
 from aya_jax.data import atomic, formatting, records as records_lib
 from aya_jax.models.layers import KERNEL_INIT
+from aya_jax.train import common
 from aya_jax.train import loop as loop_lib
-from aya_jax.train import sft
 
 KEYS = ("tokens", "positions", "segment_ids")
 
 
 def default_config():
-  c = sft.default_config()
-  c.stage = "reward_model"
-  del c.data.pack, c.data.weights, c.data.mix_by, c.data.eval_batches
+  c = common.base_config("reward_model")
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ()         # JSONL files of preference records (none: the embedded world)
   c.data.eval = ()          # held-out PreferenceRecords: pair accuracy every loop.eval_every
   c.data.seq_len = 256      # prompt + answer tokens per row
   c.data.batch_size = 16    # pairs per step (global)
+  c.data.skip_invalid = False
   c.loss = ml_collections.ConfigDict()
   c.loss.center_coef = 0.0  # reward centring (0 = off)
   c.loss.margin_scale = 0.0  # margin = scale * (chosen_score - rejected_score)
@@ -90,14 +91,14 @@ def setup_reward_model(mcfg, vocab_size: int, mesh, rules, seed: int, **override
   """(cfg with value_head, params) on the mesh; a causal checkpoint gets a
   fresh value head (normal, std 0.02); an untied LM head is dropped."""
   if not mcfg.init:
-    return sft.setup_model(mcfg, vocab_size, mesh, rules, seed, value_head=True, **overrides)
+    return common.setup_model(mcfg, vocab_size, mesh, rules, seed, value_head=True, **overrides)
   peek = checkpoint.peek_config(mcfg.init)
   loaded_cfg, params = checkpoint.load_model(
       mcfg.init, sharding.param_shardings(peek, mesh, rules))
   if loaded_cfg.vocab_size < vocab_size:
     raise ValueError(f"model {mcfg.init} has vocab {loaded_cfg.vocab_size} but the tokenizer "
                      f"has {vocab_size} tokens")
-  cfg = loaded_cfg.replace(value_head=True, **sft.execution(mcfg), **overrides)
+  cfg = loaded_cfg.replace(value_head=True, **common.execution(mcfg), **overrides)
   shardings = sharding.param_shardings(cfg, mesh, rules)
   params = {k: v for k, v in params.items() if k in shardings}  # the LM head goes
   if "value_head" not in params:
@@ -273,9 +274,9 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
   pad_id = 0 if tok.pad_token_id is None else int(tok.pad_token_id)
   batches = PairBatches(items, config.data.batch_size, config.data.seq_len, pad_id, config.seed)
   loss_fn = reward_loss_fn(cfg, languages, config.loss.center_coef)
-  st, fn = sft.make_trainer(config, cfg, params, loss_fn, mesh, rules, normalizer_fn=pair_count)
+  st, fn = common.make_trainer(config, cfg, params, loss_fn, mesh, rules, normalizer_fn=pair_count)
   rows = config.data.batch_size // jax.process_count()
-  step = sft.jit_for(fn, st, pair_batch([], rows, config.data.seq_len, pad_id), mesh)
+  step = common.jit_for(fn, st, pair_batch([], rows, config.data.seq_len, pad_id), mesh)
   log_path = os.path.join(workdir, "reward_metrics.jsonl")
 
   def on_log(step_no, scalars):
@@ -297,7 +298,7 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
   with sharding.activation_rules(mesh, rules):
     st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, stop_after=stop_after,
                              on_log=on_log, eval_fn=eval_fn, run_config=config)
-  out = sft.finish(workdir, cfg, st.params, export_hf=False)
+  out = common.finish(workdir, cfg, st.params, export_hf=False)
   if config.export_hf and jax.process_index() == 0:
     export_hf(cfg, st.params, os.path.join(workdir, "hf"))
   scorer.params = st.params

@@ -37,8 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aya_jax import losses, sharding
 from aya_jax.data import pipeline
+from aya_jax.train import common, steps
 from aya_jax.train import loop as loop_lib
-from aya_jax.train import sft, steps
 
 
 class ArrayIterator:
@@ -138,10 +138,10 @@ def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, usable, mesh
   data = dict(rows, advantage=np.where(use, adv, 0.0).astype(np.float32),
               sample_mask=use.astype(np.int32), old_logps=old)
   loss_fn = rloo_loss_fn(cfg, chunk, oc.clip_eps)
-  st, step = sft.make_trainer(config, cfg, params, loss_fn, mesh, rules,
+  st, step = common.make_trainer(config, cfg, params, loss_fn, mesh, rules,
                               normalizer_fn=lambda b: jnp.sum(b["sample_mask"].astype(jnp.float32)))
   example = {k: v[:bs // jax.process_count()] for k, v in data.items()}
-  step = sft.jit_for(step, st, example, mesh)
+  step = common.jit_for(step, st, example, mesh)
   with sharding.activation_rules(mesh, rules):
     st = loop_lib.train_loop(st, step, ArrayIterator(data, bs, config.seed), config.loop, d, mesh,
                              run_config=config)

@@ -4,8 +4,8 @@ Reads SFT records (JSONL), tokenises with the chat template, packs, trains
 with the one loop (exact resume from workdir/checkpoints), and writes the
 final params to workdir/params/ (and an HF directory on request).
 
-Shared by the other training stages: `setup_model` (load or init a model on
-a mesh) and `default_config` blocks.
+What every training stage shares (config blocks, model set-up, the trainer)
+is in aya_jax.train.common.
 """
 
 from __future__ import annotations
@@ -16,44 +16,15 @@ import jax
 import ml_collections
 from absl import logging
 
-from aya_jax import axes, checkpoint, optim, sharding
-from aya_jax.data import atomic, formatting, pipeline
-from aya_jax.models import config as model_config
+from aya_jax import axes, sharding
+from aya_jax.data import formatting, pipeline
+from aya_jax.train import common
 from aya_jax.train import loop as loop_lib
-from aya_jax.train import state as state_lib
 from aya_jax.train import steps
 
 
-def model_block() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.init = ""             # HF dir or aya_jax params/ dir; "" = random init from `preset`
-  c.preset = "tiny_llama"  # models.config preset (random init only)
-  c.dtype = "float32"     # compute dtype
-  c.remat = "none"        # none | full | dots
-  c.vocab_chunk = 0       # >0: log-probs over vocab chunks (large vocabularies)
-  c.attention_chunk = 0   # >0: flash-style attention in chunk x chunk tiles (long context)
-  return c
-
-
-def execution(mcfg) -> dict:
-  """The ModelConfig fields a stage's model block sets on any checkpoint."""
-  return dict(dtype=mcfg.dtype, remat=mcfg.remat, attention_chunk=mcfg.attention_chunk)
-
-
-def distributed_block() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.num_processes = 1
-  c.coordinator_address = ""
-  c.process_id = 0
-  return c
-
-
 def default_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.stage = "sft"
-  c.seed = 0
-  c.model = model_block()
-  c.tokenizer = ""        # local HF tokenizer directory (with a chat template)
+  c = common.base_config("sft")
   c.data = ml_collections.ConfigDict()
   c.data.train = ()       # JSONL files of SFT records ("" tokenizer + no files: the world)
   c.data.eval = ()        # held-out JSONL files: eval loss every loop.eval_every steps
@@ -64,28 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.weights = ""     # mixture, e.g. "en:2,fr:1" (by language) or by file with mix_by
   c.data.mix_by = "language"
   c.data.skip_invalid = False
-  c.optim = optim.default_optim_config()
-  c.loop = loop_lib.default_loop_config()
-  c.mesh = sharding.mesh_block()
-  c.distributed = distributed_block()
-  c.export_hf = False     # also write workdir/hf/ (transformers-loadable)
   return c
-
-
-def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
-  """(ModelConfig, params) on the mesh: loaded from mcfg.init or random."""
-  if mcfg.init:
-    cfg = checkpoint.peek_config(mcfg.init)
-    cfg = cfg.replace(**execution(mcfg), **overrides)
-    shardings = sharding.param_shardings(cfg, mesh, rules)
-    loaded_cfg, params = checkpoint.load_model(mcfg.init, shardings, language_model=True)
-    if loaded_cfg.vocab_size < vocab_size:
-      raise ValueError(f"model {mcfg.init} has vocab {loaded_cfg.vocab_size} but the tokenizer "
-                       f"has {vocab_size} tokens")
-    return cfg, params
-  cfg = model_config.preset(mcfg.preset, vocab_size=vocab_size, **execution(mcfg),
-                            **overrides)
-  return cfg, sharding.init_params_sharded(cfg, jax.random.key(seed), mesh, rules)
 
 
 def parse_weights(text: str):
@@ -97,33 +47,6 @@ def parse_weights(text: str):
       raise ValueError(f"data.weights={text!r}: expected 'key:weight,...'")
     k, v = part.rsplit(":", 1)
     out[k.strip()] = float(v)
-  return out
-
-
-def make_trainer(config, cfg, params, loss_fn, mesh, rules, normalizer_fn=steps.loss_token_count):
-  """(state, jitted step) for any loss over the model's params."""
-  # optim.grad_accum micro-batches are accumulated inside the step (exact,
-  # one update per step), not by optax.MultiSteps.
-  ocfg = optim.optim_config_from(config.optim.to_dict())
-  accum = ocfg.grad_accum
-  with ocfg.unlocked():
-    ocfg.grad_accum = 1
-  tx = optim.make_optimizer(ocfg, params)
-  st = state_lib.create_state(params, tx, jax.tree.map(lambda x: x.sharding, params))
-  fn = steps.make_train_step(loss_fn, tx, normalizer_fn, accum, optim.make_schedule(ocfg))
-  return st, fn
-
-
-def jit_for(fn, st, example_batch, mesh):
-  bsh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), example_batch)
-  return steps.jit_step(fn, state_lib.state_shardings(st), bsh, mesh)
-
-
-def finish(workdir, cfg, params, export_hf: bool):
-  out = checkpoint.save_params(os.path.join(workdir, "params"), cfg, params)
-  if export_hf:
-    from aya_jax.models import hf
-    hf.save(cfg, jax.device_get(params), os.path.join(workdir, "hf"))
   return out
 
 
@@ -144,11 +67,6 @@ def embedded_data(workdir: str, n_per_language: int = 128, languages=None):
       records.write_jsonl(path, synthetic.make_split(split, n, seed=0, **kw))
     paths[split] = path
   return tok_dir, paths["train"], paths["valid"]
-
-
-def save_config(config, workdir: str, name: str = "config.json"):
-  if jax.process_index() == 0:
-    atomic.write_text(os.path.join(workdir, name), config.to_json_best_effort(indent=1))
 
 
 def make_eval_fn(loss_fn, files, tok, config, mesh):
@@ -182,11 +100,11 @@ def run(config, workdir: str):
     raise ValueError("config.tokenizer: a local HF tokenizer directory is required")
   if not config.data.train:
     raise ValueError("config.data.train: at least one JSONL file of SFT records is required")
-  save_config(config, workdir)
+  common.save_config(config, workdir)
   tok = formatting.load_tokenizer(config.tokenizer)
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = axes.rules(config.mesh.rules)
-  cfg, params = setup_model(config.model, len(tok), mesh, rules, config.seed,
+  cfg, params = common.setup_model(config.model, len(tok), mesh, rules, config.seed,
                             pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
                             eos_ids=formatting.end_of_turn_ids(tok))
   batches, stats = pipeline.make_sft_iterator(
@@ -195,8 +113,8 @@ def run(config, workdir: str):
       weights=parse_weights(config.data.weights), mix_by=config.data.mix_by, num_epochs=None,
       skip_invalid=config.data.skip_invalid)
   loss_fn = steps.sft_loss_fn(cfg, config.model.vocab_chunk)
-  st, fn = make_trainer(config, cfg, params, loss_fn, mesh, rules)
-  step = jit_for(fn, st, _example_batch(config), mesh)
+  st, fn = common.make_trainer(config, cfg, params, loss_fn, mesh, rules)
+  step = common.jit_for(fn, st, _example_batch(config), mesh)
   loop_cfg = config.loop.copy_and_resolve_references()
   with loop_cfg.unlocked():
     loop_cfg.flops_per_token = cfg.train_flops_per_token(config.data.seq_len)
@@ -205,7 +123,7 @@ def run(config, workdir: str):
     st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, eval_fn=eval_fn,
                              run_config=config)
   logging.info("data: %s", stats.as_dict())
-  return finish(workdir, cfg, st.params, config.export_hf)
+  return common.finish(workdir, cfg, st.params, config.export_hf)
 
 
 def _example_batch(config):

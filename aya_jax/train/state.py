@@ -62,6 +62,3 @@ def state_shardings(state: TrainState):
   """Shardings of a live state (what the step is jitted with)."""
   return jax.tree.map(lambda x: x.sharding, state)
 
-
-def replicated_like(tree, mesh):
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)

@@ -47,6 +47,7 @@ from aya_jax.data import atomic, formatting, records
 from aya_jax.models import config as model_config
 from aya_jax.recipe.artifacts import spec_hash
 from aya_jax.train import sft
+from aya_jax.world import evaluate as world_evaluate
 from aya_jax.world import lexicon
 from aya_jax.world import tasks as synthetic
 
@@ -301,13 +302,13 @@ def score_models(config, model_paths: dict, tok_dir: str, fams: dict) -> dict:
   """Mean verifier score per language (validation split, greedy) of each model,
   and for each teacher its mean over own-family and other languages."""
   langs = tuple(config.languages)
-  prompts = evaluation.world_prompts("valid", config.report.n_per_language, langs,
+  prompts = world_evaluate.world_prompts("valid", config.report.n_per_language, langs,
                                      tuple(config.tasks), config.seed)
   scores = {}
   for name, path in model_paths.items():
     model = evaluation.Model(name, path, tok_dir, max_new_tokens=config.report.max_new_tokens,
                              batch_size=config.report.batch_size, seed=config.seed)
-    v = evaluation.verifier_scores(prompts, model.answer(prompts))
+    v = world_evaluate.verifier_scores(prompts, model.answer(prompts))
     scores[name] = {lang: float(x.mean()) for lang, x in evaluation.by_language(prompts, v).items()}
   family = {}
   for name, fam in fams.items():

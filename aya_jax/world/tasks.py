@@ -1,4 +1,4 @@
-"""The embedded synthetic multilingual world: tasks, splits, a verifier.
+"""The embedded synthetic multilingual world: tasks, instances, splits, its tokenizer.
 
 Nine real languages (`lexicon.LANGUAGES`, five scripts) and nine tasks whose
 answers can be checked (`TASKS`): add / sub (small numbers, answered in
@@ -27,7 +27,8 @@ test never share a prompt, whatever the seed.
 Answers are compared as sequences of units: NFC, casefolded, split at
 anything that is not a letter, mark or digit, Han characters one by one, and
 runs that spell a lexicon entry ('dix-sept', 'on bir', '十七') joined into one
-unit. See `Verifier` for the scores.
+unit. The judge is `aya_jax.world.verifier.Verifier`; the literal translator
+`aya_jax.world.translator.translate`.
 """
 
 from __future__ import annotations
@@ -36,16 +37,15 @@ import dataclasses
 import hashlib
 import os
 import re
-import unicodedata
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
 from aya_jax.data.records import SFTRecord
 from aya_jax.world import lexicon
-from aya_jax.world.lexicon import (COLOUR_KEYS, DAY_KEYS, LANGUAGES, LEXICON,
-                                  NOUN_KEYS, SCRIPTS, TEMPLATES)  # noqa: F401 (SCRIPTS: re-exported)
+from aya_jax.world.lexicon import (COLOUR_KEYS, DAY_KEYS, LANGUAGES, LEXICON, NOUN_KEYS,
+                                  TEMPLATES)
 
 # Language families for per-family SFT; each includes English.
 LANGUAGE_FAMILIES = {'european': ('en', 'fr', 'es', 'de'),
@@ -61,14 +61,16 @@ DEFAULT_VOCAB_SIZE = 1536  # the minimum: 362 distinct characters + 264
 
 WORD_KEYS = COLOUR_KEYS + NOUN_KEYS  # what translate / copy / reverse use
 _N_TEMPLATES = 3
-_ANSWER_CATEGORY = {'add': 'numbers', 'sub': 'numbers', 'count': 'numbers',
+ANSWER_CATEGORY = {'add': 'numbers', 'sub': 'numbers', 'count': 'numbers',
                     'sort': 'numbers', 'next_day': 'days', 'prev_day': 'days',
                     'translate': 'words', 'copy': 'words', 'reverse': 'words'}
 _ID_RE = re.compile(r'syn:([a-z]+):([a-z_]+):([A-Za-z0-9_.]+):t(\d+)(?!\d)')
 _MAX_TRIES = 200
 
 
-def _words(lang: str, category: str) -> tuple:
+def words(lang: str, category: str) -> tuple:
+  """The lexicon list of a category ('numbers', 'days', 'colours', 'nouns', 'names';
+  'words' = colours + nouns) in a language, or the numbers in digits."""
   if lang == DIGITS:
     if category != 'numbers':
       raise ValueError(f'only numbers have a digits form, not {category}')
@@ -144,23 +146,23 @@ class Instance:
   def answer(self, language: Optional[str] = None) -> str:
     """The gold answer, written in `language` (default: answer_language)."""
     lang = language or self.answer_language
-    return _join(lang, [_words(lang, c)[i] for c, i in self.concepts()])
+    return _join(lang, [words(lang, c)[i] for c, i in self.concepts()])
 
   def prompt(self) -> str:
     lang, a = self.language, self.args
-    words = lambda cat: _words(lang, cat)  # noqa: E731
+    lexicon_words = lambda cat: words(lang, cat)  # noqa: E731
     fields = {}
     if self.task in ('add', 'sub'):
-      fields = dict(a=words('numbers')[a[0]], b=words('numbers')[a[1]])
+      fields = dict(a=lexicon_words('numbers')[a[0]], b=lexicon_words('numbers')[a[1]])
     elif self.task in ('next_day', 'prev_day'):
-      fields = dict(day=words('days')[DAY_KEYS.index(a[0])])
+      fields = dict(day=lexicon_words('days')[DAY_KEYS.index(a[0])])
     elif self.task == 'sort':
-      fields = dict(nums=_join(lang, [words('numbers')[n] for n in a]))
+      fields = dict(nums=_join(lang, [lexicon_words('numbers')[n] for n in a]))
     elif self.task == 'translate':
-      fields = dict(word=words('words')[WORD_KEYS.index(a[0])],
+      fields = dict(word=lexicon_words('words')[WORD_KEYS.index(a[0])],
                     lang=LEXICON[lang]['names'][LANGUAGES.index(a[1])])
     else:
-      fields = dict(items=_join(lang, [words('words')[WORD_KEYS.index(k)]
+      fields = dict(items=_join(lang, [lexicon_words('words')[WORD_KEYS.index(k)]
                                        for k in a]))
     text = TEMPLATES[lang][self.task][self.template].format(**fields)
     first = {'i': 'İ', 'ı': 'I'}.get(text[0]) if lang == 'tr' else None
@@ -304,202 +306,6 @@ def make_split(split: str, n_per_language: int, seed: int = 0,
       logging.warning('make_split(%s): only %d prompts for %s', split,
                       len(seen), lang)
   return out
-
-
-# -------------------------------------------------------------- tokenising
-
-
-def _is_han(ch: str) -> bool:
-  cp = ord(ch)
-  return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or
-          0xF900 <= cp <= 0xFAFF or 0x20000 <= cp <= 0x2FFFF)
-
-
-def _tokens(text: str) -> list:
-  """(start, end, casefolded) word tokens; Han characters one by one."""
-  out, start = [], None
-  for i, ch in enumerate(text + ' '):
-    word = unicodedata.category(ch)[0] in 'LMN' and not _is_han(ch)
-    if start is not None and not word:
-      out.append((start, i, text[start:i].casefold()))
-      start = None
-    if word and start is None:
-      start = i
-    if _is_han(ch):
-      out.append((i, i + 1, ch))
-  return out
-
-
-def _joinable(gap: str) -> bool:
-  return len(gap) <= 2 and not gap.strip(' -\u00a0')
-
-
-def _units(text: str, phrases) -> list:
-  """(start, end, unit) where unit is a tuple of tokens; runs of tokens that
-  spell a phrase of `phrases` (with only spaces/hyphens between) merge."""
-  toks, out, i = _tokens(text), [], 0
-  while i < len(toks):
-    n = min(_MAX_PHRASE, len(toks) - i)
-    while n > 1:
-      key = tuple(t[2] for t in toks[i:i + n])
-      gaps = (text[toks[j][1]:toks[j + 1][0]] for j in range(i, i + n - 1))
-      if key in phrases and all(map(_joinable, gaps)):
-        break
-      n -= 1
-    out.append((toks[i][0], toks[i + n - 1][1],
-                tuple(t[2] for t in toks[i:i + n])))
-    i += n
-  return out
-
-
-def _unit_key(word: str) -> tuple:
-  return tuple(t[2] for t in _tokens(word))
-
-
-# unit -> {(language, (category, index))} over every answer word; and per
-# language unit -> concept, for the translator.
-_CONCEPTS: dict = {}
-_LANG_CONCEPTS: dict = {}
-for _lang in LANGUAGES + (DIGITS,):
-  _LANG_CONCEPTS[_lang] = {}
-  for _cat in (('numbers',) if _lang == DIGITS else
-               ('numbers', 'days', 'words')):
-    for _i, _w in enumerate(_words(_lang, _cat)):
-      _CONCEPTS.setdefault(_unit_key(_w), set()).add((_lang, (_cat, _i)))
-      _LANG_CONCEPTS[_lang][_unit_key(_w)] = (_cat, _i)
-_MAX_PHRASE = max(len(k) for k in _CONCEPTS)
-
-
-def normalize(text: str) -> list:
-  """The units of `text` as strings (what the verifier compares)."""
-  nfc = unicodedata.normalize('NFC', text)
-  return [' '.join(u) for *_, u in _units(nfc, _CONCEPTS)]
-
-
-# --------------------------------------------------------------- verifier
-
-
-class Verifier:
-  """The gold judge of the world; a Scorer (`score(records)`).
-
-  A completion scores, before the length penalty:
-    1.0  if it contains the gold answer in the answer language;
-    wrong_language_credit (0.5) if it contains instead the gold answer in
-         another language, or (number answers) in digits: the language-
-         confusion failure. For translate, the word in the prompt's own
-         language is an echo of the prompt and gets nothing;
-    0.0  otherwise, and also when an extra word is a different answer of
-         the same kind in the matched language ('seven or eight').
-  Each unit besides the answer then costs `length_penalty` (floor 0).
-  Units compare after NFC, casefolding and dropping punctuation.
-  """
-
-  def __init__(self, wrong_language_credit: float = 0.5,
-               length_penalty: float = 0.05, check_prompt: bool = True):
-    self.wrong_language_credit = wrong_language_credit
-    self.length_penalty = length_penalty
-    self.check_prompt = check_prompt
-
-  def score(self, records: Sequence[Any]) -> np.ndarray:
-    """One float32 per record. A record is a CompletionRecord or SFTRecord
-    (scored on its last assistant turn) or a dict with the same fields;
-    its id must hold the canonical instance id (see `parse_id`)."""
-    return np.asarray([self._score_record(r) for r in records], np.float32)
-
-  def _score_record(self, record: Any) -> float:
-    get = (record.get if isinstance(record, Mapping)
-           else lambda k: getattr(record, k, None))
-    rid, prompt, completion = get('id'), get('prompt'), get('completion')
-    messages = get('messages')
-    if completion is None and messages and messages[-1]['role'] == 'assistant':
-      completion, prompt = messages[-1]['content'], messages[:-1]
-    if completion is None:
-      raise ValueError(f'record {rid!r}: no completion (expected a '
-                       "'completion' or messages ending with the assistant)")
-    inst = parse_id(rid)
-    if get('language') is not None and get('language') != inst.language:
-      raise ValueError(f'record {rid!r}: language {get("language")!r} but '
-                       f'the id says {inst.language!r}')
-    if self.check_prompt and prompt:
-      users = [m['content'] for m in prompt if m['role'] == 'user']
-      if not users or users[-1] != inst.prompt():
-        raise ValueError(f'record {rid!r}: the prompt is not the one the id '
-                         f'encodes ({inst.prompt()!r})')
-    return self.score_answer(inst, completion)
-
-  def score_answer(self, instance, completion: str) -> float:
-    """Score of `completion` for an Instance (or a record id)."""
-    inst = parse_id(instance) if isinstance(instance, str) else instance
-    units = normalize(completion)
-    if not units:
-      return 0.0
-    expected = inst.answer_language
-    others = [l for l in LANGUAGES if l != expected]
-    if inst.task == 'translate':  # an echo of the prompt's word is no answer
-      echo = normalize(inst.answer(inst.language))
-      others = [l for l in others if normalize(inst.answer(l)) != echo]
-    if _ANSWER_CATEGORY[inst.task] == 'numbers':
-      others.append(DIGITS)
-    candidates = [(expected, 1.0)] + [
-        (l, self.wrong_language_credit) for l in others]
-    for lang, base in candidates:
-      gold = normalize(inst.answer(lang))
-      at = _find(units, gold)
-      if at is None:
-        continue
-      extras = units[:at] + units[at + len(gold):]
-      if self._contradicts(extras, inst, {expected, lang}):
-        return 0.0
-      return max(0.0, base - self.length_penalty * len(extras))
-    return 0.0
-
-  @staticmethod
-  def _contradicts(extras, inst: Instance, langs) -> bool:
-    category, gold = _ANSWER_CATEGORY[inst.task], set(inst.concepts())
-    for unit in extras:
-      for lang, concept in _CONCEPTS.get(tuple(unit.split(' ')), ()):
-        if lang in langs and concept[0] == category and concept not in gold:
-          return True
-    return False
-
-
-def _find(units: list, gold: list) -> Optional[int]:
-  for i in range(len(units) - len(gold) + 1):
-    if units[i:i + len(gold)] == gold:
-      return i
-  return None
-
-
-# ------------------------------------------------------------- translator
-
-
-def translate(text: str, src: str, tgt: str, rng,
-              untranslated_rate: float = 0.1) -> str:
-  """Word-by-word lexicon translation, with a literal translator's artefacts.
-
-  Every lexicon word of `src` (numbers, days, colours, nouns) is replaced by
-  its `tgt` word, except with probability `untranslated_rate` (one draw per
-  lexicon word, in order) it is left as it was. Everything else (function
-  words, punctuation, list separators, word order) stays as in `src`.
-  `rng`: a np.random.Generator or an int seed.
-  """
-  for lang in (src, tgt):
-    if lang not in LANGUAGES:
-      raise ValueError(f'unknown language {lang!r}; expected {LANGUAGES}')
-  if not 0.0 <= untranslated_rate <= 1.0:
-    raise ValueError(f'untranslated_rate must be in [0, 1], got '
-                     f'{untranslated_rate}')
-  rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
-  text = unicodedata.normalize('NFC', text)
-  table = _LANG_CONCEPTS[src]
-  pieces, last = [], 0
-  for start, end, unit in _units(text, table):
-    concept = table.get(unit)
-    if concept is None or rng.random() < untranslated_rate:
-      continue
-    pieces += [text[last:start], _words(tgt, concept[0])[concept[1]]]
-    last = end
-  return ''.join(pieces + [text[last:]])
 
 
 # -------------------------------------------------------------- tokenizer

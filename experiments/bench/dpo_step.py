@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 
 from aya_jax import axes, sharding  # noqa: E402
 from aya_jax.models import hf, tiny  # noqa: E402
-from aya_jax.train import dpo, sft, steps  # noqa: E402
+from aya_jax.train import common, dpo, steps  # noqa: E402
 
 PAD, BOS, EOS, UNK, FIRST_WORD = 0, 1, 2, 3, 4
 LR, BETA = 1e-4, 0.1
@@ -140,9 +140,9 @@ def ours(cfg, host_params, batch_np, a, mesh):
     fns[name] = stepper(step, st, sharding.global_batch(b, mesh))
   keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
   flat = {k: batch_np[k].reshape(2 * a.pairs, a.seq) for k in keys}
-  st, fn = sft.make_trainer(config, cfg, jax.tree.map(jnp.asarray, host_params),
+  st, fn = common.make_trainer(config, cfg, jax.tree.map(jnp.asarray, host_params),
                             steps.sft_loss_fn(cfg), mesh, rules)
-  fns["ours SFT (same tokens)"] = stepper(sft.jit_for(fn, st, flat, mesh), st,
+  fns["ours SFT (same tokens)"] = stepper(common.jit_for(fn, st, flat, mesh), st,
                                           sharding.global_batch(flat, mesh))
   return fns
 

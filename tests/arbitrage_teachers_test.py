@@ -110,8 +110,8 @@ def _bytes(path):
 def test_every_prompt_through_every_teacher(full_run, tok_dir):
   out, stats = full_run
   got = records.read_jsonl(out, "completion")
-  want_ids = {T.completion_id(pid, "alpha", j) for pid, _, _ in PROMPTS for j in range(2)}
-  want_ids |= {T.completion_id(pid, "beta", 0) for pid, _, _ in PROMPTS}
+  want_ids = {records.completion_id(pid, "alpha", j) for pid, _, _ in PROMPTS for j in range(2)}
+  want_ids |= {records.completion_id(pid, "beta", 0) for pid, _, _ in PROMPTS}
   empty = set()
   if os.path.exists(out + T.EMPTY_SUFFIX):
     empty = set(_bytes(out + T.EMPTY_SUFFIX).decode().split())
@@ -119,14 +119,14 @@ def test_every_prompt_through_every_teacher(full_run, tok_dir):
   assert stats == dict(written=len(got), empty=len(empty), skipped=0, batches=6, finished=True)
   by_id = {pid: (lang, text) for pid, lang, text in PROMPTS}
   for r in got:
-    pid, teacher, j = T.parse_completion_id(r.id)
+    pid, teacher, j = records.parse_completion_id(r.id)
     assert teacher == r.teacher and r.language == by_id[pid][0]
     assert r.prompt == ({"role": "user", "content": by_id[pid][1]},) and r.score is None
     assert "<|end|>" not in r.completion and "<pad>" not in r.completion
-  assert T.parse_completion_id("fr#2#alpha#1") == ("fr#2", "alpha", 1)
+  assert records.parse_completion_id("fr#2#alpha#1") == ("fr#2", "alpha", 1)
   # two samples per prompt of the sampling teacher differ
   alpha = {r.id: r.completion for r in got if r.teacher == "alpha"}
-  pairs = [(alpha.get(T.completion_id(p, "alpha", 0)), alpha.get(T.completion_id(p, "alpha", 1)))
+  pairs = [(alpha.get(records.completion_id(p, "alpha", 0)), alpha.get(records.completion_id(p, "alpha", 1)))
            for p, _, _ in PROMPTS]
   assert sum(a != b for a, b in pairs) >= 4
 
@@ -182,7 +182,7 @@ def test_empty_answers_are_recorded_as_done_not_as_records(models, tok_dir, prom
   stats = pool.answer(prompts_file, out)
   assert stats == dict(written=0, empty=12, skipped=0, batches=2, finished=True)
   assert sorted(_bytes(str(out) + T.EMPTY_SUFFIX).decode().split()) == sorted(
-      T.completion_id(p, "mute", j) for p, _, _ in PROMPTS for j in range(2))
+      records.completion_id(p, "mute", j) for p, _, _ in PROMPTS for j in range(2))
   assert not out.exists()
   assert pool.answer(prompts_file, out)["batches"] == 0  # nothing is redone
 
@@ -221,23 +221,6 @@ def test_bad_input_gets_a_clear_error(pool, models, tok_dir, prompts_file, tmp_p
         prompts_file, tmp_path / "x.jsonl")
   with pytest.raises(ValueError, match="without '#'"):
     T.Teacher("a#b", str(tmp_path), tok_dir)
-
-
-@pytest.mark.parametrize("line, match", [
-    ('{"id": "p", "language": "en", "messages": [{"role": "user", "content": "q"},'
-     ' {"role": "assistant", "content": "a"}]}', r":2: field 'messages': must end with a 'user'"),
-    ('{"id": "p1", "language": "en", "messages": [{"role": "user", "content": "q"}]}',
-     r":2: field 'id': duplicate id 'p1' \(first on line 1\)"),
-    ('{"id": "p", "language": "en"', r":2: malformed JSON"),
-    ('{"id": "p", "language": "", "messages": [{"role": "user", "content": "q"}]}',
-     r":2: field 'language': must not be empty"),
-])
-def test_prompt_file_errors_name_file_and_line(tmp_path, line, match):
-  path = tmp_path / "prompts.jsonl"
-  good = '{"id": "p1", "language": "en", "messages": [{"role": "user", "content": "q"}]}'
-  path.write_text(good + "\n" + line + "\n")
-  with pytest.raises(records.RecordError, match="prompts.jsonl" + match):
-    T.read_prompts(path)
 
 
 def test_generate_stage_from_config(models, tok_dir, prompts_file, tmp_path):

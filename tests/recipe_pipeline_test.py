@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 from aya_jax import checkpoint, config_files
-from aya_jax.arbitrage import teachers
-from aya_jax.data import atomic, formatting, records
+from aya_jax.data import formatting, records
 from aya_jax.models import config as model_config
 from aya_jax.models import hf
 from aya_jax.recipe import artifacts
 from aya_jax.recipe import inputs as recipe_inputs
 from aya_jax.recipe import pipeline as recipe
-from aya_jax.recipe import report as recipe_report
 from aya_jax.world import bootstrap as world
 from conftest import random_params
 
@@ -106,157 +104,6 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
     c.dpo.beta = 0.2
   assert recipe.run(c, work)["ran"] == ["sft_merged"]
   assert checkpoint.is_params_dir(os.path.join(work, "sft_merged", "params"))
-
-
-def _result(verifier_a, win):
-  row = dict(n=4, win_rate=win, ci=[win - 0.1, win + 0.1], wins=1, ties=2, losses=1,
-             verifier_a=verifier_a, verifier_b=0.3)
-  return {"per_language": {"en": row, "all": row}}
-
-
-def test_report_verdicts_are_computed_from_the_scores(tmp_path):
-  ev = dict(baseline="sft_single", n_prompts=4, results={
-      "sft_single": _result(0.30, 0.5), "sft_mixed": _result(0.40, 0.6),
-      "sft_merged": _result(0.395, 0.55), "dpo_merged": _result(0.39, 0.5),
-      "online_1": _result(0.45, 0.7), "rloo": _result(0.50, 0.72)})
-  # per-prompt verifier scores with the same means: mixed - single is +0.1 on every prompt
-  # (interval [0.1, 0.1], beyond the noise); merged - mixed is +0.195 / -0.205 alternately
-  # (mean -0.005, an interval around 0: within the noise)
-  per_prompt = {s: dict(verifier_a=[r["per_language"]["all"]["verifier_a"]] * 4, outcome=[0.5] * 4)
-                for s, r in ev["results"].items()}
-  per_prompt["sft_merged"]["verifier_a"] = [0.595, 0.195, 0.595, 0.195]
-  (tmp_path / "eval").mkdir()
-  (tmp_path / "eval" / "per_prompt.json").write_text(json.dumps(per_prompt))
-  ev["per_prompt"] = "eval/per_prompt.json"
-  rep = recipe_report.write(str(tmp_path), ev, dict(seed=0, wall_seconds=1.0))
-  paired = {v["a"]: v for v in rep["verdicts"]}
-  assert paired["sft_mixed"]["diff"] == pytest.approx(0.1)
-  assert paired["sft_mixed"]["diff_ci"] == pytest.approx([0.1, 0.1])
-  assert paired["sft_mixed"]["beyond_noise"] is True
-  lo, hi = paired["sft_merged"]["diff_ci"]
-  assert paired["sft_merged"]["diff"] == pytest.approx(-0.005) and lo < 0 < hi
-  assert paired["sft_merged"]["beyond_noise"] is False
-  md = open(tmp_path / "report.md").read()
-  assert "difference +0.100, paired 95% interval [+0.100, +0.100]: larger than the noise" in md
-  assert "difference -0.005" in md and "within the noise" in md
-  got = {v["claim"]: v["holds"] for v in rep["verdicts"]}
-  assert got == {
-      "arbitrage SFT beats single-teacher SFT": True,             # 0.40 > 0.30
-      "merged family models at least match mixed-data SFT": True,  # 0.395 >= 0.40 - 0.01
-      "offline DPO improves on SFT": False,                        # 0.39 < 0.395
-      "online rounds improve on offline DPO": True,                # 0.45 > 0.39
-      "online DPO beats RLOO": False,                              # 0.45 < 0.50
-  }
-  assert "**NO**" in open(tmp_path / "report.md").read()
-  assert recipe_report.table(rep).splitlines()[3].startswith("| sft_single | 0.50 (0.30)")
-
-
-def test_runner_skips_a_finished_step_and_reruns_a_changed_one(tmp_path):
-  r = artifacts.Runner(str(tmp_path))
-  calls = []
-  fn = lambda d: calls.append(d) or {"x": len(calls)}
-  assert r.step("a", {"k": 1}, fn)[0] == {"x": 1}
-  r2 = artifacts.Runner(str(tmp_path))  # a new process reads pipeline_state.json
-  assert r2.step("a", {"k": 1}, fn)[0] == {"x": 1} and len(calls) == 1
-  assert r2.step("a", {"k": 2}, fn)[0] == {"x": 2} and r2.ran == ["a"]
-
-
-def test_runner_on_other_processes_runs_steps_but_leaves_the_workdir_to_process_0(
-    tmp_path, monkeypatch):
-  (tmp_path / "a").mkdir()
-  (tmp_path / "a" / "leftover").write_text("another spec's")
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
-  r = artifacts.Runner(str(tmp_path))
-  assert r.step("a", {"k": 1}, lambda d: {"dir": d})[0] == {"dir": str(tmp_path / "a")}
-  # process 0 cleans, marks and records; process 1 only runs the step (and keeps its state)
-  assert (tmp_path / "a" / "leftover").exists() and not (tmp_path / "a" / ".spec").exists()
-  assert not (tmp_path / artifacts.STATE).exists() and r.ran == ["a"]
-  monkeypatch.setattr(jax, "process_index", lambda: 0)
-  r0 = artifacts.Runner(str(tmp_path))
-  r0.step("a", {"k": 1}, lambda d: {"n": len(os.listdir(d))})
-  assert not (tmp_path / "a" / "leftover").exists() and (tmp_path / artifacts.STATE).exists()
-
-
-def _make(d, *names):
-  for name in names:
-    os.makedirs(os.path.dirname(os.path.join(d, name)), exist_ok=True)
-    with open(os.path.join(d, name), "w") as f:
-      f.write(d)
-  return {"params": os.path.join(d, "params"), "files": [os.path.join(d, n) for n in names],
-          "note": "not a path", "none": ""}
-
-
-def test_state_paths_are_relative_so_a_copy_reads_its_own_files(tmp_path):
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  r = artifacts.Runner(a)
-  out, _ = r.step("sft", {"k": 1}, lambda d: _make(d, "params/w", "data.jsonl"))
-  stored = json.load(open(os.path.join(a, artifacts.STATE)))["sft"]["outputs"]
-  assert stored == {"params": "./sft/params", "files": ["./sft/params/w", "./sft/data.jsonl"],
-                    "note": "not a path", "none": ""}
-  shutil.copytree(a, b)  # cp -a runs/a runs/b
-  with open(os.path.join(b, "sft", "params", "w"), "w") as f:
-    f.write("b's own")
-  calls = []
-  rb = artifacts.Runner(b)
-  out_b, _ = rb.step("sft", {"k": 1}, lambda d: calls.append(d))
-  assert calls == [] and out_b == {"params": os.path.join(b, "sft", "params"), "note": "not a path",
-                                   "files": [os.path.join(b, "sft", "params", "w"),
-                                             os.path.join(b, "sft", "data.jsonl")], "none": ""}
-  # a changed value in b trains from b's files, never a's
-  seen = []
-  rb.step("dpo", {"k": 2}, lambda d: seen.append(open(os.path.join(out_b["params"], "w")).read()))
-  assert seen == ["b's own"]
-
-
-def test_a_moved_workdir_finds_its_arbitrage_pairs(tmp_path):
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  artifacts.Runner(a).step("arbitrage", {"k": 1}, lambda d: dict(
-      pairs=_make(d, "pairs_offline.jsonl")["files"][0], contrast=""))
-  shutil.move(a, b)  # mv runs/a runs/b, then a changed DPO value
-  arb, _ = artifacts.Runner(b).step("arbitrage", {"k": 1}, lambda d: pytest.fail("ran again"))
-  assert arb["pairs"] == os.path.join(b, "arbitrage", "pairs_offline.jsonl")
-  assert os.path.exists(arb["pairs"])
-  # no pairs at all is recorded as "" and blamed on min_gap, with no path to mislead
-  with pytest.raises(ValueError, match=r"^arbitrage kept no best/worst pair \(every score gap "
-                                       r"below config\.arbitrage\.min_gap"):
-    recipe.steps.run_dpo(_config(), str(tmp_path / "dpo"), "tok", "init", dict(pairs=""), ["en"])
-
-
-def test_a_step_whose_outputs_are_missing_runs_again(tmp_path, caplog):
-  work = str(tmp_path / "w")
-  calls = []
-  fn = lambda d: calls.append(d) or _make(d, "params/w")  # noqa: E731
-  artifacts.Runner(work).step("sft_merged", {"k": 1}, fn)
-  shutil.rmtree(os.path.join(work, "sft_merged", "params"))
-  r = artifacts.Runner(work)
-  with caplog.at_level("WARNING"):
-    out, _ = r.step("sft_merged", {"k": 1}, fn)
-  assert len(calls) == 2 and r.ran == ["sft_merged"] and os.path.exists(out["files"][0])
-  missing = os.path.join(work, "sft_merged", "params")
-  assert f"sft_merged is recorded as done but its recorded output {missing} is missing" \
-      in caplog.text
-  # a state file from before paths were relative, copied: not trusted either
-  state = json.load(open(os.path.join(work, artifacts.STATE)))
-  state["sft_merged"]["outputs"]["params"] = "/elsewhere/runs/a/sft_merged/params"
-  atomic.write_json(os.path.join(work, artifacts.STATE), state)
-  artifacts.Runner(work).step("sft_merged", {"k": 1}, fn)
-  assert len(calls) == 3
-
-
-def test_a_torn_state_file_is_stale_and_steps_resume_in_place(tmp_path, caplog):
-  work = str(tmp_path / "w")
-  artifacts.Runner(work).step("sft", {"k": 1}, lambda d: _make(d, "params/w", "ckpt"))
-  path = os.path.join(work, artifacts.STATE)
-  with open(path, "r+") as f:
-    f.truncate(30)
-  with caplog.at_level("WARNING"):
-    r = artifacts.Runner(work)
-  assert r.state == {} and f"{path}: unreadable pipeline state" in caplog.text
-  # the step runs again in its own directory: same spec, so its files stay (resume)
-  left = []
-  r.step("sft", {"k": 1}, lambda d: left.append(sorted(os.listdir(d))) or {})
-  assert left == [[".spec", "ckpt", "params"]]
-  assert json.load(open(path))["sft"]["outputs"] == {}
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -396,7 +243,7 @@ def test_real_inputs_pipeline_without_the_world(real_dirs, tmp_path, monkeypatch
   assert f"- base: {real_dirs['base']}" in md
   with open(os.path.join(work, "report.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  prompts = teachers.read_prompts(os.path.join(work, "arbitrage", "prompts_only.jsonl"))
+  prompts = records.read_prompts(os.path.join(work, "arbitrage", "prompts_only.jsonl"))
   assert len(prompts) == 12 and {p.language for p in prompts} == set(LANGS)  # de dropped
   comp = records.read_jsonl(os.path.join(work, "arbitrage", "completions.jsonl"), "completion")
   assert {r.teacher for r in comp} == {"a", "b"}

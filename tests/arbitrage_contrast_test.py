@@ -1,12 +1,15 @@
-"""Translation-contrast preference pairs."""
+"""Preference pairs beyond arbitrage: translation contrast and verifier-labelled pairs."""
+
+import json
 
 import numpy as np
+import pytest
 
-from aya_jax import reward
 from aya_jax.arbitrage import contrast as preference
 from aya_jax.arbitrage import stage as arbitrage
 from aya_jax.data import records
 from aya_jax.world import tasks as synthetic
+from aya_jax.world import verifier
 
 
 def _items():
@@ -86,9 +89,9 @@ def test_world_pairs_with_lexicon_translator_and_verifier_scores(tmp_path):
   weak = lambda reqs: [" ".join([synthetic.parse_id(r.id).answer()] * 2)  # noqa: E731
                        for r in reqs]
   pairs, problems = preference.translation_contrast_pairs(
-      items, gold, weak, preference.lexicon_translator(0.0), scorer=reward.verifier_scorer())
+      items, gold, weak, preference.lexicon_translator(0.0), scorer=verifier.verifier_scorer())
   assert len(pairs) == len(items) and not problems
-  v = synthetic.Verifier()
+  v = verifier.Verifier()
   for p in pairs:
     inst = synthetic.parse_id(p.id)
     assert p.chosen_score == 1.0 and p.rejected_score < 1.0
@@ -106,7 +109,7 @@ def test_pool_responder_and_prompted_translator(tmp_path):
       "strong": (lambda p, j: "" if p.id == "e" else f"answer to {p.messages[-1]['content']}",
                  1)})
   respond = preference.pool_responder(pool, "strong", str(tmp_path / "c.jsonl"))
-  req = lambda i, text: preference.PromptRecord(i, "fr", ({"role": "user", "content": text},))
+  req = lambda i, text: records.PromptRecord(i, "fr", ({"role": "user", "content": text},))
   reqs = [req("a", "x"), req("b", "y"), req("a", "x"), req("e", "z")]
   assert respond(reqs) == ["answer to x", "answer to y", "answer to x", ""]
   assert respond(reqs) == ["answer to x", "answer to y", "answer to x", ""]
@@ -124,3 +127,51 @@ def test_pool_responder_and_prompted_translator(tmp_path):
   tr.prefetch([("a cat", "en", "de"), ("a cow", "en", "de"), ("the dog", "en", "fr")])
   assert pool.generated == 7  # one call for both new texts; the dog was cached
   assert tr("a cow", "en", "de", None).endswith("a cow") and pool.generated == 7
+
+
+# ------------------------------------------------------ verifier-labelled
+
+
+def test_verifier_labelled_pairs_are_labelled_by_the_verifier():
+  recs = synthetic.make_split("train", 4, languages=("en", "fr"))
+  pairs = preference.verifier_labelled_pairs(recs)
+  assert pairs and all(p.chosen_score > p.rejected_score for p in pairs)
+  v = verifier.Verifier()
+  for p in pairs:
+    assert p.chosen_score == pytest.approx(v.score_answer(p.id, p.chosen))
+    assert p.rejected_score == pytest.approx(v.score_answer(p.id, p.rejected))
+  fr = [p for p in pairs if p.language == "fr"]
+  assert any(p.rejected_score == 0.5 for p in fr)  # English answer: half credit
+
+
+def test_sample_labelled_pairs_rank_model_answers_by_the_verifier():
+  recs = synthetic.make_split("train", 3, languages=("en", "fr"), tasks=("next_day",))
+  v = verifier.Verifier()
+  comps = []
+  for r in recs:
+    inst = synthetic.parse_id(r.id)
+    answers = [inst.answer(), inst.answer("en"), "xyz", inst.answer()]  # right, English, wrong, dup
+    comps += [records.CompletionRecord(id=f"{r.id}#t{j % 2}#{j // 2}", language=r.language,
+                                       prompt=r.messages[:-1], completion=a, teacher=f"t{j % 2}")
+              for j, a in enumerate(answers)]
+  pairs = preference.sample_labelled_pairs(comps, min_gap=0.25, max_per_prompt=2)
+  by_prompt = {}
+  for p in pairs:
+    pid = p.id.split("#")[0]
+    by_prompt.setdefault(pid, []).append(p)
+    assert p.chosen_score == pytest.approx(v.score_answer(pid, p.chosen))
+    assert p.rejected_score == pytest.approx(v.score_answer(pid, p.rejected))
+    assert p.chosen_score - p.rejected_score >= 0.25 and p.source == "verifier_samples"
+  assert set(by_prompt) == {r.id for r in recs}
+  assert all(len(ps) <= 2 for ps in by_prompt.values())
+  en = [p for p in pairs if p.language == "en"]  # en: right vs wrong only (English = right)
+  assert en and all(p.chosen_score == 1.0 and p.rejected_score == 0.0 for p in en)
+  fr_pairs = {(p.chosen, p.rejected) for p in pairs if p.language == "fr"}
+  assert len(fr_pairs) > len([r for r in recs if r.language == "fr"])  # more than one kind
+  # order-independent; a larger budget gives every pair with a big enough gap
+  again = preference.sample_labelled_pairs(comps[::-1], min_gap=0.25, max_per_prompt=2)
+  dump = lambda ps: sorted(json.dumps(p.to_dict(), sort_keys=True) for p in ps)  # noqa: E731
+  assert dump(again) == dump(pairs)
+  fr = [c for c in comps if c.language == "fr"]
+  full = preference.sample_labelled_pairs(fr, min_gap=0.25, max_per_prompt=10, gold=False)
+  assert len(full) == 3 * len(fr) // 4  # (right, en), (right, wrong), (en, wrong) per prompt

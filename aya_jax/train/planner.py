@@ -28,7 +28,7 @@ Nothing is allocated. For the configured model (e.g. Aya Expanse 8B: Cohere,
 Fake devices: the process needs `n` CPU devices before JAX starts its
 backend. When the running process has fewer (main.py has already started
 it), the planner re-runs itself in a child process (`python -m
-aya_jax.planner CONFIG_JSON OUT_JSON`) with `jax_num_cpu_devices = n` and
+aya_jax.train.planner CONFIG_JSON OUT_JSON`) with `jax_num_cpu_devices = n` and
 JAX_PLATFORMS=cpu, and prints the child's report.
 
 `plan.dry_run_layers = k` > 0 compiles slices of k and 2k layers instead of
@@ -55,17 +55,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from aya_jax.accelerators import ACCELERATORS
 from aya_jax.data import atomic
 
-# Published per-chip figures: dense bf16 TFLOP/s, HBM GB, HBM GB/s, and the
-# interconnect GB/s per chip that FSDP traffic crosses (TPU: ICI; H100:
-# NVLink inside an 8-GPU node, one 400 Gb/s NIC per GPU across nodes).
-ACCELERATORS = {
-    "v5p": dict(tflops=459.0, hbm_gb=95.0, hbm_gbps=2765.0, link_gbps=600.0),
-    "v5e": dict(tflops=197.0, hbm_gb=16.0, hbm_gbps=819.0, link_gbps=200.0),
-    "h100": dict(tflops=989.0, hbm_gb=80.0, hbm_gbps=3350.0, link_gbps=900.0,
-                 link_gbps_multinode=50.0, node_size=8),
-}
 GB = 1e9
 _CHILD_ENV = "AYA_PLANNER_CHILD"
 
@@ -275,12 +267,12 @@ def plan(config) -> dict:
   """The plan (needs the mesh's devices in this process)."""
   from aya_jax import axes, checkpoint, sharding
   from aya_jax.models import config as model_config
-  from aya_jax.train import sft
+  from aya_jax.train import common
   shape = tuple(config.mesh.shape)
   mesh = sharding.make_mesh(shape, jax.devices()[:num_devices(config)])
   rules = axes.rules(config.mesh.rules)
   m = config.model
-  over = sft.execution(m)
+  over = common.execution(m)
   if m.init and os.path.exists(m.init):
     cfg = checkpoint.peek_config(m.init).replace(**over)
   else:
@@ -387,7 +379,7 @@ def run(config, workdir: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={n}").strip()
-    subprocess.run([sys.executable, "-m", "aya_jax.planner", cfg_json, out], env=env,
+    subprocess.run([sys.executable, "-m", "aya_jax.train.planner", cfg_json, out], env=env,
                    check=True)
     with open(out) as f:
       result = json.load(f)

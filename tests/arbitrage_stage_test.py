@@ -14,6 +14,8 @@ from aya_jax.arbitrage import stage as A
 from aya_jax.arbitrage import teachers as T
 from aya_jax.data import records
 from aya_jax.world import tasks as synthetic
+from aya_jax.world import translator
+from aya_jax.world import verifier
 from conftest import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,13 +44,13 @@ def _pool(n=2):
 
 def _comp(pid, teacher, j, score, text=None, lang="en"):
   return records.CompletionRecord(
-      id=T.completion_id(pid, teacher, j), language=lang,
+      id=records.completion_id(pid, teacher, j), language=lang,
       prompt=({"role": "user", "content": "q"},), completion=text or f"{teacher}{j}",
       teacher=teacher, score=score)
 
 
 def _prompt(pid, lang="en"):
-  return T.PromptRecord(id=pid, language=lang, messages=({"role": "user", "content": "q"},))
+  return records.PromptRecord(id=pid, language=lang, messages=({"role": "user", "content": "q"},))
 
 
 def test_reward_routing_argmax_ties_and_pairs():
@@ -93,7 +95,7 @@ def test_reward_and_learned_routing_pick_the_best_teacher_per_language(tmp_path)
   assert rep["languages"]["fr"]["mean_score"]["A"] == 1.0
   assert rep["languages"]["fr"]["mean_routed_score"] == 1.0
   sft = records.read_jsonl(tmp_path / "reward" / "sft.jsonl", "sft")
-  v = synthetic.Verifier()
+  v = verifier.Verifier()
   assert all(v.score_answer(r.id, r.messages[-1]["content"]) == 1.0 for r in sft)
   pairs = records.read_jsonl(tmp_path / "reward" / "pairs_offline.jsonl", "preference")
   assert len(pairs) == rep["n_pairs"] == 60 - len(rep["skipped_pairs"])
@@ -104,7 +106,7 @@ def test_reward_and_learned_routing_pick_the_best_teacher_per_language(tmp_path)
   md = open(tmp_path / "reward" / "report.md").read()
   assert "| fr | 30 | 30 | 0 |" in md and "contrast" not in md
   router_model = routing.LearnedRouter.load(str(tmp_path / "reward" / "router.npz"))
-  prompts = T.read_prompts(tmp_path / "reward" / "prompts.jsonl")
+  prompts = records.read_prompts(tmp_path / "reward" / "prompts.jsonl")
   routed = dict(zip([p.language for p in prompts], router_model.predict(prompts)))
   assert routed == {"fr": "A", "zh": "B"}
   # learned routing: only the routed teacher generates
@@ -151,7 +153,7 @@ def test_killed_run_resumes_without_regenerating(tmp_path):
   # a third run generates and scores nothing
   calls = []
   scorer = reward.FunctionScorer(lambda recs: calls.append(len(recs)) or
-                                 synthetic.Verifier().score(recs))
+                                 verifier.Verifier().score(recs))
   third = _pool()
   A.run(c, str(tmp_path / "resumed"), pool=third, scorer=scorer)
   assert third.generated == 0 and calls == []
@@ -168,7 +170,7 @@ def test_bad_input_is_reported_per_record(tmp_path):
   pool = A.FunctionPool({
       "A": (lambda p, j: "" if p.id == empty_for else synthetic.parse_id(p.id).answer(), 1),
       "B": (lambda p, j: "" if p.id == empty_for else "nonsense", 1)})
-  base = synthetic.Verifier()
+  base = verifier.Verifier()
 
   def score(rs):
     return np.array([np.nan if r.id.startswith(nan_for) and r.teacher == "A"
@@ -178,9 +180,9 @@ def test_bad_input_is_reported_per_record(tmp_path):
   problems = {(p.get("id"), p["problem"].split(":")[0]) for p in rep["problems"]}
   assert ("nolang", "invalid prompt") in problems
   assert any(p.get("line") == 7 for p in rep["problems"])
-  assert (T.completion_id(empty_for, "A", 0), "empty answer") in problems
-  assert (T.completion_id(empty_for, "B", 0), "empty answer") in problems
-  assert (T.completion_id(nan_for, "A", 0), "score is NaN") in problems
+  assert (records.completion_id(empty_for, "A", 0), "empty answer") in problems
+  assert (records.completion_id(empty_for, "B", 0), "empty answer") in problems
+  assert (records.completion_id(nan_for, "A", 0), "score is NaN") in problems
   assert (empty_for, "no scored answer (all empty or NaN)") in problems
   assert rep["n_sft"] == 5  # six prompts, one with no answer at all
   sft = {r.id: r for r in records.read_jsonl(tmp_path / "w" / "sft.jsonl", "sft")}
@@ -263,12 +265,12 @@ def _expected_contrast(workdir, translate):
   the English instance, translated; dropped when equal or scored lower."""
   comps = {c.id: c.completion for c in records.iter_jsonl(workdir / "completions.jsonl",
                                                           "completion")}
-  v, weak, out = synthetic.Verifier(), _pool().fns["B"], {}
-  for p in T.read_prompts(workdir / "prompts.jsonl"):
+  v, weak, out = verifier.Verifier(), _pool().fns["B"], {}
+  for p in records.read_prompts(workdir / "prompts.jsonl"):
     inst = synthetic.parse_id(p.id)
     en = synthetic.Instance("en", inst.task, inst.args, inst.template)
-    good = comps.get(T.completion_id(p.id, "A", 0), "")
-    bad = weak(T.PromptRecord(en.id, "en", ({"role": "user", "content": en.prompt()},)), 0)
+    good = comps.get(records.completion_id(p.id, "A", 0), "")
+    bad = weak(records.PromptRecord(en.id, "en", ({"role": "user", "content": en.prompt()},)), 0)
     rejected = translate(bad, p.language, p.id)
     cs, rs = v.score_answer(inst, good), v.score_answer(inst, rejected)
     if good and rejected != good and cs >= rs:  # scores as the stage's float32 scorer
@@ -283,8 +285,8 @@ def test_contrast_pairs_in_the_stage_match_a_reference_and_resume(tmp_path):
   rep = A.run(c, str(tmp_path / "full"), pool=pool)
   full = tmp_path / "full"
   pairs = records.read_jsonl(full / "pairs_contrast.jsonl", "preference")
-  lexicon = lambda text, lang, pid: synthetic.translate(  # noqa: E731
-      text, "en", lang, preference.keyed_rng(0, pid), 0.0)
+  lexicon = lambda text, lang, pid: translator.translate(  # noqa: E731
+      text, "en", lang, records.keyed_rng(0, pid), 0.0)
   want = _expected_contrast(full, lexicon)
   assert len(want) >= 4 and {w[0] for w in want.values()} == {"fr", "zh"}
   got = {p.id: (p.language, p.chosen, p.rejected, p.chosen_score, p.rejected_score)
@@ -293,7 +295,7 @@ def test_contrast_pairs_in_the_stage_match_a_reference_and_resume(tmp_path):
   assert all(p.source == preference.SOURCE for p in pairs)
   # A's in-language answers were reused; B answered each English instance once (n=2)
   en_ids = {synthetic.Instance("en", i.task, i.args, i.template).id for i in
-            (synthetic.parse_id(p.id) for p in T.read_prompts(full / "prompts.jsonl"))}
+            (synthetic.parse_id(p.id) for p in records.read_prompts(full / "prompts.jsonl"))}
   assert pool.generated == 16 * 4 + 2 * len(en_ids)
   con = rep["contrast"]
   assert con["n_pairs"] == len(pairs) and con["per_language"] == {
@@ -321,7 +323,7 @@ def test_contrast_pairs_in_the_stage_match_a_reference_and_resume(tmp_path):
   # a third run generates and scores nothing
   calls = []
   scorer = reward.FunctionScorer(lambda recs: calls.append(len(recs)) or
-                                 synthetic.Verifier().score(recs))
+                                 verifier.Verifier().score(recs))
   third = _pool()
   rep3 = A.run(c, str(tmp_path / "resumed"), pool=third, scorer=scorer)
   assert third.generated == 0 and calls == [] and rep3["contrast"] == con

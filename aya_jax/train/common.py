@@ -1,0 +1,105 @@
+"""What the training stages share: their common config blocks, the model on a
+mesh (loaded or initialised), the trainer (state + jitted step for any loss)
+and the final params. sft, dpo, online, rloo and reward_model build on it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from aya_jax import checkpoint, optim, sharding
+from aya_jax.data import atomic
+from aya_jax.models import config as model_config
+from aya_jax.train import loop as loop_lib
+from aya_jax.train import state as state_lib
+from aya_jax.train import steps
+
+
+def model_block() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.init = ""             # HF dir or aya_jax params/ dir; "" = random init from `preset`
+  c.preset = "tiny_llama"  # models.config preset (random init only)
+  c.dtype = "float32"     # compute dtype
+  c.remat = "none"        # none | full | dots
+  c.vocab_chunk = 0       # >0: log-probs over vocab chunks (large vocabularies)
+  c.attention_chunk = 0   # >0: flash-style attention in chunk x chunk tiles (long context)
+  return c
+
+
+def execution(mcfg) -> dict:
+  """The ModelConfig fields a stage's model block sets on any checkpoint."""
+  return dict(dtype=mcfg.dtype, remat=mcfg.remat, attention_chunk=mcfg.attention_chunk)
+
+
+def distributed_block() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.num_processes = 1
+  c.coordinator_address = ""
+  c.process_id = 0
+  return c
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+  """The blocks every training stage's config has; the stage adds `data` and its own."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.model = model_block()
+  c.tokenizer = ""        # local HF tokenizer directory (with a chat template)
+  c.optim = optim.default_optim_config()
+  c.loop = loop_lib.default_loop_config()
+  c.mesh = sharding.mesh_block()
+  c.distributed = distributed_block()
+  c.export_hf = False     # also write workdir/hf/ (transformers-loadable)
+  return c
+
+
+def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
+  """(ModelConfig, params) on the mesh: loaded from mcfg.init or random."""
+  if mcfg.init:
+    cfg = checkpoint.peek_config(mcfg.init)
+    cfg = cfg.replace(**execution(mcfg), **overrides)
+    shardings = sharding.param_shardings(cfg, mesh, rules)
+    loaded_cfg, params = checkpoint.load_model(mcfg.init, shardings, language_model=True)
+    if loaded_cfg.vocab_size < vocab_size:
+      raise ValueError(f"model {mcfg.init} has vocab {loaded_cfg.vocab_size} but the tokenizer "
+                       f"has {vocab_size} tokens")
+    return cfg, params
+  cfg = model_config.preset(mcfg.preset, vocab_size=vocab_size, **execution(mcfg),
+                            **overrides)
+  return cfg, sharding.init_params_sharded(cfg, jax.random.key(seed), mesh, rules)
+
+
+def make_trainer(config, cfg, params, loss_fn, mesh, rules, normalizer_fn=steps.loss_token_count):
+  """(state, jitted step) for any loss over the model's params."""
+  # optim.grad_accum micro-batches are accumulated inside the step (exact,
+  # one update per step), not by optax.MultiSteps.
+  ocfg = optim.optim_config_from(config.optim.to_dict())
+  accum = ocfg.grad_accum
+  with ocfg.unlocked():
+    ocfg.grad_accum = 1
+  tx = optim.make_optimizer(ocfg, params)
+  st = state_lib.create_state(params, tx, jax.tree.map(lambda x: x.sharding, params))
+  fn = steps.make_train_step(loss_fn, tx, normalizer_fn, accum, optim.make_schedule(ocfg))
+  return st, fn
+
+
+def jit_for(fn, st, example_batch, mesh):
+  bsh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), example_batch)
+  return steps.jit_step(fn, state_lib.state_shardings(st), bsh, mesh)
+
+
+def finish(workdir, cfg, params, export_hf: bool):
+  out = checkpoint.save_params(os.path.join(workdir, "params"), cfg, params)
+  if export_hf:
+    from aya_jax.models import hf
+    hf.save(cfg, jax.device_get(params), os.path.join(workdir, "hf"))
+  return out
+
+
+def save_config(config, workdir: str, name: str = "config.json"):
+  if jax.process_index() == 0:
+    atomic.write_text(os.path.join(workdir, name), config.to_json_best_effort(indent=1))

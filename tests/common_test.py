@@ -1,0 +1,53 @@
+"""What the training stages share: the config blocks, the model loaded or initialised on
+a mesh with the model block's execution fields, the trainer, the final params."""
+
+import jax
+import numpy as np
+import pytest
+
+from aya_jax import axes, checkpoint, sharding
+from aya_jax.models import tiny
+from aya_jax.train import common
+from conftest import random_params
+
+
+def test_base_config_has_the_shared_blocks_and_the_stage():
+  c = common.base_config("dpo")
+  assert c.stage == "dpo"
+  assert set(c.keys()) >= {"model", "optim", "loop", "mesh", "distributed", "tokenizer",
+                           "export_hf", "seed"}
+  assert c.mesh.rules == sharding.mesh_block().rules
+  c.model.dtype, c.model.remat, c.model.attention_chunk = "bfloat16", "full", 64
+  assert common.execution(c.model) == dict(dtype="bfloat16", remat="full", attention_chunk=64)
+
+
+def test_setup_model_loads_a_checkpoint_with_the_blocks_execution_fields(tmp_path):
+  cfg = tiny("llama", vocab_size=97)
+  params = random_params(cfg, 1)
+  checkpoint.save_params(str(tmp_path / "p"), cfg, params)
+  mesh = sharding.make_mesh((1, 8, 1))
+  block = common.model_block()
+  block.init, block.remat = str(tmp_path / "p"), "full"
+  got_cfg, got = common.setup_model(block, 97, mesh, axes.rules("fsdp"), seed=0)
+  assert got_cfg == cfg.replace(remat="full")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, params)
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(got))
+  with pytest.raises(ValueError, match="has vocab 97 but the tokenizer has 120 tokens"):
+    common.setup_model(block, 120, mesh, axes.rules("fsdp"), seed=0)
+  # no init: the preset, random, sized to the tokenizer; the same seed, the same params
+  block.init, block.preset = "", "tiny_qwen2"
+  cfg_a, a = common.setup_model(block, 101, mesh, axes.rules("fsdp"), seed=3)
+  _, b = common.setup_model(block, 101, mesh, axes.rules("fsdp"), seed=3)
+  assert cfg_a.family == "qwen2" and cfg_a.vocab_size == 101 and cfg_a.remat == "full"
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_finish_writes_params_and_optionally_an_hf_directory(tmp_path):
+  cfg = tiny("llama")
+  params = random_params(cfg, 2)
+  common.finish(str(tmp_path / "w"), cfg, params, export_hf=True)
+  loaded_cfg, loaded = checkpoint.load_model(str(tmp_path / "w" / "params"))
+  assert loaded_cfg == cfg
+  _, from_hf = checkpoint.load_model(str(tmp_path / "w" / "hf"))
+  for tree in (loaded, from_hf):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tree, params)

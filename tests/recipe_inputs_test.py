@@ -1,0 +1,86 @@
+"""Real inputs: every path checked with the config field named, tokenizer defaults, and
+one hash per group of inputs so that a changed path re-runs only the steps that read it."""
+
+import os
+
+import pytest
+
+from aya_jax import config_files
+from aya_jax.recipe import inputs as recipe_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model_dir(path, tokenizer=False):
+  """A directory that passes for an HF model (config.json), with tokenizer files or not."""
+  os.makedirs(path, exist_ok=True)
+  open(os.path.join(path, "config.json"), "w").write("{}")
+  if tokenizer:
+    open(os.path.join(path, "tokenizer.json"), "w").write("{}")
+  return str(path)
+
+
+@pytest.fixture
+def config(tmp_path):
+  c = config_files.load_module(os.path.join(ROOT, "configs/pipeline.py")).get_config("smoke")
+  i = c.inputs
+  i.base = _model_dir(tmp_path / "base", tokenizer=True)
+  i.teachers = (f"eu:{_model_dir(tmp_path / 'eu', tokenizer=True)};"
+                f"sl:{_model_dir(tmp_path / 'sl')}")
+  i.families = "eu:en,fr;sl:en,ru"
+  i.reward_model = _model_dir(tmp_path / "rm")
+  (tmp_path / "p.jsonl").write_text("{}\n")
+  (tmp_path / "e.jsonl").write_text("{}\n")
+  i.prompts, i.eval_prompts = (str(tmp_path / "p.jsonl"),), str(tmp_path / "e.jsonl")
+  return c
+
+
+def test_resolve_fills_tokenizer_defaults_and_languages(config, tmp_path):
+  got = recipe_inputs.resolve(config)
+  assert got["tokenizer"] == str(tmp_path / "base")  # base holds tokenizer files
+  assert got["teachers"] == {"eu": str(tmp_path / "eu"), "sl": str(tmp_path / "sl")}
+  # a teacher with tokenizer files uses its own; one without, the student's
+  assert got["teacher_tokenizers"] == {"eu": str(tmp_path / "eu"), "sl": str(tmp_path / "base")}
+  assert got["languages"] == ["en", "fr", "ru"]
+  assert got["families"] == {"eu": ["en", "fr"], "sl": ["en", "ru"]}
+  # the reward model has no tokenizer files: the student's; the judge is the arbiter
+  assert got["reward_tokenizer"] == got["judge_tokenizer"] == str(tmp_path / "base")
+  assert got["judge"] == got["reward_model"] == str(tmp_path / "rm")
+
+
+def test_a_changed_path_changes_only_its_group_hash(config, tmp_path):
+  before = recipe_inputs.resolve(config)["hashes"]
+  (tmp_path / "e2.jsonl").write_text("{}\n")
+  config.inputs.eval_prompts = str(tmp_path / "e2.jsonl")
+  after = recipe_inputs.resolve(config)["hashes"]
+  assert {k for k in before if before[k] != after[k]} == {"eval"}
+  config.inputs.teachers = config.inputs.teachers.replace("sl:", "slavic:")
+  again = recipe_inputs.resolve(config)["hashes"]
+  assert {k for k in after if after[k] != again[k]} == {"pool"}
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("eu", "'eu' is not 'name:path'"),
+    ("weak:{d}", "is empty, repeated, holds '#' or is 'weak'"),
+    ("a#b:{d}", "holds '#'"),
+    ("a:{d};a:{d}", "repeated"),
+    ("a:{d}/nope", r"config\.inputs\.teachers \(a\)=.*no such file"),
+    ("", r"config\.inputs\.teachers is empty"),
+])
+def test_teacher_specs_errors_name_the_field(tmp_path, spec, match):
+  d = _model_dir(tmp_path / "m")
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    recipe_inputs.parse_teachers(spec.format(d=d))
+
+
+def test_contrast_needs_a_known_translator_and_a_weak_model(config, tmp_path):
+  config.inputs.translator = "nobody"
+  with pytest.raises(ValueError, match=r"config\.inputs\.translator='nobody': not one of"):
+    recipe_inputs.resolve(config)
+  config.inputs.translator = "eu"
+  with pytest.raises(ValueError, match=r"config\.inputs\.weak is empty"):
+    recipe_inputs.resolve(config)
+  config.inputs.weak = str(tmp_path / "no-model")
+  os.makedirs(config.inputs.weak)
+  with pytest.raises(ValueError, match="neither an aya_jax params/ directory nor a Hugging Face"):
+    recipe_inputs.resolve(config)
