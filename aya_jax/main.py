@@ -24,7 +24,7 @@ from aya_jax import config_files
 STAGES = {
     "sft": "aya_jax.train.sft",
     "generate": "aya_jax.arbitrage.teachers",
-    "merge": "aya_jax.merging.stream",
+    "merge": "aya_jax.merging.stage",
     "reward_model": "aya_jax.train.reward_model",
     "arbitrage": "aya_jax.arbitrage.stage",
     "dpo": "aya_jax.train.dpo",

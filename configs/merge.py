@@ -18,10 +18,21 @@ layer) that `aya_jax.checkpoint.load_model` reads, `runs/merge/merge_spec.json`,
 Host memory stays at a few tensors (one layer of each input), not the model size.
 Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
 breadcrumbs_ties, slerp (parameters.t), model_stock; see aya_jax/merging/methods.py (methods),
-aya_jax/merging/spec.py (parameters, YAML) and aya_jax/merging/stream.py (this stage).
+aya_jax/merging/parameters.py (parameters), aya_jax/merging/spec.py (YAML) and
+aya_jax/merging/stage.py (this stage).
+
+Searching the weights first (`merge.search`; each candidate merge answers the prompts and a
+scorer judges them, here the world's verifier; `runs/merge/search.jsonl` lists them):
+
+  python -m aya_jax.main --config=configs/merge.py --workdir=runs/merge \
+    --config.merge.models="('runs/world/teachers/european/params','runs/world/weak/params')" \
+    --config.merge.search.budget=24 --config.merge.search.prompts=runs/eval/prompts.jsonl \
+    --config.merge.search.tokenizer=runs/world/tokenizer
 """
 
 import ml_collections
+
+from aya_jax.merging import stage
 
 
 def get_config(arg=None):
@@ -46,5 +57,6 @@ def get_config(arg=None):
       include="",  # regex of params paths to merge; the rest is copied from base/first
       seed=0,  # DARE masks
       out_hf=False,  # also write workdir/hf
+      search=stage.search_block(),  # search the weights first (budget > 0)
   ))
   return config

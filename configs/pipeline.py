@@ -3,19 +3,53 @@ r"""The whole Aya Expanse recipe on the embedded synthetic world (stage 'pipelin
     python -m aya_jax.main --config=configs/pipeline.py --workdir=runs/pipeline
     python -m aya_jax.main --config=configs/pipeline.py:smoke --workdir=runs/smoke
 
-world bootstrap -> reward model (verifier-labelled pairs) -> arbitrage (reward
-routing with the learned reward model as arbiter) + translation-contrast pairs
--> SFT per language family (+ single-teacher and mixed-data ablations) ->
-linear merge -> offline DPO per family -> merge -> online DPO rounds (RLOO
-ablation) -> evaluation of every stage against single-teacher SFT on held-out
-test prompts under the verifier. Writes report.md / report.json / report.png
-in the workdir and prints the table. Re-running skips finished steps; a
-changed block re-runs that step and those after it.
+The steps (aya_jax.recipe.steps), each a directory of the workdir and each
+still a stage of its own; the block of this config that sets each is named:
 
-Real inputs: set `inputs.base` (and the other `inputs` fields: teachers,
-reward_model, prompts, eval_prompts, families) to run the same pipeline on
-local models and prompt files instead of the world; configs/aya_expanse_8b.py:pipeline
-is the worked example.
+  world         tokenizer, base model, a teacher per language family, a weak
+                English-only model (`world`; aya_jax.world.bootstrap)
+  reward_model  the arbiter: a reward model on verifier-labelled pairs (gold
+                vs English / verbose / wrong answers; with reward_model.samples,
+                the pool's own answers to other prompts, labelled by the
+                verifier)
+  arbitrage     every teacher answers (k samples), the reward model scores,
+                reward routing -> sft.jsonl + pairs_offline.jsonl, plus
+                translation-contrast pairs (strong in-language vs weak English
+                answer, translated)
+  sft_single    baseline: SFT on one teacher's answers (`sft`;
+                arbitrage.baseline_teacher, "" = the first)
+  sft_mixed     SFT on all arbitraged data, one model (the ablation; and the
+                family models' warm start with sft_family.init='mixed')
+  sft_<family>  SFT on the family's arbitraged data (each family has English),
+                from the base or (sft_family.init='mixed') from sft_mixed
+  sft_merged    linear merge of the family SFT models
+  dpo_<family>  offline DPO of sft_merged on the family's pairs (best/worst
+                arbitrage pairs + translation-contrast pairs)
+  dpo_merged    linear merge of the family DPO models
+  online        online DPO from dpo_merged: sample k, rank with the reward
+                model, best/worst, DPO; `online.iterations` rounds (each round
+                per family then merged when online.per_family)
+  rloo          ablation: RLOO instead of online DPO, same rounds and scorer
+  eval          every stage against sft_single on held-out test prompts under
+                the world's verifier (never used for training, routing or
+                tuning)
+  report        report.json, report.md (a verdict per claim of the recipe,
+                with its paired 95% bootstrap interval), report.png; the table
+                on stdout
+
+Re-running skips finished steps (`pipeline_state.json` keeps each step's spec
+hash: its block plus the hashes of the steps and input paths it reads); a
+changed block re-runs that step and those after it that read it; a killed run
+resumes at the step (and the checkpoint inside it) where it stopped; the
+choice fields are checked before the first step.
+
+Real inputs: set `inputs.base` and the other `inputs` fields (below, each with
+what it is) to run the same pipeline on local models and prompt files: then
+there is no world and no reward_model step, translation contrast runs only
+with inputs.translator (a prompted teacher) and inputs.weak, and eval judges
+inputs.eval_prompts with a reward model (inputs.judge, default the arbiter)
+instead of the verifier. configs/aya_expanse_8b.py:pipeline is the worked
+example.
 
 Variants: '' (the default: what `make demo` runs, 15-20 minutes on 2 idle CPU
 cores), 'smoke' (tiny sizes, a couple of minutes, for CI) and 'gains' (3
@@ -47,22 +81,36 @@ def get_config(arg=None):
   # loss, flash-style attention tiles)
   c.model = ml_collections.ConfigDict(dict(dtype="float32", remat="none", vocab_chunk=0,
                                            attention_chunk=0))
-  # Real inputs (aya_jax/recipe/inputs.py): all empty = the embedded world. With
-  # inputs.base set, the world and reward_model steps are skipped and these
-  # local paths are used; see configs/aya_expanse_8b.py:pipeline.
+  # Real inputs (aya_jax/recipe/inputs.py checks them): all empty = the embedded
+  # world. With inputs.base set, the world and reward_model steps are skipped and
+  # these local paths are used (nothing is downloaded); a missing path fails at
+  # the start with the field's name; a changed path re-runs only the steps that
+  # read it. See configs/aya_expanse_8b.py:pipeline.
   c.inputs = ml_collections.ConfigDict(dict(
-      base="",              # the student: HF dir or aya_jax params/ dir
-      tokenizer="",         # HF tokenizer dir with a chat template ("" = base's)
-      teachers="",          # 'name:path;name:path' (HF or params/ dirs)
-      weak="",              # optional weak model (one sample; contrast's rejected side)
-      translator="",        # teacher name: translation contrast on (needs weak); "" = off
-      families="",          # 'name:l1,l2;name:...' (each family with English)
-      languages=(),         # () = the families' languages
-      reward_model="",      # the arbiter: params/ (value head) or HF ...ForSequenceClassification
-      reward_tokenizer="",  # "" = the reward model dir's, else inputs.tokenizer
-      judge="",             # eval judge reward model ("" = reward_model)
-      prompts=(),           # JSONL file(s) {"id", "language", "messages"}: arbitrage, online
-      eval_prompts=""))     # held-out JSONL (m-ArenaHard layout): eval
+      # the student: an HF dir (config.json + safetensors) or an aya_jax params/
+      # dir; every SFT starts from it
+      base="",
+      tokenizer="",         # its HF tokenizer dir with a chat template ("" = base's)
+      # 'name:path;name:path' (HF or params/ dirs); a teacher renders with its own
+      # directory's tokenizer when it has one, else `tokenizer`
+      teachers="",
+      # optional weak model: joins the pool with one sample and is the rejected
+      # side of translation contrast
+      weak="",
+      # a teacher's name: translation contrast on (with arbitrage.contrast and
+      # `weak`), that teacher answering in language and translating (prompted)
+      translator="",
+      families="",          # 'name:l1,l2;name:...' (give every family English)
+      languages=(),         # () = the families' languages; prompts in others are dropped
+      # the arbiter: aya_jax params/ with a value head, or an HF
+      # ...ForSequenceClassification dir
+      reward_model="",
+      reward_tokenizer="",  # "" = the reward model dir's tokenizer, else `tokenizer`
+      judge="",             # the eval judge, a reward model ("" = the arbiter itself)
+      # JSONL file(s), one prompt per line (any layout records.read_prompts takes):
+      # what arbitrage routes and online rounds sample on
+      prompts=(),
+      eval_prompts=""))     # held-out JSONL (m-ArenaHard layout): what eval judges
   c.world = world.default_config()
   c.world.export_hf = False
   # 7 languages in 4 scripts and 3 families; the tasks a CPU-sized model learns

@@ -92,7 +92,7 @@ def test_merged_params_dir_with_a_missing_chunk_does_not_read_as_zeros(llama, tm
   hf.save(cfg, params, tmp_path / "a")
   out = merge_stream.merge_checkpoints([str(tmp_path / "a"), str(tmp_path / "a")], "linear",
                                        None, str(tmp_path / "merged"),
-                                       model_params=[{"weight": 0.5}, {"weight": 0.5}])
+                                       model_merge_parameters=[{"weight": 0.5}, {"weight": 0.5}])
   _, merged = checkpoint.load_model(out)  # intact, it is the model merged with itself
   jax.tree.map(np.testing.assert_array_equal, merged, params)
   chunk = os.path.join(out, "arrays", "layers.mlp.up.kernel", "1.0.0")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aya_jax.merging import spec as merge_spec
-from aya_jax.merging import stream as merge_stream
+from aya_jax.merging import stage as merge_stage
 
 
 A = np.float32
@@ -34,5 +34,5 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
     config.merge.yaml = missing
     with pytest.raises(FileNotFoundError, match=f"merge YAML file '{re.escape(missing)}' does "
                        "not exist"):
-      merge_stream.run(config, str(tmp_path / "w"))
+      merge_stage.run(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")

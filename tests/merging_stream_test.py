@@ -15,7 +15,9 @@ import pytest
 
 from aya_jax import checkpoint
 from aya_jax.merging import methods as merging
+from aya_jax.merging import pytree
 from aya_jax.merging import spec as merge_spec
+from aya_jax.merging import stage as merge_stage
 from aya_jax.merging import stream as merge_stream
 from aya_jax.models import hf
 
@@ -38,7 +40,7 @@ def llama_dirs(tmp_path_factory):
 
 
 def _load(path):
-  return merging._flat(checkpoint.load_model(path)[1])
+  return pytree._flat(checkpoint.load_model(path)[1])
 
 
 MERGEKIT_CASES = {
@@ -63,7 +65,7 @@ def _mergekit_and_ours(d, tmp_path):
   from mergekit.merge import MergeOptions, run_merge
   run_merge(MergeConfiguration.model_validate(d), str(tmp_path / "mk"),
             MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-  merge_stream.merge_from_spec(merge_spec.spec_from_yaml(yaml.safe_dump(d)),
+  merge_stage.merge_from_spec(merge_spec.spec_from_yaml(yaml.safe_dump(d)),
                                str(tmp_path / "ours"))
   ref, ours = _load(str(tmp_path / "mk")), _load(str(tmp_path / "ours"))
   assert set(ref) == set(ours)
@@ -172,11 +174,11 @@ def test_streaming_equals_in_memory(llama_dirs, tmp_path, as_params, method, mon
   if method == "task_arithmetic":
     mp = [{"weight": 0.6}, {"weight": -0.5}]
     assert merge_stream._blocks((97, 48), False, "copy", [], "") == (0, 10)
-  want = merging._flat(merging.merge(method, trees[1:], base=trees[0], parameters=params,
+  want = pytree._flat(pytree.merge(method, trees[1:], base=trees[0], parameters=params,
                                      model_parameters=mp, seed=5, cfg=cfg[0], dtype="bfloat16"))
   merge_stream.merge_checkpoints(inputs[1:], method, params, str(tmp_path / "out"),
                                  base=inputs[0], out_hf=str(tmp_path / "hf"),
-                                 model_params=mp, seed=5, dtype="bfloat16")
+                                 model_merge_parameters=mp, seed=5, dtype="bfloat16")
   for out in ("out", "hf"):
     got = _load(str(tmp_path / out))
     for k in want:
@@ -200,7 +202,7 @@ def test_merged_hf_dir_loads_in_transformers(llama_dirs, tmp_path):
   import transformers
   merge_stream.merge_checkpoints(llama_dirs[1:], "ties", None, str(tmp_path / "out"),
                                  base=llama_dirs[0], out_hf=str(tmp_path / "hf"),
-                                 model_params=[{"weight": 1.0, "density": 0.5}] * 2,
+                                 model_merge_parameters=[{"weight": 1.0, "density": 0.5}] * 2,
                                  dtype="bfloat16")
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
   assert model.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -218,13 +220,13 @@ def test_checkpoint_errors_name_the_path(llama_dirs, tmp_path):
       tree, embedder={"embedding": np.zeros((101, 48), A)}, lm_head={"kernel": np.zeros(
           (48, 101), A)}))
   with pytest.raises(ValueError, match="vocab sizes differ.*embedder/embedding"):
-    merge_stream.merge_checkpoints([llama_dirs[1], other], "linear", None,
-                                   str(tmp_path / "o"), model_params=[{"weight": 1.0}] * 2)
+    merge_stream.merge_checkpoints([llama_dirs[1], other], "linear", None, str(tmp_path / "o"),
+                                   model_merge_parameters=[{"weight": 1.0}] * 2)
   bf = checkpoint.save_params(str(tmp_path / "bf"), cfg,
                               jax.tree.map(lambda x: x.astype("bfloat16"), tree))
   with pytest.raises(ValueError, match="params .* is bfloat16 in .* pass dtype="):
     merge_stream.merge_checkpoints([llama_dirs[1], bf], "linear", None, str(tmp_path / "o"),
-                                   model_params=[{"weight": 1.0}] * 2)
+                                   model_merge_parameters=[{"weight": 1.0}] * 2)
 
 
 def test_yaml_and_config_stage(llama_dirs, tmp_path):
@@ -245,7 +247,7 @@ def test_yaml_and_config_stage(llama_dirs, tmp_path):
   from configs import merge as merge_config
   config = merge_config.get_config()
   config.merge.yaml = str(yml)
-  merge_stream.run(config, str(tmp_path / "w"))
+  merge_stage.run(config, str(tmp_path / "w"))
   got, b, x = _load(str(tmp_path / "w/params")), _load(llama_dirs[0]), _load(llama_dirs[1])
   np.testing.assert_allclose(got["layers/mlp/up/kernel"],
                              b["layers/mlp/up/kernel"] + 0.5 * (x["layers/mlp/up/kernel"] -
@@ -284,12 +286,12 @@ def test_failed_merge_keeps_the_previous_one(llama_dirs, tmp_path, out_hf):
   # same workdir: the error names the problem, and params/ (and hf/) and merge_spec.json
   # are byte for byte the good merge's; nothing half-written is left beside them
   work = str(tmp_path / "w")
-  merge_stream.run(_merge_config(llama_dirs[1:], (0.25, 0.75), out_hf=out_hf), work)
+  merge_stage.run(_merge_config(llama_dirs[1:], (0.25, 0.75), out_hf=out_hf), work)
   before = _files(work)
   assert "merge_spec.json" in before and "params/model_config.json" in before
   assert json.loads(before["merge_spec.json"])["model_parameters"][0] == {"weight": 0.25}
   with pytest.raises(ValueError, match=r"linear weights \[1.0, -1.0\] sum to 0 for tensor"):
-    merge_stream.run(_merge_config(llama_dirs[1:], (1.0, -1.0), out_hf=out_hf), work)
+    merge_stage.run(_merge_config(llama_dirs[1:], (1.0, -1.0), out_hf=out_hf), work)
   assert _files(work) == before
   assert sorted(os.listdir(tmp_path)) == ["w"] and sorted(os.listdir(work)) == sorted(
       ["merge_spec.json", "params"] + (["hf"] if out_hf else []))
@@ -297,10 +299,10 @@ def test_failed_merge_keeps_the_previous_one(llama_dirs, tmp_path, out_hf):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(merging, "merge_tensor", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError, match="disk"):
-      merge_stream.run(_merge_config(llama_dirs[1:], (0.5, 0.5), out_hf=out_hf), work)
+      merge_stage.run(_merge_config(llama_dirs[1:], (0.5, 0.5), out_hf=out_hf), work)
   assert _files(work) == before and sorted(os.listdir(tmp_path)) == ["w"]
   # and a good one replaces it
-  merge_stream.run(_merge_config(llama_dirs[1:], (0.5, 0.5), out_hf=out_hf), work)
+  merge_stage.run(_merge_config(llama_dirs[1:], (0.5, 0.5), out_hf=out_hf), work)
   assert json.loads(_files(work)["merge_spec.json"])["model_parameters"][0] == {"weight": 0.5}
   assert sorted(os.listdir(work)) == sorted(["merge_spec.json", "params"] +
                                             (["hf"] if out_hf else []))
@@ -328,7 +330,7 @@ else:
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   merge_stream.merge_checkpoints([f"{root}/m{i}" for i in (1, 2, 3)], "ties", None,
                                  f"{root}/out", base=f"{root}/m0", out_hf=f"{root}/hf",
-                                 model_params=[{"weight": 1.0, "density": 0.5}] * 3)
+                                 model_merge_parameters=[{"weight": 1.0, "density": 0.5}] * 3)
   print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 

@@ -113,7 +113,7 @@ def _merge(run: str, out: str):
   merge_stream.merge_checkpoints(
       [os.path.join(run, "params_1"), os.path.join(run, "params")], "dare_ties",
       dict(density=0.5), out=out, base=os.path.join(run, "params_0"),
-      model_params=[dict(weight=1.0), dict(weight=0.5)], seed=3)
+      model_merge_parameters=[dict(weight=1.0), dict(weight=0.5)], seed=3)
 
 
 def _free_port() -> int:

@@ -1,7 +1,7 @@
 """Online iterative DPO and RLOO: a scorer that prefers answers containing
 'red' makes a policy that says 'red' or 'cat' (50/50 after SFT) say 'red'
 more often, round after round; per-iteration artefacts; resume; the merge
-step between iterations (reference: `merging.merge` and the linear formula
+step between iterations (reference: `pytree.merge` and the linear formula
 sum_i w_i x_i / sum_i w_i written out by hand)."""
 
 import json
@@ -13,9 +13,7 @@ import pytest
 
 from aya_jax import checkpoint, config_files, losses
 from aya_jax.data import formatting, records
-from aya_jax.merging import methods as merging
-from aya_jax.models import tiny
-from conftest import random_params
+from aya_jax.merging import pytree
 from aya_jax.train import online, sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +126,7 @@ def test_merge_step_between_iterations(sft_model, tmp_path):
   for i in range(2):
     trained, merged = _load(tmp_path / f"iter_{i}" / "params"), _load(
         tmp_path / f"iter_{i}" / "merged")
-    want = merging.merge("linear", [trained, previous],
+    want = pytree.merge("linear", [trained, previous],
                          model_parameters=[{"weight": 0.7}, {"weight": 0.3}])
     _assert_trees_equal(merged, want, 1e-7)
     _assert_trees_equal(merged, jax.tree.map(lambda t, p: (0.7 * t + 0.3 * p) / 1.0, trained,
@@ -229,27 +227,3 @@ def test_rloo_kl_is_to_the_fixed_reference(sft_model, tmp_path):
   assert weak["mean_reward"] == pytest.approx(weak["mean_score"])
   assert strong["mean_reward"] == pytest.approx(strong["mean_score"] - strong["mean_kl"],
                                                 abs=1e-5)
-
-
-def test_pipeline_online_rounds_share_one_reference(tmp_path, monkeypatch):
-  """recipe_steps.run_online: round r starts from round r-1's policy, and every
-  round's reference is the policy the online stage started from."""
-  from aya_jax.recipe import steps as recipe_steps
-  seen = []
-
-  def fake_run(oc, sub, scorer=None):
-    seen.append((oc.model.init, oc.dpo.reference_init))
-    cfg = tiny("llama")
-    checkpoint.save_params(os.path.join(sub, "params"), cfg, random_params(cfg))
-
-  monkeypatch.setattr(recipe_steps.online, "run", fake_run)
-  monkeypatch.setattr(recipe_steps, "scorer", lambda *a, **k: LikesRed())
-  monkeypatch.setattr(recipe_steps, "filter_languages", lambda path, out, langs, *a: path)
-  c = config_files.load_module(os.path.join(ROOT, "configs/pipeline.py")).get_config("smoke")
-  c.online.iterations, c.online.per_family = 3, False
-  out = recipe_steps.run_online(c, str(tmp_path), {"tokenizer": "tok"}, "start/params", {},
-                                {"sft": "sft.jsonl"}, {}, ("en",), "rloo")
-  rounds = [str(tmp_path / f"round_{i}" / "all" / "params") for i in (1, 2, 3)]
-  assert out["rounds"] == rounds
-  assert seen == [("start/params", "start/params"), (rounds[0], "start/params"),
-                  (rounds[1], "start/params")]

@@ -37,25 +37,36 @@ def config(tmp_path):
 
 def test_resolve_fills_tokenizer_defaults_and_languages(config, tmp_path):
   got = recipe_inputs.resolve(config)
-  assert got["tokenizer"] == str(tmp_path / "base")  # base holds tokenizer files
-  assert got["teachers"] == {"eu": str(tmp_path / "eu"), "sl": str(tmp_path / "sl")}
+  assert got.real and got.tokenizer == str(tmp_path / "base")  # base holds tokenizer files
+  assert got.teachers == {"eu": str(tmp_path / "eu"), "sl": str(tmp_path / "sl")}
+  assert got.teacher_names == ["eu", "sl"]  # the given order
   # a teacher with tokenizer files uses its own; one without, the student's
-  assert got["teacher_tokenizers"] == {"eu": str(tmp_path / "eu"), "sl": str(tmp_path / "base")}
-  assert got["languages"] == ["en", "fr", "ru"]
-  assert got["families"] == {"eu": ["en", "fr"], "sl": ["en", "ru"]}
+  assert got.tokenizer_of("eu") == str(tmp_path / "eu")
+  assert got.tokenizer_of("sl") == str(tmp_path / "base")
+  assert got.languages == ("en", "fr", "ru")
+  assert got.families == {"eu": ("en", "fr"), "sl": ("en", "ru")}
   # the reward model has no tokenizer files: the student's; the judge is the arbiter
-  assert got["reward_tokenizer"] == got["judge_tokenizer"] == str(tmp_path / "base")
-  assert got["judge"] == got["reward_model"] == str(tmp_path / "rm")
+  assert got.reward_tokenizer == got.judge_tokenizer == str(tmp_path / "base")
+  assert got.judge == got.reward_model == str(tmp_path / "rm")
+
+
+def test_world_inputs_sort_the_teachers_and_have_no_hashes():
+  world = dict(tokenizer="t", base="b", teachers={"slavic": "s", "european": "e"}, weak="w",
+               families={"slavic": ["en", "ru"], "european": ["en", "fr"]}, report_md="| x |")
+  got = recipe_inputs.Inputs.from_world(world, ["en", "fr", "ru"])
+  assert not got.real and got.teacher_names == ["european", "slavic"]
+  assert got.tokenizer_of("weak") == "t" and got.families["slavic"] == ("en", "ru")
+  assert got.world_report == "| x |" and got.languages == ("en", "fr", "ru")
 
 
 def test_a_changed_path_changes_only_its_group_hash(config, tmp_path):
-  before = recipe_inputs.resolve(config)["hashes"]
+  before = recipe_inputs.resolve(config).hashes
   (tmp_path / "e2.jsonl").write_text("{}\n")
   config.inputs.eval_prompts = str(tmp_path / "e2.jsonl")
-  after = recipe_inputs.resolve(config)["hashes"]
+  after = recipe_inputs.resolve(config).hashes
   assert {k for k in before if before[k] != after[k]} == {"eval"}
   config.inputs.teachers = config.inputs.teachers.replace("sl:", "slavic:")
-  again = recipe_inputs.resolve(config)["hashes"]
+  again = recipe_inputs.resolve(config).hashes
   assert {k for k in after if after[k] != again[k]} == {"pool"}
 
 

@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from aya_jax import artifacts
 from aya_jax import checkpoint, config_files
 from aya_jax.data import formatting, records
 from aya_jax.models import config as model_config
 from aya_jax.models import hf
-from aya_jax.recipe import artifacts
 from aya_jax.recipe import inputs as recipe_inputs
 from aya_jax.recipe import pipeline as recipe
 from aya_jax.world import bootstrap as world

@@ -1,5 +1,6 @@
-"""Model merging: pure merges of params pytrees (over checkpoints: merging/stream.py;
-methods' parameters by tensor name and depth, YAML specs: merging/spec.py).
+"""Merge methods: the method table (`METHODS`) and the kernels that merge one tensor
+(`merge_tensor`; a whole pytree: merging/pytree.py; over checkpoints: merging/stream.py;
+parameters by tensor name and depth: merging/parameters.py).
 
 Methods (mergekit 0.1.5 names and semantics; accumulation in fp32, fp64 for fp64 inputs):
   linear            sum_i w_i x_i / sum_i w_i (normalize=True, the default) or sum_i w_i x_i
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
@@ -54,8 +54,26 @@ import ml_dtypes
 import numpy as np
 
 from aya_jax.merging.ranks import keep_ranks
-from aya_jax.merging.spec import (METHODS, check_inputs, check_method, hf_layouts, hf_names,
-                                 tensor_parameters, warn_weights)
+
+# method -> (needs base, sparsification, TIES vote, shared defaults, per-model defaults);
+# a per-model default of None means the parameter is required.
+_GTA_SHARED = dict(normalize=False, rescale=False, **{"lambda": 1.0})
+METHODS = {
+    "linear": (False, None, False, dict(normalize=True), dict(weight=None)),
+    "task_arithmetic": (True, None, False, _GTA_SHARED, dict(weight=None, density=1.0)),
+    "ties": (True, "magnitude", True, {**_GTA_SHARED, "normalize": True},
+             dict(weight=None, density=1.0)),
+    "dare_linear": (True, "random", False, {**_GTA_SHARED, "rescale": True},
+                    dict(weight=None, density=1.0)),
+    "dare_ties": (True, "random", True, {**_GTA_SHARED, "rescale": True},
+                  dict(weight=None, density=1.0)),
+    "breadcrumbs": (True, "outliers", False, _GTA_SHARED,
+                    dict(weight=None, density=1.0, gamma=0.01)),
+    "breadcrumbs_ties": (True, "outliers", True, _GTA_SHARED,
+                         dict(weight=None, density=1.0, gamma=0.01)),
+    "slerp": (True, None, False, dict(t=None), {}),
+    "model_stock": (True, None, False, dict(filter_wise=False), {}),
+}
 
 _CHUNK = 1 << 16  # elements of one block of the elementwise pass (fits in L2 with its temps)
 THREADS = max(1, min(4, os.cpu_count() or 1))  # blocks of one tensor run on this many threads
@@ -66,7 +84,7 @@ def _pool():
   return _POOLS.get(os.getpid()) or _POOLS.setdefault(os.getpid(), ThreadPoolExecutor(THREADS))
 
 
-def _xp(*arrays):
+def array_module(*arrays):
   return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
 
@@ -117,7 +135,7 @@ def elementwise(fn, floats: Sequence, masks: Sequence = (), acc=np.float32, dtyp
   must be elementwise. numpy: over blocks in the inputs' common memory order (C order when
   they share none), on threads; the result has that order. jax: one call on whole arrays."""
   dtype = np.dtype(dtype or acc)
-  if _xp(*floats) is jnp:
+  if array_module(*floats) is jnp:
     return fn(*[jnp.asarray(a).astype(acc) for a in floats], *masks).astype(dtype)
   floats = [np.asarray(a) for a in floats]
   shape, perms = floats[0].shape, {_layout(a) for a in floats}
@@ -268,14 +286,15 @@ def _wsum(xp, ws, xs):
 def merge_tensor(method: str, xs: Sequence, base=None, p: Optional[dict] = None, key=None,
                  name: str = "tensor", dtype=None, layout: Optional[tuple] = None):
   """One merged tensor from inputs xs (and base), with resolved parameters p
-  (`merge_spec.resolve_parameters`); key: a jax PRNG key for DARE (already derived for this
-  tensor); layout: (transform, shape) of the HF tensor (`merge_spec.hf_layouts`), whose
+  (`parameters.resolve_parameters`); key: a jax PRNG key for DARE (already derived for this
+  tensor); layout: (transform, shape) of the HF tensor (`parameters.hf_layouts`), whose
   flat order breaks ties of |d| ranks as mergekit does (default: C order of xs[0]'s shape).
   Computes in fp32 (fp64 for fp64 inputs); returns `dtype` (default: that)."""
   needs_base, sparsify, vote, _, _ = METHODS[method]
   if needs_base and base is None:
     raise ValueError(f"{method} needs a base model (tensor {name})")
-  xp, acc = _xp(base, *xs), np.float64 if np.dtype(xs[0].dtype) == np.float64 else np.float32
+  xp = array_module(base, *xs)
+  acc = np.float64 if np.dtype(xs[0].dtype) == np.float64 else np.float32
   if method == "linear":
     w = p["weight"]
     if p["normalize"] and abs(sum(w)) < 1e-8:
@@ -311,53 +330,3 @@ def merge_tensor(method: str, xs: Sequence, base=None, p: Optional[dict] = None,
   (keeps, scales), n, inverse = zip(*stats), len(xs), p["rescale"] == "inverse"
   return elementwise(lambda b, *rest: _gta(xp, p, vote, inverse, b, rest[:n], rest[n:], scales),
                      [base, *xs], keeps, acc=acc, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------
-# Pytrees
-# ---------------------------------------------------------------------------
-def _flat(tree) -> dict:
-  return {"/".join(str(getattr(k, "key", k)) for k in kp): v
-          for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def merge(method: str, models: Sequence, base=None, parameters=None, model_parameters=None,
-          *, include: Optional[str] = None, seed=0, cfg=None, dtype=None):
-  """Merged params pytree of `models` (and `base`); see the module docstring.
-
-  include: regex; paths it does not match are copied from base (or the first model).
-  seed: int or jax key for DARE. cfg: ModelConfig, for HF names in parameter filters and
-  HF's layout in ties of |d| ranks (mergekit's order).
-  dtype: output dtype (default: the inputs' dtype). Accumulation is fp32.
-  """
-  check_method(method, len(models), base is not None)
-  trees = ([base] if base is not None else []) + list(models)
-  flats = [_flat(t) for t in trees]
-  labels = (["base"] if base is not None else []) + [f"model {i}" for i in range(len(models))]
-  check_inputs([{k: np.shape(v) for k, v in f.items()} for f in flats], labels,
-               [{k: v.dtype for k, v in f.items()} for f in flats], dtype is not None)
-  model_parameters = list(model_parameters or [{} for _ in models])
-  warn_weights(method, model_parameters, dict(parameters or {}))
-  hf_table = hf_names(cfg) if cfg is not None else None
-  layouts = hf_layouts(cfg) if cfg is not None else {}
-  xflats, bflat = flats[-len(models):], flats[0] if base is not None else None
-  out = {}
-  for path, ref in flats[0].items():
-    if include is not None and not re.search(include, path):
-      out[path] = ref
-      continue
-    xs = [f[path] for f in xflats]
-    b = None if bflat is None else bflat[path]
-    layers = [None] if not path.startswith("layers/") else range(np.shape(ref)[0])
-
-    def one(layer):
-      sl = (lambda a: a) if layer is None else (lambda a: a[layer])
-      names, p, key = tensor_parameters(method, parameters, model_parameters, len(models),
-                                        path, layer, len(layers), hf_table, seed)
-      return merge_tensor(method, [sl(x) for x in xs], None if b is None else sl(b), p, key,
-                          name=names[-1], dtype=dtype or ref.dtype, layout=layouts.get(path))
-
-    parts = [one(layer) for layer in layers]
-    out[path] = parts[0] if layers == [None] else _xp(*parts).stack(parts)
-  leaves = [out[p] for p in flats[0]]
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]), leaves)

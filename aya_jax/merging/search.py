@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from aya_jax.merging import methods as merging
+from aya_jax.merging import methods
+from aya_jax.merging import pytree
 
 
 @dataclasses.dataclass
@@ -53,16 +54,16 @@ def search_weights(models: Sequence, score: Callable[[object], float], *,
                    log_path: Optional[str] = None, cfg=None) -> SearchResult:
   """Best merge weights of `models` (params pytrees) for `score`; see the module docstring.
 
-  method: any merging.METHODS entry that takes per-model weights (linear, task_arithmetic,
+  method: any methods.METHODS entry that takes per-model weights (linear, task_arithmetic,
   ties, dare_*, breadcrumbs*); `base` for those that need one. search_density adds one
   density per model (ties, dare, breadcrumbs). log_path: JSONL of every candidate.
   """
   n = len(models)
   if n < 2:
     raise ValueError(f"search_weights needs at least 2 models; got {n}")
-  if "weight" not in merging.METHODS[method][4]:
+  if "weight" not in methods.METHODS[method][4]:
     raise ValueError(f"{method} has no per-model weights to search")
-  if search_density and "density" not in merging.METHODS[method][4]:
+  if search_density and "density" not in methods.METHODS[method][4]:
     raise ValueError(f"{method} has no density to search")
   if budget < 1:
     raise ValueError(f"budget={budget}: need at least one evaluation")
@@ -90,7 +91,7 @@ def search_weights(models: Sequence, score: Callable[[object], float], *,
     else:
       mp = [dict(weight=w, **({"density": d} if dens else {}))
             for w, d in zip(weights, dens or [None] * n)]
-      merged = merging.merge(method, models, base=base, parameters=parameters,
+      merged = pytree.merge(method, models, base=base, parameters=parameters,
                              model_parameters=mp, seed=seed, cfg=cfg)
     value = float(score(merged))
     cache[key] = value

@@ -2,17 +2,15 @@
 
 `merge_checkpoints` reads one tensor, or one layer of a stacked 'layers/...' leaf, from each
 input at a time (a big 2-D tensor under an elementwise method: one block of rows of HF's
-layout at a time), merges it with `merging.merge_tensor` and writes it, so host memory stays
+layout at a time), merges it with `methods.merge_tensor` and writes it, so host memory stays
 at a few tensors, not the model size. Reading the next piece (HF tensors are memory-mapped),
-merging this one and writing the last overlap on threads. The result equals `merging.merge`
-on the loaded trees. A merge is described by a mergekit-style YAML or configs/merge.py
-(`merge_spec.MergeSpec`); `run` is the 'merge' stage:
-`python -m aya_jax.main --config=configs/merge.py`.
+merging this one and writing the last overlap on threads. The result equals `pytree.merge`
+on the loaded trees. The 'merge' stage that runs a `spec.MergeSpec` through it is
+merging/stage.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -25,7 +23,7 @@ import numpy as np
 
 from aya_jax import checkpoint
 from aya_jax.merging import methods as merging
-from aya_jax.merging import spec as merge_spec
+from aya_jax.merging import parameters
 from aya_jax.models import hf
 from aya_jax.models.config import EXECUTION_FIELDS
 
@@ -70,45 +68,45 @@ def _blocks(shape, is_layer, transform, readers, path):
   return axis, rows
 
 
-def merge_checkpoints(inputs: Sequence[str], method: str, params: Optional[Mapping] = None,
-                      out: str = None, base: Optional[str] = None, out_hf: Optional[str] = None,
-                      *, model_params: Optional[Sequence[Mapping]] = None,
+def merge_checkpoints(inputs: Sequence[str], method: str,
+                      merge_parameters: Optional[Mapping] = None, out: str = None,
+                      base: Optional[str] = None, out_hf: Optional[str] = None, *,
+                      model_merge_parameters: Optional[Sequence[Mapping]] = None,
                       include: Optional[str] = None, seed=0, dtype=None,
                       max_shard_bytes: int = 5 << 30) -> str:
   """Merges checkpoints (aya_jax params/ or HF dirs) into params/ `out` (and HF `out_hf`),
   one tensor, layer of a stacked leaf, or block of an elementwise merge at a time.
 
-  params: shared parameters; model_params: one dict per input (weight, density, gamma).
-  Returns `out`. Equal to `merging.merge` on the loaded trees (same seed: same DARE masks).
+  merge_parameters: the shared merge parameters (mergekit's `parameters`);
+  model_merge_parameters: one dict per input (weight, density, gamma).
+  Returns `out`. Equal to `pytree.merge` on the loaded trees (same seed: same DARE masks).
   Over several processes (every host runs the merge stage) process 0 merges, the others
   wait for it: the work is on the host and the output files are shared."""
   import jax
+  kwargs = dict(model_merge_parameters=model_merge_parameters, include=include, seed=seed,
+                dtype=dtype, max_shard_bytes=max_shard_bytes)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     if jax.process_index() == 0:
-      _merge_checkpoints(inputs, method, params, out, base, out_hf, model_params=model_params,
-                         include=include, seed=seed, dtype=dtype,
-                         max_shard_bytes=max_shard_bytes)
+      _merge_checkpoints(inputs, method, merge_parameters, out, base, out_hf, **kwargs)
     multihost_utils.sync_global_devices(f"merge_checkpoints {out}")
     return out
-  return _merge_checkpoints(inputs, method, params, out, base, out_hf,
-                            model_params=model_params, include=include, seed=seed,
-                            dtype=dtype, max_shard_bytes=max_shard_bytes)
+  return _merge_checkpoints(inputs, method, merge_parameters, out, base, out_hf, **kwargs)
 
 
-def _merge_checkpoints(inputs, method, params, out, base, out_hf, *, model_params, include,
-                       seed, dtype, max_shard_bytes):
-  merge_spec.check_method(method, len(inputs), bool(base))
+def _merge_checkpoints(inputs, method, merge_parameters, out, base, out_hf, *,
+                       model_merge_parameters, include, seed, dtype, max_shard_bytes):
+  parameters.check_method(method, len(inputs), bool(base))
   labels = list(([base] if base else []) + list(inputs))
   readers = [checkpoint.open_reader(p) for p in labels]
   _check_configs(readers, labels)
   cfg = readers[0].cfg
   paths = list(readers[0].leaves)
-  merge_spec.check_inputs([{p: r.shape(p) for p in r.leaves} for r in readers], labels,
+  parameters.check_inputs([{p: r.shape(p) for p in r.leaves} for r in readers], labels,
                           [{p: r.dtype(p) for p in r.leaves} for r in readers],
                           dtype is not None)
-  model_params = list(model_params or [{} for _ in inputs])
-  merge_spec.warn_weights(method, model_params, dict(params or {}))
+  model_merge_parameters = list(model_merge_parameters or [{} for _ in inputs])
+  parameters.warn_weights(method, model_merge_parameters, dict(merge_parameters or {}))
   transforms = {"/".join(leaf): tr for leaf, _, tr, *_ in hf.entries(cfg)}
   out_dtypes = {p: np.dtype(dtype) if dtype else readers[0].dtype(p) for p in paths}
   shapes = {p: readers[0].shape(p) for p in paths}
@@ -121,14 +119,14 @@ def _merge_checkpoints(inputs, method, params, out, base, out_hf, *, model_param
     if blocks[p]:
       chunks[p][blocks[p][0] + is_layer[p]] = blocks[p][1]
   order = [(p, i) for p in paths for i in (range(shapes[p][0]) if is_layer[p] else [None])]
-  hf_table, layouts = merge_spec.hf_names(cfg), merge_spec.hf_layouts(cfg)
+  hf_table, layouts = parameters.hf_names(cfg), parameters.hf_layouts(cfg)
   units = []  # (path, layer, span, (names, parameters, key) or None when copied)
   for path, layer in order:
     merged = None
     if include is None or re.search(include, path):
-      merged = merge_spec.tensor_parameters(method, params, model_params, len(inputs), path,
-                                            layer, shapes[path][0] if is_layer[path] else 1,
-                                            hf_table, seed)
+      merged = parameters.tensor_parameters(
+          method, merge_parameters, model_merge_parameters, len(inputs), path, layer,
+          shapes[path][0] if is_layer[path] else 1, hf_table, seed)
     spans = [None]
     if blocks[path] and (not merged or merging.is_elementwise(method, merged[1])):
       axis, rows = blocks[path]
@@ -214,27 +212,3 @@ def _write(units, fetch, writer, hf_writer, method, base, n, layouts, out_dtypes
   writer.close()
   if hf_writer is not None:
     hf_writer.close()
-
-
-def merge_from_spec(spec: merge_spec.MergeSpec, out: str, out_hf: Optional[str] = None) -> str:
-  return merge_checkpoints(spec.models, spec.method, spec.parameters, out, base=spec.base,
-                           out_hf=out_hf, model_params=spec.model_parameters,
-                           include=spec.include, seed=spec.seed, dtype=spec.dtype)
-
-
-def run(config, workdir: str):
-  """Stage entry point (configs/merge.py): writes workdir/params (and workdir/hf), then
-  workdir/merge_spec.json. Each output is replaced whole and only by a merge that
-  succeeded: a failing one leaves a previous merge and its spec as they were."""
-  from absl import logging
-  from aya_jax.data import atomic
-  spec = merge_spec.spec_from_config(config.merge)
-  out = os.path.join(workdir, "params")
-  out_hf = os.path.join(workdir, "hf") if config.merge.out_hf else None
-  logging.info("merge %s of %s (base %s) -> %s", spec.method, spec.models, spec.base, out)
-  merge_from_spec(spec, out, out_hf)
-  import jax
-  if jax.process_index() == 0:  # one writer (merge_from_spec syncs the processes)
-    atomic.write_json(os.path.join(workdir, "merge_spec.json"), dataclasses.asdict(spec),
-                      indent=1)
-  return out

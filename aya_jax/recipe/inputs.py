@@ -1,47 +1,71 @@
 """The pipeline's real inputs (`config.inputs`): local paths instead of the world.
 
-With `config.inputs.base` set, `recipe.run` skips the world and reward_model
-steps and uses these paths (all local; nothing is downloaded):
-
-  base              the student: an HF dir (config.json + safetensors) or an
-                    aya_jax params/ dir; every SFT starts from it
-  tokenizer         its HF tokenizer dir with a chat template ("" = base's)
-  teachers          'name:path;name:path' (HF or params/ dirs); a teacher uses
-                    its own directory's tokenizer when it has one, else `tokenizer`
-  weak              optional weak model: joins the pool with one sample and is
-                    the rejected side of translation contrast
-  translator        a teacher's name: translation contrast on (with
-                    arbitrage.contrast and `weak`); that teacher answers in
-                    language and translates (prompted); "" = contrast off
-  families          'name:l1,l2;name:...' (give every family English)
-  languages         () = the families' languages; prompts in others are dropped
-  reward_model      the arbiter: aya_jax params/ with a value head, or an HF
-                    ...ForSequenceClassification dir
-  reward_tokenizer  "" = the reward model dir's tokenizer, else `tokenizer`
-  judge             the eval judge, a reward model like reward_model ("" = the
-                    arbiter itself)
-  prompts           JSONL file(s), {"id", "language", "messages"} per line: what
-                    arbitrage routes and online rounds sample on
-  eval_prompts      held-out JSONL (m-ArenaHard layout, records.read_prompts)
+The fields, each with what it is, are documented once: configs/pipeline.py's
+`inputs` block.
 
 `resolve(config)` checks every path (an error names the config field) and
-returns what the world step returns (tokenizer, base, teachers, weak,
-families) plus the rest and `hashes`: per group of inputs a hash of its
-absolute paths, so that a changed path re-runs only the steps that read it
-(pool, prompts -> arbitrage; rm -> arbitrage, online; base -> SFT; eval).
+returns `Inputs`, what the steps train from; `Inputs.from_world` makes the
+same from the world step's outputs. On real inputs `hashes` holds, per group
+of inputs, a hash of its absolute paths, so that a changed path re-runs only
+the steps that read it (pool, prompts -> arbitrage; rm -> arbitrage, online;
+base -> SFT; eval).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
+from typing import Optional
 
+from aya_jax import artifacts
 from aya_jax import checkpoint
 from aya_jax.data import formatting
-from aya_jax.recipe import artifacts
 from aya_jax.world import bootstrap as world
 
 FIELD = "config.inputs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What the pipeline's steps train from: the world's models, or local paths."""
+  tokenizer: str
+  base: str
+  teachers: dict                  # name -> model dir
+  families: dict                  # name -> its languages
+  languages: tuple
+  weak: str = ""                  # the weak model ("" = none)
+  teacher_tokenizers: dict = dataclasses.field(default_factory=dict)  # "" = `tokenizer`
+  translator: str = ""            # the teacher that translates for contrast ("" = lexicon)
+  prompts: tuple = ()             # real inputs: the prompt files
+  eval_prompts: str = ""
+  reward_model: str = ""          # real inputs: the arbiter (the world trains its own)
+  reward_tokenizer: str = ""
+  judge: str = ""
+  judge_tokenizer: str = ""
+  hashes: Optional[dict] = None   # real inputs: group of paths -> hash
+  world_report: str = ""          # the world's report (markdown)
+
+  @property
+  def real(self) -> bool:
+    return self.hashes is not None
+
+  @property
+  def teacher_names(self) -> list:
+    """In the given order on real inputs; the world's sorted by family name."""
+    return list(self.teachers) if self.real else sorted(self.teachers)
+
+  def tokenizer_of(self, model: str) -> str:
+    """The tokenizer a pool member ('weak' or a teacher's name) renders with."""
+    return self.teacher_tokenizers.get(model) or self.tokenizer
+
+  @classmethod
+  def from_world(cls, world: dict, languages) -> "Inputs":
+    """From the world step's outputs (`steps.run_world`)."""
+    return cls(tokenizer=world["tokenizer"], base=world["base"], teachers=world["teachers"],
+               families={k: tuple(v) for k, v in world["families"].items()},
+               languages=tuple(languages), weak=world["weak"],
+               world_report=world.get("report_md", ""))
 
 
 def _need(field: str, value):
@@ -107,7 +131,7 @@ def _paths(value) -> list:
   return list(value)
 
 
-def resolve(config) -> dict:
+def resolve(config) -> Inputs:
   """The checked inputs of `config.inputs` (see the module docstring)."""
   c = config.inputs
   base = _model("base", c.base)
@@ -143,8 +167,7 @@ def resolve(config) -> dict:
       rm=artifacts.spec_hash([rm, rm_tok]),
       base=artifacts.spec_hash([base, tok, model]),
       eval=artifacts.spec_hash([eval_prompts, judge, judge_tok, langs]))
-  return dict(tokenizer=tok, base=base, teachers=teachers, teacher_tokenizers=tokenizers,
-              weak=weak, translator=c.translator, families={k: list(v) for k, v in fams.items()},
-              languages=list(langs), prompts=prompts, eval_prompts=eval_prompts,
-              reward_model=rm, reward_tokenizer=rm_tok, judge=judge, judge_tokenizer=judge_tok,
-              hashes=hashes)
+  return Inputs(tokenizer=tok, base=base, teachers=teachers, teacher_tokenizers=tokenizers,
+                weak=weak, translator=c.translator, families=dict(fams), languages=langs,
+                prompts=tuple(prompts), eval_prompts=eval_prompts, reward_model=rm,
+                reward_tokenizer=rm_tok, judge=judge, judge_tokenizer=judge_tok, hashes=hashes)

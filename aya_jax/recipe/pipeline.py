@@ -1,56 +1,10 @@
-r"""The whole Aya Expanse recipe as one resumable pipeline (stage 'pipeline').
+"""The whole Aya Expanse recipe as one resumable pipeline (stage 'pipeline').
 
-    python -m aya_jax.main --config=configs/pipeline.py --workdir=runs/pipeline
-
-Steps, each a directory of the workdir and each still a stage of its own:
-
-  world         tokenizer, base model, a teacher per language family, a weak
-                English-only model (aya_jax.world.bootstrap)
-  reward_model  the arbiter: a reward model on verifier-labelled pairs (gold
-                vs corrupted answers; with reward_model.samples, the pool's
-                own answers to other prompts, labelled by the verifier)
-  arbitrage     every teacher answers (k samples), the reward model scores,
-                reward-based routing -> sft.jsonl + pairs_offline.jsonl, plus
-                translation-contrast pairs (strong in-language vs weak English
-                answer, translated)
-  sft_single    baseline: SFT on one teacher's answers (the single-teacher
-                ablation of the arbitrage paper)
-  sft_mixed     SFT on all arbitraged data, one model (the ablation; and the
-                family models' warm start with sft_family.init='mixed')
-  sft_<family>  SFT on the family's arbitraged data (each family has English),
-                from the base or (sft_family.init='mixed') from sft_mixed
-  sft_merged    linear merge of the family SFT models
-  dpo_<family>  offline DPO of sft_merged on the family's pairs (best/worst
-                arbitrage pairs + translation-contrast pairs)
-  dpo_merged    linear merge of the family DPO models
-  online        online DPO from dpo_merged: sample k, rank with the reward
-                model, best/worst, DPO; `online.iterations` rounds (each round
-                per family then merged when online.per_family)
-  rloo          ablation: RLOO instead of online DPO, same rounds and scorer
-  eval          every stage against sft_single on held-out test prompts under
-                the world's verifier (never seen in training or tuning)
-  report        report.json, report.md, report.png
-
-Real inputs (`config.inputs`, aya_jax.recipe.inputs): with inputs.base set
-there is no world and no reward_model step; the base, teachers (local HF or
-params/ dirs), arbiter reward model and prompt JSONL files are read from the
-given paths, translation contrast runs only with inputs.translator (a
-prompted teacher) and inputs.weak, and eval judges inputs.eval_prompts with a
-reward model (inputs.judge, default the arbiter) instead of the verifier.
-
-A step is skipped when `pipeline_state.json` records it finished with the same
-spec hash (its config block plus the hashes of the steps and input paths it
-reads) and every output path it recorded still exists; a changed block or
-path re-runs that step and every step after it that reads it, a missing
-output re-runs the step. Inside a step, a killed run continues from its
-checkpoints (the stages' own resume). The steps themselves are in
-aya_jax.recipe.steps.
-
-Output paths inside the workdir are stored relative to it ("./sft_merged/
-params") and resolved on read, so a copied or moved workdir reads its own
-files, never the original's; an unreadable state file is stale (a warning
-names it) and every step is checked again. The choice fields of the config
-(CHOICES) are checked before the first step runs.
+The steps, their order and the config blocks that set them are documented once,
+in configs/pipeline.py; the steps themselves are in aya_jax.recipe.steps, the
+real inputs in aya_jax.recipe.inputs and the step cache in aya_jax.artifacts.
+`run` checks the choice fields (CHOICES) before the first step, then chains the
+steps through the cache, each keyed by its block and what it reads.
 """
 
 from __future__ import annotations
@@ -60,10 +14,10 @@ import os
 import time
 
 
+from aya_jax import artifacts
 from aya_jax import axes
 from aya_jax.arbitrage import contrast as preference
 from aya_jax.models import config as model_config
-from aya_jax.recipe import artifacts
 from aya_jax.recipe import inputs as recipe_inputs
 from aya_jax.recipe import steps
 from aya_jax.world import bootstrap as world
@@ -123,82 +77,105 @@ def _cfg_dict(c):
 
 
 def run(config, workdir: str) -> dict:
-  c = config
   t_start = time.time()
-  real = bool(c.get("inputs") and c.inputs.base)
-  check_config(c, real)
-  r = artifacts.Runner(workdir)
+  real = bool(config.get("inputs") and config.inputs.base)
+  check_config(config, real)
+  runner = artifacts.Runner(workdir)
   if real:  # local paths instead of the world; spec hashes name the paths read
-    w = recipe_inputs.resolve(c)
-    check_baseline(c, list(w["teachers"]))
-    rm, rm_hash = dict(params=w["reward_model"], tokenizer=w["reward_tokenizer"]), w["hashes"]["rm"]
-    key = lambda *names, **extra: dict(real={**{n: w["hashes"][n] for n in names}, **extra})
-    langs = tuple(w["languages"])
+    inputs = recipe_inputs.resolve(config)
+    check_baseline(config, inputs.teacher_names)
+    arbiter = dict(params=inputs.reward_model, tokenizer=inputs.reward_tokenizer)
+    arbiter_hash = inputs.hashes["rm"]
+
+    def inputs_spec(*groups, **extra):
+      """The part of a step's spec that names what it reads of the inputs."""
+      return dict(real={**{g: inputs.hashes[g] for g in groups}, **extra})
   else:
-    w, w_hash = r.step("world", dict(world=_cfg_dict(c.world)), lambda d: steps.run_world(c, d))
-    key = lambda *names, **extra: dict(w=w_hash)
-    rm, rm_hash = r.step("reward_model", dict(w=w_hash, rm=_cfg_dict(c.reward_model)),
-                         lambda d: steps.train_reward_model(c, d, w))
-    langs = tuple(c.world.languages)
-  tok, fams = w["tokenizer"], {k: tuple(v) for k, v in w["families"].items()}
+    world_out, world_hash = runner.step("world", dict(world=_cfg_dict(config.world)),
+                                        lambda d: steps.run_world(config, d))
+    inputs = recipe_inputs.Inputs.from_world(world_out, config.world.languages)
 
-  arb, arb_hash = r.step("arbitrage", dict(**key("pool", "prompts"), rm=rm_hash,
-                                           arb=_cfg_dict(c.arbitrage)),
-                         lambda d: steps.run_arbitrage(c, d, w, rm))
+    def inputs_spec(*groups, **extra):
+      """On the world every step reads the world (its spec covers the groups)."""
+      del groups, extra
+      return dict(w=world_hash)
 
-  def sft_step(name, data_fn, block=c.sft, init=w["base"], init_h=None, **fam):
-    spec = dict(**key("base", **fam), arb=arb_hash, sft=_cfg_dict(block), name=name)
-    if init_h is not None:
-      spec["init"] = init_h
-    return r.step(name, spec, lambda d: steps.run_sft(c, d, tok, init, data_fn(d), block))
+    arbiter, arbiter_hash = runner.step(
+        "reward_model", dict(w=world_hash, rm=_cfg_dict(config.reward_model)),
+        lambda d: steps.train_reward_model(config, d, inputs))
+  tokenizer, families, languages = inputs.tokenizer, inputs.families, inputs.languages
 
-  single, _ = sft_step("sft_single", lambda d: arb["single"])
+  arbitraged, arbitrage_hash = runner.step(
+      "arbitrage", dict(**inputs_spec("pool", "prompts"), rm=arbiter_hash,
+                        arb=_cfg_dict(config.arbitrage)),
+      lambda d: steps.run_arbitrage(config, d, inputs, arbiter))
+
+  def sft_step(name, data_fn, block=config.sft, init=inputs.base, init_hash=None, **family):
+    spec = dict(**inputs_spec("base", **family), arb=arbitrage_hash, sft=_cfg_dict(block),
+                name=name)
+    if init_hash is not None:
+      spec["init"] = init_hash
+    return runner.step(name, spec, lambda d: steps.run_sft(config, d, tokenizer, init,
+                                                           data_fn(d), block))
+
+  single, _ = sft_step("sft_single", lambda d: arbitraged["single"])
   models = {"sft_single": single["params"]}
-  fb = c.get("sft_family") or c.sft   # the family runs (default: like the others, from base)
-  warm = fb.get("init", "base")  # 'base' | 'mixed' (check_config)
-  if c.ablations.mixed or warm == "mixed":
-    mixed, mixed_h = sft_step("sft_mixed", lambda d: arb["sft"])
+  # the family runs (default: like the others, from base)
+  family_block = config.get("sft_family") or config.sft
+  warm_start = family_block.get("init", "base")  # 'base' | 'mixed' (check_config)
+  if config.ablations.mixed or warm_start == "mixed":
+    mixed, mixed_hash = sft_step("sft_mixed", lambda d: arbitraged["sft"])
     models["sft_mixed"] = mixed["params"]
-  start = dict(init=mixed["params"], init_h=mixed_h) if warm == "mixed" else {}
-  fam_sft, fam_h = {}, []
-  for name, fl in fams.items():
-    out, h = sft_step(f"sft_{name}", lambda d, fl=fl: steps.filter_languages(
-        arb["sft"], os.path.join(d, "data.jsonl"), fl), block=fb, fam=list(fl), **start)
-    fam_sft[name], fam_h = out["params"], fam_h + [h]
-  merged_sft, msft_h = r.step("sft_merged", dict(inputs=fam_h),
-                              lambda d: dict(params=steps.merge(d, list(fam_sft.values()))))
+  start = dict(init=mixed["params"], init_hash=mixed_hash) if warm_start == "mixed" else {}
+  family_sft, family_sft_hashes = {}, []
+  for name, family_languages in families.items():
+    out, spec_hash = sft_step(
+        f"sft_{name}", lambda d, fl=family_languages: steps.filter_languages(
+            arbitraged["sft"], os.path.join(d, "data.jsonl"), fl),
+        block=family_block, fam=list(family_languages), **start)
+    family_sft[name] = out["params"]
+    family_sft_hashes.append(spec_hash)
+  merged_sft, merged_sft_hash = runner.step(
+      "sft_merged", dict(inputs=family_sft_hashes),
+      lambda d: dict(params=steps.merge(d, list(family_sft.values()))))
   models["sft_merged"] = merged_sft["params"]
 
-  fam_dpo, dpo_h = {}, []
-  for name, fl in fams.items():
-    spec = dict(init=msft_h, arb=arb_hash, dpo=_cfg_dict(c.dpo), fam=fl)
-    out, h = r.step(f"dpo_{name}", spec,
-                    lambda d, fl=fl: steps.run_dpo(c, d, tok, merged_sft["params"], arb, fl))
-    fam_dpo[name], dpo_h = out["params"], dpo_h + [h]
-  merged_dpo, mdpo_h = r.step("dpo_merged", dict(inputs=dpo_h),
-                              lambda d: dict(params=steps.merge(d, list(fam_dpo.values()))))
+  family_dpo, family_dpo_hashes = {}, []
+  for name, family_languages in families.items():
+    spec = dict(init=merged_sft_hash, arb=arbitrage_hash, dpo=_cfg_dict(config.dpo),
+                fam=family_languages)
+    out, spec_hash = runner.step(
+        f"dpo_{name}", spec, lambda d, fl=family_languages: steps.run_dpo(
+            config, d, tokenizer, merged_sft["params"], arbitraged, fl))
+    family_dpo[name] = out["params"]
+    family_dpo_hashes.append(spec_hash)
+  merged_dpo, merged_dpo_hash = runner.step(
+      "dpo_merged", dict(inputs=family_dpo_hashes),
+      lambda d: dict(params=steps.merge(d, list(family_dpo.values()))))
   models["dpo_merged"] = merged_dpo["params"]
 
-  def online_step(name, algo):
-    spec = dict(init=mdpo_h, rm=rm_hash, on=_cfg_dict(c.online), algo=algo)
-    return r.step(name, spec, lambda d: steps.run_online(c, d, w, merged_dpo["params"], rm, arb,
-                                                         fams, langs, algo))[0]
+  def online_step(name, algorithm):
+    spec = dict(init=merged_dpo_hash, rm=arbiter_hash, on=_cfg_dict(config.online),
+                algo=algorithm)
+    return runner.step(name, spec, lambda d: steps.run_online(
+        config, d, inputs, merged_dpo["params"], arbiter, arbitraged, languages, algorithm))[0]
 
-  for i, p in enumerate(online_step("online", "dpo")["rounds"], 1):
-    models[f"online_{i}"] = p
-  if c.ablations.rloo:
+  for i, params in enumerate(online_step("online", "dpo")["rounds"], 1):
+    models[f"online_{i}"] = params
+  if config.ablations.rloo:
     models["rloo"] = online_step("rloo", "rloo")["rounds"][-1]
 
-  spec = dict(models=sorted(models), eval=_cfg_dict(c.eval),
-              inputs={s: r.state[s]["hash"] for s in r.state if s != "eval"})
+  spec = dict(models=sorted(models), eval=_cfg_dict(config.eval),
+              inputs={s: runner.state[s]["hash"] for s in runner.state if s != "eval"})
   if real:
-    spec["judge"] = key("eval")
-  ev, _ = r.step("eval", spec, lambda d: steps.run_eval(c, d, w, models, langs, rm))
+    spec["judge"] = inputs_spec("eval")
+  evaluated, _ = runner.step("eval", spec, lambda d: steps.run_eval(
+      config, d, inputs, models, languages, arbiter))
   from aya_jax.recipe import report as recipe_report
-  rep = recipe_report.write(r.workdir, ev, dict(
-      seed=c.seed, wall_seconds=time.time() - t_start,
-      step_seconds={k: v.get("seconds") for k, v in r.state.items()},
-      ran=r.ran, world_report=w.get("report_md", ""),
-      inputs=c.inputs.to_dict() if real else None))
-  print(recipe_report.table(rep), flush=True)
-  return rep
+  report = recipe_report.write(runner.workdir, evaluated, dict(
+      seed=config.seed, wall_seconds=time.time() - t_start,
+      step_seconds={k: v.get("seconds") for k, v in runner.state.items()},
+      ran=runner.ran, world_report=inputs.world_report,
+      inputs=config.inputs.to_dict() if real else None))
+  print(recipe_report.table(report), flush=True)
+  return report

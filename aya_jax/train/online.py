@@ -22,7 +22,7 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
            clipped ratio when the rollout serves several updates;
   4. params -> iter_<i>/params/;
   5. optional merge (online.merge.method, off by default): the policy for the
-     next iteration becomes `merging.merge` of named models: 'policy' (this
+     next iteration becomes `merging.pytree.merge` of named models: 'policy' (this
      iteration's trained params), 'previous' (the policy the iteration
      started from), 'initial' (pi_0) or a params/ or HF directory; e.g.
      linear with models=('policy', 'previous'), weights=(0.5, 0.5). The
@@ -61,7 +61,7 @@ from aya_jax import axes, checkpoint, sharding
 from aya_jax.data import atomic, formatting
 from aya_jax.data import pairs as pp
 from aya_jax.data import records as records_lib
-from aya_jax.merging import methods as merging
+from aya_jax.merging import pytree
 from aya_jax.sampling import methods, sampler
 from aya_jax.train import common, dpo, rloo
 
@@ -90,7 +90,7 @@ def online_block() -> ml_collections.ConfigDict:
 def merge_block() -> ml_collections.ConfigDict:
   """online.merge: after each iteration the policy becomes a merge (see `merge_policy`)."""
   c = ml_collections.ConfigDict()
-  c.method = ""              # '' = off; a merging.METHODS name: linear, slerp, ties, ...
+  c.method = ""              # '' = off; a merging.methods.METHODS name: linear, slerp, ties, ...
   c.models = ("policy", "previous")  # policy | previous | initial | a params/ or HF dir
   c.weights = (0.5, 0.5)     # one per model; () for methods without weights (slerp)
   c.base = ""                # the base of task_arithmetic, ties, slerp, ...: a name as above
@@ -262,7 +262,7 @@ def load_merge_inputs(mc, shardings) -> dict:
 
 
 def merge_policy(mc, named: dict, cfg, shardings=None, seed=0):
-  """`merging.merge(mc.method, ...)` of the models online.merge names, looked up
+  """`pytree.merge(mc.method, ...)` of the models online.merge names, looked up
   in `named` ({'policy', 'previous', 'initial', or a path: params})."""
   missing = [n for n in merge_names(mc) if named.get(n) is None]
   if missing:
@@ -271,7 +271,7 @@ def merge_policy(mc, named: dict, cfg, shardings=None, seed=0):
   if weights and len(weights) != len(mc.models):
     raise ValueError(f"online.merge.weights {weights} needs one weight per model in "
                      f"online.merge.models {tuple(mc.models)}")
-  merged = merging.merge(
+  merged = pytree.merge(
       mc.method, [named[n] for n in mc.models], base=named[mc.base] if mc.base else None,
       parameters=json.loads(mc.parameters) if mc.parameters else None,
       model_parameters=[{"weight": float(w)} for w in weights] if weights else None,

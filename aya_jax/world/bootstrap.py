@@ -19,41 +19,36 @@ Pretraining is the SFT stage on records whose assistant turn is the text (a
 fixed one-character user turn), so `train/sft.py` is used unchanged; the
 initial params come from `config.model` (random, saved as params/).
 
-Caching: each artifact has a spec (its config and its inputs' specs) in
-`world_spec.json` and a `world_done.json` once finished. A second call
-with the same config trains nothing (the returned `trained` list is empty);
-a changed spec retrains that artifact and everything after it. A killed run
-resumes from the SFT checkpoints of the artifact it was building. An artifact
-whose output (params/, the tokenizer) is gone, or whose spec or done file
-cannot be read, is built again (a warning names the file); an unreadable
-world_report.json is scored again. Every one of these files is written
-atomically (aya_jax.data.atomic).
+Caching: every artifact is a step of `aya_jax.artifacts.Runner` (the
+pipeline's step cache; its state is workdir/world_state.json), keyed by a
+hash of its config and of the steps it reads. A second call with the same
+config trains nothing (the returned `trained` list is empty); a changed spec
+retrains that artifact and everything after it. A killed run resumes from the
+SFT checkpoints of the artifact it was building. An artifact whose output
+(params/, the tokenizer) is gone, or a state file that cannot be read, is
+built again (a warning names it). world_report.json and .md are views of the
+report step's output, written again when they do not hold it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from aya_jax import axes, checkpoint, evaluation, sharding
+from aya_jax import artifacts, axes, checkpoint, evaluation, sharding
 from aya_jax.data import atomic, formatting, records
 from aya_jax.models import config as model_config
-from aya_jax.recipe.artifacts import spec_hash
 from aya_jax.train import sft
 from aya_jax.world import evaluate as world_evaluate
 from aya_jax.world import lexicon
 from aya_jax.world import tasks as synthetic
 
-SPEC, DONE, DOC_USER = "world_spec.json", "world_done.json", "·"
-_PARAMS_DONE = os.path.join("params", checkpoint.MODEL_CONFIG)  # a model artifact's output
-TRAIN_COUNT = {"n": 0}  # SFT runs started by this process (tests check caching)
+DOC_USER = "·"  # the user turn of a pretraining document
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -154,36 +149,6 @@ def build_tokenizer(out_dir: str, languages, vocab_size: int = 0, seed: int = 0)
   return formatting.train_tokenizer(texts, out_dir, vocab_size=vocab_size, seed=seed)
 
 
-def _cached(directory: str, spec: dict, output: str) -> bool:
-  """True if `directory` holds a finished artifact of `spec` whose `output`
-  (a path in it) exists; otherwise makes sure it holds nothing of another
-  spec (a partial run of this spec stays, so the SFT stage resumes it). An
-  unreadable spec or done file is stale (a warning names it): rebuilt."""
-  spec = json.loads(json.dumps(spec))  # tuples -> lists, as read back
-  spec_path, done = os.path.join(directory, SPEC), os.path.join(directory, DONE)
-  if os.path.exists(spec_path):
-    if atomic.read_json_cache(spec_path, "world spec") == spec:
-      if atomic.read_json_cache(done, "world done marker") is None:
-        return False
-      if os.path.exists(os.path.join(directory, output)):
-        return True
-      logging.warning("world: %s is missing: rebuilding %s", os.path.join(directory, output),
-                      directory)
-    else:
-      logging.warning("world: %s was built with another config; rebuilding", directory)
-    shutil.rmtree(directory)
-  os.makedirs(directory, exist_ok=True)
-  atomic.write_json(spec_path, spec, indent=1)
-  return False
-
-
-def _finish(directory: str, **info):
-  ckpts = os.path.join(directory, "checkpoints")
-  if os.path.isdir(ckpts):
-    shutil.rmtree(ckpts)
-  atomic.write_json(os.path.join(directory, DONE), info, indent=1)
-
-
 def _sft_config(config, init: str, train_path: str, tok_dir: str, steps: int, lr: float):
   c = sft.default_config()
   c.seed = config.seed
@@ -203,16 +168,17 @@ def _sft_config(config, init: str, train_path: str, tok_dir: str, steps: int, lr
 
 
 def _train(config, directory: str, recs: list, init: str, tok_dir: str, steps: int,
-           lr: float, tokenizer) -> float:
-  """SFT of `init` on `recs` into directory/params (and hf/); seconds taken."""
-  t0 = time.time()
-  TRAIN_COUNT["n"] += 1
+           lr: float, tokenizer) -> dict:
+  """SFT of `init` on `recs` into directory/params (and hf/); the step's outputs.
+  The SFT checkpoints (kept while it runs, to resume a killed run) go at the end."""
   path = os.path.join(directory, "train.jsonl")
   records.write_jsonl(path, recs)
   sft.run(_sft_config(config, init, path, tok_dir, steps, lr), directory)
   if config.export_hf:
     tokenizer.save_pretrained(os.path.join(directory, "hf"))
-  return time.time() - t0
+  shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
+  return dict(params=os.path.join(directory, "params"),  # stale without its config file
+              config=os.path.join(directory, "params", checkpoint.MODEL_CONFIG))
 
 
 def _init_params(config, directory: str, tokenizer) -> str:
@@ -230,72 +196,73 @@ def _init_params(config, directory: str, tokenizer) -> str:
 
 def bootstrap(workdir: str, config=None) -> dict:
   """Builds (or reuses) every artifact; returns their paths, the report and
-  `trained` (the artifacts built by this call) with `seconds` per artifact."""
+  `trained` (the steps run by this call) with `seconds` per step run."""
   config = config or default_config()
-  workdir = os.path.abspath(workdir)
+  runner = artifacts.Runner(workdir, label="world")
   langs, tasks = tuple(config.languages), tuple(config.tasks)
   fams = families(config)
-  trained, seconds = [], {}
 
-  tok_dir = os.path.join(workdir, "tokenizer")
+  def tokenizer_step(directory):
+    build_tokenizer(directory, langs, config.vocab_size, config.seed)
+    return dict(dir=directory, config=os.path.join(directory, "tokenizer_config.json"))
+
   tok_spec = dict(vocab_size=config.vocab_size, seed=config.seed, languages=langs)
-  if not _cached(tok_dir, tok_spec, "tokenizer_config.json"):
-    t0 = time.time()
-    build_tokenizer(tok_dir, langs, config.vocab_size, config.seed)
-    _finish(tok_dir)
-    trained.append("tokenizer")
-    seconds["tokenizer"] = time.time() - t0
+  tok_out, tok_hash = runner.step("tokenizer", tok_spec, tokenizer_step)
+  tok_dir = tok_out["dir"]
   tok = formatting.load_tokenizer(tok_dir)
 
-  base_dir = os.path.join(workdir, "base")
-  base_spec = dict(tok=tok_spec, model=config.model.to_dict(), data=config.data.to_dict(),
+  def base_step(directory):
+    init = _init_params(config, directory, tok)
+    recs = pretrain_records(langs, tasks, config.pretrain.n_per_language, config.seed)
+    return _train(config, directory, recs, init, tok_dir, config.pretrain.steps,
+                  config.pretrain.lr, tok)
+
+  base_spec = dict(tokenizer=tok_hash, model=config.model.to_dict(), data=config.data.to_dict(),
                    pretrain=config.pretrain.to_dict(), languages=langs, tasks=tasks,
                    seed=config.seed)
-  if not _cached(base_dir, base_spec, _PARAMS_DONE):
-    init = _init_params(config, base_dir, tok)
-    recs = pretrain_records(langs, tasks, config.pretrain.n_per_language, config.seed)
-    seconds["base"] = _train(config, base_dir, recs, init, tok_dir, config.pretrain.steps,
-                             config.pretrain.lr, tok)
-    _finish(base_dir, seconds=seconds["base"])
-    trained.append("base")
-  base = os.path.join(base_dir, "params")
+  base_out, base_hash = runner.step("base", base_spec, base_step)
+  base = base_out["params"]
 
-  models, specs = {}, {}  # name -> (directory, languages, train block); name -> spec
-  for name, fam in fams.items():
-    models[f"teacher_{name}"] = (os.path.join(workdir, "teachers", name), fam,
-                                 config.teacher)
-  models["weak"] = (os.path.join(workdir, "weak"), tuple(config.weak_languages), config.weak)
-  for name, (directory, fam, tcfg) in models.items():
-    spec = specs[name] = dict(base=spec_hash(base_spec), languages=fam, tasks=tasks,
-                              train=tcfg.to_dict(), data=config.data.to_dict(), seed=config.seed)
-    if _cached(directory, spec, _PARAMS_DONE):
-      continue
-    recs = sft_records(fam, tasks, tcfg.n_per_language, config.seed)
-    seconds[name] = _train(config, directory, recs, base, tok_dir, tcfg.steps, tcfg.lr, tok)
-    _finish(directory, seconds=seconds[name])
-    trained.append(name)
+  models = {f"teachers/{name}": (fam, config.teacher) for name, fam in fams.items()}
+  models["weak"] = (tuple(config.weak_languages), config.weak)
+  params, hashes = {}, {}
+  for name, (fam, block) in models.items():
 
-  paths = dict(tokenizer=tok_dir, base=base,
-               teachers={n[len("teacher_"):]: os.path.join(d, "params")
-                         for n, (d, _, _) in models.items() if n.startswith("teacher_")},
-               weak=os.path.join(models["weak"][0], "params"))
+    def model_step(directory, fam=fam, block=block):
+      recs = sft_records(fam, tasks, block.n_per_language, config.seed)
+      return _train(config, directory, recs, base, tok_dir, block.steps, block.lr, tok)
+
+    spec = dict(base=base_hash, languages=fam, tasks=tasks, train=block.to_dict(),
+                data=config.data.to_dict(), seed=config.seed)
+    out, hashes[name] = runner.step(name, spec, model_step)
+    params[name] = out["params"]
+
+  paths = dict(tokenizer=tok_dir, base=base, weak=params["weak"],
+               teachers={n[len("teachers/"):]: p for n, p in params.items()
+                         if n.startswith("teachers/")})
   if config.export_hf:
     paths["teachers_hf"] = {n: os.path.join(os.path.dirname(p), "hf")
                             for n, p in paths["teachers"].items()}
-  report_spec = dict(models={n: spec_hash(s) for n, s in specs.items()},
-                     base=spec_hash(base_spec), report=config.report.to_dict())
-  report_path = os.path.join(workdir, "world_report.json")
-  report = atomic.read_json_cache(report_path, "world report")
-  if not isinstance(report, dict) or report.get("spec") != json.loads(json.dumps(report_spec)):
-    t0 = time.time()
-    report = score_models(config, dict(base=base, weak=paths["weak"], **{
-        f"teacher_{n}": p for n, p in paths["teachers"].items()}), tok_dir, fams)
-    report["spec"] = report_spec
-    seconds["report"] = time.time() - t0
-    atomic.write_json(report_path, report, indent=1)
+
+  def report_step(directory):
+    del directory
+    scored = dict(base=base, weak=paths["weak"],
+                  **{f"teacher_{n}": p for n, p in paths["teachers"].items()})
+    return dict(report=score_models(config, scored, tok_dir, fams))
+
+  report_spec = dict(models=hashes, base=base_hash, report=config.report.to_dict())
+  report = runner.step("report", report_spec, report_step)[0]["report"]
+  _write_report_views(workdir, report)
+  return dict(paths, report=report, trained=list(runner.ran), seconds=dict(runner.seconds))
+
+
+def _write_report_views(workdir: str, report: dict):
+  """world_report.json and .md: views of the report the step state keeps,
+  (re)written whenever they do not hold it (a torn or deleted file)."""
+  path = os.path.join(workdir, "world_report.json")
+  if atomic.read_json_cache(path, "world report") != report:
+    atomic.write_json(path, report, indent=1)
     atomic.write_text(os.path.join(workdir, "world_report.md"), report_markdown(report))
-    trained.append("report")
-  return dict(paths, report=report, trained=trained, seconds=seconds)
 
 
 def score_models(config, model_paths: dict, tok_dir: str, fams: dict) -> dict:

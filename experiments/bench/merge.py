@@ -39,7 +39,8 @@ if which.startswith("ours"):
   merge_stream.merge_checkpoints(
       models, method, None, f"{root}/out_{which}_{method}",
       base=f"{root}/m0" if method == "ties" else None,
-      out_hf=f"{root}/hf_{which}_{method}" if which == "ours+hf" else None, model_params=mp)
+      out_hf=f"{root}/hf_{which}_{method}" if which == "ours+hf" else None,
+      model_merge_parameters=mp)
 else:
   from mergekit.config import MergeConfiguration
   from mergekit.merge import MergeOptions, run_merge

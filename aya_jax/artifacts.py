@@ -1,5 +1,6 @@
 """The spec-hash step cache: a step runs once per spec and its outputs are
-remembered in a state file (`pipeline_state.json` of the directory).
+remembered in a state file (`<label>_state.json` of the directory: the
+pipeline's `pipeline_state.json`, the world's `world_state.json`).
 
 A step is skipped when the state records it finished with the same spec hash
 (its config block plus the hashes of the steps and input paths it reads) and
@@ -22,7 +23,7 @@ from absl import logging
 
 from aya_jax.data import atomic
 
-STATE = "pipeline_state.json"
+STATE = "pipeline_state.json"  # the pipeline's state file (label "pipeline")
 HERE = "./"  # how a stored output path inside the workdir starts
 
 
@@ -57,12 +58,13 @@ def _map_strings(obj, fn):
 
 
 class Runner:
-  """Runs named steps once per spec; remembers finished steps in pipeline_state.json."""
+  """Runs named steps once per spec; remembers finished steps in <label>_state.json.
+  A step's directory is workdir/<name> (a name may hold '/')."""
 
-  def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(workdir)
+  def __init__(self, workdir: str, label: str = "pipeline"):
+    self.workdir, self.label = os.path.abspath(workdir), label
     os.makedirs(self.workdir, exist_ok=True)
-    self.path = os.path.join(self.workdir, STATE)
+    self.path = os.path.join(self.workdir, f"{label}_state.json")
     self.state = self._load()
     self.ran, self.seconds = [], {}
 
@@ -73,7 +75,7 @@ class Runner:
     """The recorded steps, output paths resolved against this workdir; an
     unreadable file or entry is dropped with a warning (its steps are checked
     again: those whose directory holds a finished run resume from it)."""
-    state = atomic.read_json_cache(self.path, "pipeline state")
+    state = atomic.read_json_cache(self.path, f"{self.label} state")
     if state is not None and not isinstance(state, dict):
       logging.warning("%s: not a JSON object: treated as stale", self.path)
     out = {}
@@ -119,9 +121,10 @@ class Runner:
     if done and done["hash"] == h:
       why = self._untrusted(done["outputs"])
       if not why:
-        logging.info("pipeline: %s is done (spec %s), skipped", name, h)
+        logging.info("%s: %s is done (spec %s), skipped", self.label, name, h)
         return done["outputs"], h
-      logging.warning("pipeline: %s is recorded as done but %s: running it again", name, why)
+      logging.warning("%s: %s is recorded as done but %s: running it again", self.label, name,
+                      why)
     d = self.dir(name)
     partial = os.path.join(d, ".spec")
     if self.state.pop(name, None) is not None:  # its artefacts go: no longer done
@@ -132,13 +135,13 @@ class Runner:
           shutil.rmtree(d)
       os.makedirs(d, exist_ok=True)
       atomic.write_text(partial, h)
-    _sync(f"pipeline step {name} {h}")
-    logging.info("pipeline: running %s (spec %s)", name, h)
-    print(f"[pipeline] {name} ...", flush=True)
+    _sync(f"{self.label} step {name} {h}")
+    logging.info("%s: running %s (spec %s)", self.label, name, h)
+    print(f"[{self.label}] {name} ...", flush=True)
     t0 = time.time()
     outputs = fn(d)
     self.seconds[name] = time.time() - t0
-    print(f"[pipeline] {name} done in {self.seconds[name]:.0f}s", flush=True)
+    print(f"[{self.label}] {name} done in {self.seconds[name]:.0f}s", flush=True)
     self.state[name] = dict(hash=h, outputs=outputs, seconds=self.seconds[name])
     self.ran.append(name)
     self._save()

@@ -9,8 +9,8 @@ import shutil
 import jax
 import pytest
 
+from aya_jax import artifacts
 from aya_jax.data import atomic
-from aya_jax.recipe import artifacts
 
 
 def test_runner_skips_a_finished_step_and_reruns_a_changed_one(tmp_path):
