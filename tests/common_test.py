@@ -7,7 +7,7 @@ import pytest
 
 from aya_jax import axes, checkpoint, sharding
 from aya_jax.models import tiny
-from aya_jax.train import common
+from aya_jax.train import common, sft
 from conftest import random_params
 
 
@@ -51,3 +51,11 @@ def test_finish_writes_params_and_optionally_an_hf_directory(tmp_path):
   _, from_hf = checkpoint.load_model(str(tmp_path / "w" / "hf"))
   for tree in (loaded, from_hf):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tree, params)
+
+
+def test_set_schedule_maps_a_small_block_onto_the_stage_fields():
+  c = common.set_schedule(sft.default_config(), 120, 3e-4, 16, 96, warmup_steps=12,
+                          log_every=24, checkpoint_every=60)
+  assert (c.data.batch_size, c.data.seq_len) == (16, 96)
+  assert (c.loop.num_steps, c.optim.total_steps, c.optim.lr) == (120, 120, 3e-4)
+  assert (c.optim.warmup_steps, c.loop.log_every, c.loop.checkpoint_every) == (12, 24, 60)

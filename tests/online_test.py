@@ -138,33 +138,6 @@ def test_merge_step_between_iterations(sft_model, tmp_path):
   _assert_trees_equal(_load(tmp_path / "params"), previous, 0.0)
 
 
-def test_merge_policy_by_hand(tmp_path):
-  """merge_policy reads 'policy', 'previous', 'initial' and checkpoint paths, with a base."""
-  tree = lambda v: {"a": np.full((3, 2), v, np.float32), "b": {"c": np.full(5, 2 * v, np.float32)}}
-  named = {"policy": tree(1.0), "previous": tree(3.0), "initial": tree(0.5), "/ckpt": tree(7.0)}
-  mc = online.merge_block()
-  mc.method, mc.models, mc.weights = "linear", ("policy", "previous", "/ckpt"), (1.0, 2.0, 1.0)
-  out = online.merge_policy(mc, named, cfg=None)
-  _assert_trees_equal(out, tree((1.0 + 6.0 + 7.0) / 4.0), 1e-6)
-  mc.method, mc.models, mc.weights, mc.base = "task_arithmetic", ("policy",), (0.5,), "initial"
-  _assert_trees_equal(online.merge_policy(mc, named, cfg=None), tree(0.5 + 0.5 * 0.5), 1e-6)
-  mc.method, mc.models, mc.weights, mc.base, mc.parameters = ("slerp", ("previous",), (),
-                                                              "policy", '{"t": 0.25}')
-  _assert_trees_equal(online.merge_policy(mc, named, cfg=None), tree(1.5), 1e-6)  # parallel
-  assert online.merge_description(mc) == "slerp(previous, base policy)"
-  mc.method, mc.models, mc.weights, mc.base, mc.parameters = ("linear", ("policy", "x"), (1, 1),
-                                                              "", "")
-  with pytest.raises(ValueError, match="no params for"):
-    online.merge_policy(mc, named, cfg=None)
-  with pytest.raises(ValueError, match="not one of"):
-    online.load_merge_inputs(mc, None)
-  mc.models = ("policy",)
-  with pytest.raises(ValueError, match="one weight per model"):
-    online.merge_policy(mc, named, cfg=None)
-  mc.method = ""
-  assert online.merge_names(mc) == ()
-
-
 def test_group_scores_empty_answers_and_unscorable_prompts_by_hand():
   nan = float("nan")
   raw = np.array([[0.9, -2.0, 0.5],     # empty answer 1: scores the group's lowest, 0.5
@@ -227,3 +200,24 @@ def test_rloo_kl_is_to_the_fixed_reference(sft_model, tmp_path):
   assert weak["mean_reward"] == pytest.approx(weak["mean_score"])
   assert strong["mean_reward"] == pytest.approx(strong["mean_score"] - strong["mean_kl"],
                                                 abs=1e-5)
+
+
+def test_families_train_from_the_same_policy_and_merge_equally(sft_model, tmp_path):
+  """online.families: each family's policy trains on its languages' prompts from pi_i,
+  and pi_{i+1} is their equal-weight linear merge (Aya Expanse's per-family rounds)."""
+  c = _config(sft_model, "dpo")
+  c.online.iterations, c.online.families = 1, "fr_only:fr;en_only:en"
+  _, reports = online.run(c, str(tmp_path), scorer=LikesRed())
+  fams = reports[0]["families"]
+  assert set(fams) == {"fr_only", "en_only"} and set(reports[1]) >= {"mean_score"}
+  for name, lang in (("fr_only", "fr"), ("en_only", "en")):
+    samples = records.read_jsonl(tmp_path / "iter_0" / name / "samples.jsonl", "completion")
+    assert {r.language for r in samples} == {lang}  # its languages' prompts only
+    assert fams[name]["n_pairs"] > 0
+  a, b = (_load(tmp_path / "iter_0" / name / "params") for name in ("fr_only", "en_only"))
+  want = jax.tree.map(lambda x, y: (x + y) / 2, a, b)
+  _assert_trees_equal(_load(tmp_path / "iter_0" / "params"), want, 1e-6)
+  _assert_trees_equal(_load(tmp_path / "params"), want, 1e-6)
+  with pytest.raises(ValueError, match="family de_only .* has no prompts"):
+    online.family_prompts("de_only:de", [records.PromptRecord(
+        "a", "en", ({"role": "user", "content": "q"},))])

@@ -24,26 +24,32 @@ def test_dpo_without_pairs_blames_min_gap(tmp_path):
     recipe_steps.run_dpo(_config(), str(tmp_path / "dpo"), "tok", "init", dict(pairs=""), ["en"])
 
 
-def test_pipeline_online_rounds_share_one_reference(tmp_path, monkeypatch):
-  """run_online: round r starts from round r-1's policy, and every round's reference is
-  the policy the online stage started from."""
+def test_pipeline_online_rounds_are_one_online_run(tmp_path, monkeypatch):
+  """run_online: one call of the online stage, every round from the stage's start as
+  the fixed reference, per family when online.per_family; the rounds' params in order."""
   seen = []
 
-  def fake_run(oc, sub, scorer=None):
-    seen.append((oc.model.init, oc.dpo.reference_init))
-    cfg = tiny("llama")
-    checkpoint.save_params(os.path.join(sub, "params"), cfg, random_params(cfg))
+  def fake_run(stage_config, workdir, scorer=None):
+    seen.append(stage_config)
+    for i in range(stage_config.online.iterations):
+      cfg = tiny("llama")
+      checkpoint.save_params(os.path.join(workdir, f"iter_{i}", "params"), cfg,
+                             random_params(cfg))
 
   monkeypatch.setattr(recipe_steps.online, "run", fake_run)
   monkeypatch.setattr(recipe_steps, "scorer", lambda *a, **k: object())  # online.run is faked
   monkeypatch.setattr(recipe_steps, "filter_languages", lambda path, out, langs, *a: path)
   c = _config()
-  c.online.iterations, c.online.per_family = 3, False
-  inputs = recipe_inputs.Inputs(tokenizer="tok", base="", teachers={}, families={},
-                                languages=("en",))
+  c.online.iterations, c.online.per_family, c.online.beta = 3, True, 0.25
+  inputs = recipe_inputs.Inputs(tokenizer="tok", base="", teachers={},
+                                families={"eu": ("en", "fr"), "sl": ("en", "ru")},
+                                languages=("en", "fr", "ru"))
   out = recipe_steps.run_online(c, str(tmp_path), inputs, "start/params", {},
-                                {"sft": "sft.jsonl"}, ("en",), "rloo")
-  rounds = [str(tmp_path / f"round_{i}" / "all" / "params") for i in (1, 2, 3)]
-  assert out["rounds"] == rounds
-  assert seen == [("start/params", "start/params"), (rounds[0], "start/params"),
-                  (rounds[1], "start/params")]
+                                {"sft": "sft.jsonl"}, ("en", "fr", "ru"), "rloo")
+  assert out["rounds"] == [str(tmp_path / f"iter_{i}" / "params") for i in range(3)]
+  (stage_config,) = seen
+  assert stage_config.model.init == stage_config.dpo.reference_init == "start/params"
+  assert stage_config.online.iterations == 3 and stage_config.online.algorithm == "rloo"
+  assert tuple(stage_config.online.betas) == (0.25,)
+  assert stage_config.online.families == "eu:en,fr;sl:en,ru"
+  assert tuple(stage_config.data.prompts) == ("sft.jsonl",)

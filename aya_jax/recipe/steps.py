@@ -24,7 +24,7 @@ from aya_jax.data import atomic, records
 from aya_jax.merging import pytree
 from aya_jax.recipe.inputs import Inputs
 from aya_jax.sampling import methods
-from aya_jax.train import dpo, online, reward_model, sft
+from aya_jax.train import common, dpo, online, reward_model, sft
 from aya_jax.world import bootstrap as world
 from aya_jax.world import evaluate as world_evaluate
 from aya_jax.world import tasks as world_tasks
@@ -40,11 +40,10 @@ def train_block(stage_config, block, tokenizer: str, init: str, config):
   (config.model: dtype, remat, vocab_chunk) to a stage config."""
   c = stage_config
   c.tokenizer, c.model.init, c.seed = tokenizer, init, block.get("seed", c.seed)
-  c.data.seq_len, c.data.batch_size = block.seq_len, block.batch_size
-  c.optim.lr, c.optim.total_steps = block.lr, block.steps
-  c.optim.warmup_steps = min(block.steps // 10, 20)
-  c.loop.num_steps, c.loop.log_every = block.steps, max(1, block.steps // 5)
-  c.loop.checkpoint_every = block.get("checkpoint_every") or max(1, block.steps // 2)
+  common.set_schedule(c, block.steps, block.lr, block.batch_size, block.seq_len,
+                      warmup_steps=min(block.steps // 10, 20),
+                      log_every=max(1, block.steps // 5),
+                      checkpoint_every=block.get("checkpoint_every") or max(1, block.steps // 2))
   c.loop.eval_every = 0
   c.mesh.shape = tuple(config.mesh.shape)
   c.mesh.rules = config.mesh.rules or c.mesh.rules
@@ -267,40 +266,27 @@ def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages):
 
 def run_online(config, directory, inputs: Inputs, init, arbiter, arbitraged, languages,
                algorithm):
-  """`online.iterations` rounds from `init` on the arbitrage prompts, ranked
-  by the arbiter; per family then merged when online.per_family."""
+  """`online.iterations` rounds of the online stage from `init` on the arbitrage
+  prompts, ranked by the arbiter (per family then merged when online.per_family);
+  the policy of every round."""
   block = config.online
   stage_config = train_block(online.default_config(), block, inputs.tokenizer, init, config)
   stage_config.dpo.rpo_alpha = block.rpo_alpha
-  stage_config.online.algorithm, stage_config.online.iterations = algorithm, 1
-  stage_config.online.k = block.k
-  stage_config.online.betas, stage_config.online.max_new_tokens = (block.beta,), \
-      block.max_new_tokens
+  # one fixed reference for every round (RLOO's KL): the stage's start
+  stage_config.dpo.reference_init = init
+  stage_config.online.algorithm, stage_config.online.iterations = algorithm, block.iterations
+  stage_config.online.k, stage_config.online.betas = block.k, (block.beta,)
+  stage_config.online.max_new_tokens = block.max_new_tokens
   stage_config.online.temperature = block.temperature
-  prompts = filter_languages(arbitraged["sft"], os.path.join(directory, "prompts_sft.jsonl"),
-                             languages)
-  arbiter_scorer = scorer(inputs, config, arbiter)
-  rounds, current = [], init
-  groups = inputs.families if block.per_family else {"all": tuple(languages)}
-  for i in range(block.iterations):
-    round_dir = os.path.join(directory, f"round_{i + 1}")
-    outputs = []
-    for name, group_languages in groups.items():
-      group_dir = os.path.join(round_dir, name)
-      done = os.path.join(group_dir, "params")
-      if not checkpoint.is_params_dir(done):
-        round_config = stage_config.copy_and_resolve_references()
-        with round_config.unlocked():
-          round_config.model.init, round_config.seed = current, config.seed + i
-          # one fixed reference for every round (RLOO's KL): the stage's start
-          round_config.dpo.reference_init = init
-          round_config.data.prompts = (filter_languages(
-              prompts, os.path.join(directory, f"prompts_{name}.jsonl"), group_languages),)
-        online.run(round_config, group_dir, scorer=arbiter_scorer)
-      outputs.append(done)
-    current = outputs[0] if len(outputs) == 1 else merge(round_dir, outputs)
-    rounds.append(current)
-  return dict(rounds=rounds)
+  if block.per_family:
+    stage_config.online.families = ";".join(
+        f"{name}:{','.join(langs)}" for name, langs in inputs.families.items())
+  stage_config.seed = config.seed
+  stage_config.data.prompts = (filter_languages(
+      arbitraged["sft"], os.path.join(directory, "prompts_sft.jsonl"), languages),)
+  online.run(stage_config, directory, scorer=scorer(inputs, config, arbiter))
+  return dict(rounds=[os.path.join(directory, f"iter_{i}", "params")
+                      for i in range(block.iterations)])
 
 
 def _eval_prompts(path: str, languages) -> list:

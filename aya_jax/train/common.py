@@ -57,6 +57,19 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   return c
 
 
+def set_schedule(config, steps: int, lr: float, batch_size: int, seq_len: int, *,
+                 warmup_steps: int, log_every: int, checkpoint_every: int):
+  """A stage config trained `steps` steps at `lr` (the schedule's total too) on batches
+  of `batch_size` x `seq_len`: what a pipeline's small {steps, lr, batch_size, seq_len}
+  block means for any training stage (the recipe's steps and the world bootstrap)."""
+  config.data.seq_len, config.data.batch_size = seq_len, batch_size
+  config.optim.lr, config.optim.total_steps = lr, steps
+  config.optim.warmup_steps = warmup_steps
+  config.loop.num_steps, config.loop.log_every = steps, log_every
+  config.loop.checkpoint_every = checkpoint_every
+  return config
+
+
 def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
   """(ModelConfig, params) on the mesh: loaded from mcfg.init or random."""
   if mcfg.init:

@@ -20,14 +20,20 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
      rloo: `train.rloo`: reward = score - kl_coef * KL to the fixed
            reference, leave-one-out advantages over the k samples, the
            clipped ratio when the rollout serves several updates;
-  4. params -> iter_<i>/params/;
+  4. params -> iter_<i>/params/; with online.families, steps 1-4 run once per
+     family on its languages' prompts, each from pi_i (iter_<i>/<family>/),
+     and the family policies are merged linearly with equal weights into
+     iter_<i>/params/ (Aya Expanse's per-family rounds);
   5. optional merge (online.merge.method, off by default): the policy for the
-     next iteration becomes `merging.pytree.merge` of named models: 'policy' (this
+     next iteration becomes `merging.pytree.merge` (train/policy_merge.py) of
+     named models: 'policy' (this
      iteration's trained params), 'previous' (the policy the iteration
      started from), 'initial' (pi_0) or a params/ or HF directory; e.g.
      linear with models=('policy', 'previous'), weights=(0.5, 0.5). The
      merged params -> iter_<i>/merged/, and the report gets `merge`.
-Every step is resumable: a finished iteration is not trained again (its
+Iteration i samples with the key of seed + i and trains with seed + i, so a
+caller running one iteration per call draws the same samples. Every step is
+resumable: a finished iteration is not trained again (its
 params are loaded; its samples are re-drawn, same seed, same samples, for
 the report), and an interrupted one resumes from iter_<i>/checkpoints.
 The fixed reference (RLOO's KL, DPO without reset_reference) is
@@ -63,7 +69,7 @@ from aya_jax.data import pairs as pp
 from aya_jax.data import records as records_lib
 from aya_jax.merging import pytree
 from aya_jax.sampling import methods, sampler
-from aya_jax.train import common, dpo, rloo
+from aya_jax.train import common, dpo, policy_merge, rloo
 
 
 def online_block() -> ml_collections.ConfigDict:
@@ -83,18 +89,11 @@ def online_block() -> ml_collections.ConfigDict:
                              # 0 = plain REINFORCE (one update per rollout)
   c.empty_score = config_dict.placeholder(float)  # None: the lowest score of its group
   c.scorer = "verifier"      # verifier (the synthetic world's)
-  c.merge = merge_block()
-  return c
-
-
-def merge_block() -> ml_collections.ConfigDict:
-  """online.merge: after each iteration the policy becomes a merge (see `merge_policy`)."""
-  c = ml_collections.ConfigDict()
-  c.method = ""              # '' = off; a merging.methods.METHODS name: linear, slerp, ties, ...
-  c.models = ("policy", "previous")  # policy | previous | initial | a params/ or HF dir
-  c.weights = (0.5, 0.5)     # one per model; () for methods without weights (slerp)
-  c.base = ""                # the base of task_arithmetic, ties, slerp, ...: a name as above
-  c.parameters = ""          # JSON of the method's shared parameters, e.g. '{"t": 0.3}'
+  # 'name:l1,l2;name:...': every iteration trains one policy per family on its
+  # languages' prompts, all from the current policy, then merges them linearly
+  # with equal weights (Aya Expanse's per-family rounds); "" = one policy
+  c.families = ""
+  c.merge = policy_merge.merge_block()
   return c
 
 
@@ -238,63 +237,65 @@ def round_report(prompts, scores_pk, lengths, stopped, prev_scores=None, usable=
   return rep
 
 
-# ------------------------------------------------------------------- merge
-
-MERGE_NAMES = ("policy", "previous", "initial")
-
-
-def merge_names(mc) -> tuple:
-  """The models (and base) a merge step reads; () when merging is off."""
-  return (tuple(mc.models) + ((mc.base,) if mc.base else ())) if mc.method else ()
-
-
-def load_merge_inputs(mc, shardings) -> dict:
-  """{path: params} of the checkpoint directories among online.merge's models and base."""
-  out = {}
-  for name in merge_names(mc):
-    if name in MERGE_NAMES or name in out:
-      continue
-    if not checkpoint.is_model_dir(name):
-      raise ValueError(f"online.merge: {name!r} is not one of {MERGE_NAMES} nor a params/ or "
-                       "HF directory")
-    out[name] = checkpoint.load_model(name, shardings)[1]
-  return out
-
-
-def merge_policy(mc, named: dict, cfg, shardings=None, seed=0):
-  """`pytree.merge(mc.method, ...)` of the models online.merge names, looked up
-  in `named` ({'policy', 'previous', 'initial', or a path: params})."""
-  missing = [n for n in merge_names(mc) if named.get(n) is None]
-  if missing:
-    raise ValueError(f"online.merge: no params for {missing}")
-  weights = tuple(mc.weights)
-  if weights and len(weights) != len(mc.models):
-    raise ValueError(f"online.merge.weights {weights} needs one weight per model in "
-                     f"online.merge.models {tuple(mc.models)}")
-  merged = pytree.merge(
-      mc.method, [named[n] for n in mc.models], base=named[mc.base] if mc.base else None,
-      parameters=json.loads(mc.parameters) if mc.parameters else None,
-      model_parameters=[{"weight": float(w)} for w in weights] if weights else None,
-      seed=seed, cfg=cfg)
-  return merged if shardings is None else jax.device_put(merged, shardings)
-
-
-def merge_description(mc) -> str:
-  ws = tuple(mc.weights) or ("",) * len(mc.models)
-  parts = ", ".join(f"{n} {w}".strip() for n, w in zip(mc.models, ws))
-  return f"{mc.method}({parts}{', base ' + mc.base if mc.base else ''})"
-
-
 # --------------------------------------------------------------------- run
 
 
 def _iteration_config(config, i):
+  """Iteration i's training config: betas[i] (the last repeats) and seed + i."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     betas = tuple(config.online.betas)
     c.dpo.beta = float(betas[min(i, len(betas) - 1)])
     c.dpo.ref_cache_dir = ""
+    c.seed = config.seed + i
   return c
+
+
+def family_prompts(spec: str, prompts: list) -> dict:
+  """{family: its prompts} of online.families ('name:l1,l2;...'); {"": prompts} when ""."""
+  if not spec:
+    return {"": prompts}
+  out = {}
+  for part in [p for p in spec.split(";") if p.strip()]:
+    if ":" not in part:
+      raise ValueError(f"online.families: {part!r} is not 'name:lang,lang'")
+    name, langs = (x.strip() for x in part.split(":", 1))
+    keep = {x.strip() for x in langs.split(",") if x.strip()}
+    out[name] = [p for p in prompts if p.language in keep]
+    if not out[name]:
+      raise ValueError(f"online.families: family {name} ({sorted(keep)}) has no prompts")
+  return out
+
+
+def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, mesh, rules,
+                  iteration: int):
+  """One iteration's training of `params` on its round `rd` -> (params, report extras);
+  params/ of `directory` written (reused when it is there: a finished iteration)."""
+  oc, extra = config.online, {}
+  done = os.path.join(directory, "params")
+  if checkpoint.is_params_dir(done):  # finished before: reuse, do not retrain
+    return checkpoint.load_model(done, jax.tree.map(lambda x: x.sharding, params))[1], extra
+  it_config = _iteration_config(config, iteration)
+  if oc.algorithm == "dpo":
+    pairs = best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap, f"it{iteration}",
+                             rd.usable)
+    extra["n_pairs"] = len(pairs)
+    if pairs:
+      if jax.process_index() == 0:
+        records_lib.write_jsonl(os.path.join(directory, "pairs.jsonl"), pairs)
+      tok_pairs, _ = pp.tokenize_pairs(pairs, tok, config.data.seq_len, skip_invalid=True)
+      params, _ = dpo.train_dpo(it_config, directory, cfg, params, tok_pairs, mesh, rules,
+                                ref_params=None if oc.reset_reference else reference)
+    else:
+      logging.warning("iteration %d: no pairs (all ties?); policy unchanged", iteration)
+  else:
+    pad_id = cfg.pad_id if cfg.pad_id is not None else 0
+    rows = rloo.sample_rows(rd.prompt_ids, rd.completions, oc.k, config.data.seq_len, pad_id)
+    params, more = rloo.train_rloo(it_config, directory, cfg, params, reference, rows,
+                                   rd.scores, rd.usable, mesh, rules)
+    extra.update(more)
+  checkpoint.save_params(done, cfg, params)
+  return params, extra
 
 
 def run(config, workdir: str, scorer=None):
@@ -316,59 +317,66 @@ def run(config, workdir: str, scorer=None):
   mc = oc.merge
   # copies: training donates the params' buffers
   fixed_ref = oc.algorithm == "rloo" or not oc.reset_reference
-  keep_init = "initial" in merge_names(mc) or (fixed_ref and not config.dpo.reference_init)
+  keep_init = ("initial" in policy_merge.merge_names(mc)
+               or (fixed_ref and not config.dpo.reference_init))
   init = jax.tree.map(jnp.copy, params) if keep_init else None
   reference = None  # RLOO's KL and DPO without reset_reference: one model for every round
   if fixed_ref:
     reference = (checkpoint.load_model(config.dpo.reference_init, pshard,
                                        language_model=True)[1]
                  if config.dpo.reference_init else init)
-  extra_models = load_merge_inputs(mc, pshard)
+  extra_models = policy_merge.load_merge_inputs(mc, pshard)
   prompts = [p for path in config.data.prompts for p in records_lib.read_prompts(path)]
-  pad_id = cfg.pad_id if cfg.pad_id is not None else 0
+  groups = family_prompts(oc.families, prompts)
   reports, prev = [], None
   for i in range(oc.iterations + 1):  # the last round only samples
     d = os.path.join(workdir, f"iter_{i}")
     os.makedirs(d, exist_ok=True)
-    rng = jax.random.fold_in(jax.random.key(config.seed), i)
-    rd = sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, config.mesh.rules,
-                      f"it{i}")
-    if jax.process_index() == 0 and rd.records:
-      records_lib.write_jsonl(os.path.join(d, "samples.jsonl"), rd.records)
-    rep = {"round": i, **round_report(prompts, rd.scores, rd.lengths, rd.stopped, prev,
-                                      rd.usable, rd.empty)}
-    prev = np.where(rd.usable[:, None], rd.scores, np.nan)
-    if i == oc.iterations:
+    # iteration i draws from seed + i: a pipeline running one iteration per call
+    # (seed + i, iteration 0) draws the same samples
+    rng = jax.random.fold_in(jax.random.key(config.seed + i), 0)
+    last = i == oc.iterations
+    rep, start, trained = {"round": i}, None, []
+    # pi_i for the merge, copied: training donates the params' buffers
+    if not last and "previous" in policy_merge.merge_names(mc):
+      start = jax.tree.map(jnp.copy, params)
+    for name, group in ({"": prompts} if last else groups).items():
+      gd = os.path.join(d, name) if name else d
+      os.makedirs(gd, exist_ok=True)
+      rd = sample_round(cfg, params, tok, group, scorer, oc, rng, mesh, config.mesh.rules,
+                        f"it{i}")
+      if jax.process_index() == 0 and rd.records:
+        records_lib.write_jsonl(os.path.join(gd, "samples.jsonl"), rd.records)
+      group_rep = round_report(group, rd.scores, rd.lengths, rd.stopped,
+                               prev if not name else None, rd.usable, rd.empty)
+      if not name:
+        rep.update(group_rep)
+        prev = np.where(rd.usable[:, None], rd.scores, np.nan)
+      else:
+        rep.setdefault("families", {})[name] = group_rep
+      if last:
+        break
+      # every family trains from pi_i: a copy for each but the last (donated buffers)
+      policy = params if len(trained) == len(groups) - 1 else jax.tree.map(jnp.copy, params)
+      policy, extra = _train_policy(config, gd, cfg, policy, tok, group, rd, reference, mesh,
+                                    rules, i)
+      (rep if not name else rep["families"][name]).update(extra)
+      trained.append(policy)
+    if last:
       reports.append(rep)
       break
-    done = os.path.join(d, "params")
-    # pi_i for the merge, copied: training donates the params' buffers
-    start = jax.tree.map(jnp.copy, params) if "previous" in merge_names(mc) else None
-    if checkpoint.is_params_dir(done):  # finished before: reuse, do not retrain
-      _, params = checkpoint.load_model(done, pshard)
-    elif oc.algorithm == "dpo":
-      pairs = best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap, f"it{i}", rd.usable)
-      rep["n_pairs"] = len(pairs)
-      if pairs:
-        if jax.process_index() == 0:
-          records_lib.write_jsonl(os.path.join(d, "pairs.jsonl"), pairs)
-        tok_pairs, _ = pp.tokenize_pairs(pairs, tok, config.data.seq_len, skip_invalid=True)
-        params, _ = dpo.train_dpo(_iteration_config(config, i), d, cfg, params, tok_pairs,
-                                  mesh, rules, ref_params=None if oc.reset_reference else reference)
-      else:
-        logging.warning("iteration %d: no pairs (all ties?); policy unchanged", i)
-      checkpoint.save_params(done, cfg, params)
-    else:
-      rows = rloo.sample_rows(rd.prompt_ids, rd.completions, oc.k, config.data.seq_len, pad_id)
-      params, extra = rloo.train_rloo(config, d, cfg, params, reference, rows, rd.scores,
-                                      rd.usable, mesh, rules)
-      rep.update(extra)
-      checkpoint.save_params(done, cfg, params)
+    params = trained[0]
+    if len(trained) > 1:  # the family policies, merged linearly with equal weights
+      merged = pytree.merge("linear", [jax.device_get(p) for p in trained],
+                            parameters={"normalize": True},
+                            model_parameters=[{"weight": 1.0} for _ in trained])
+      params = jax.device_put(merged, pshard)
+      checkpoint.save_params(os.path.join(d, "params"), cfg, params)
     if mc.method:
       named = dict(extra_models, policy=params, previous=start, initial=init)
-      params = merge_policy(mc, named, cfg, pshard, seed=config.seed + i)
+      params = policy_merge.merge_policy(mc, named, cfg, pshard, seed=config.seed + i)
       checkpoint.save_params(os.path.join(d, "merged"), cfg, params)
-      rep["merge"] = merge_description(mc)
+      rep["merge"] = policy_merge.merge_description(mc)
     reports.append(rep)
     logging.info("online round %d: %s", i, rep)
   if jax.process_index() == 0:

@@ -285,13 +285,14 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
         f.write(json.dumps(dict(step=step_no, **derived_metrics(scalars, languages))) + "\n")
 
   scorer = _scorer(cfg, st.params, tok, config, mesh)
-  eval_fn = None
-  if valid:
-    def eval_fn(state):  # held-out pair accuracy (loop.eval_every and at the end)
-      scorer.params = state.params
-      acc = reward.pair_accuracy(scorer, valid)
-      return {(k if lang == "all" else f"{k}/{lang}"): v for lang, r in acc.items()
-              for k, v in r.items() if k != "n"}
+
+  def held_out_accuracy(state):  # held-out pair accuracy (loop.eval_every and at the end)
+    scorer.params = state.params
+    acc = reward.pair_accuracy(scorer, valid)
+    return {(k if lang == "all" else f"{k}/{lang}"): v for lang, r in acc.items()
+            for k, v in r.items() if k != "n"}
+
+  eval_fn = held_out_accuracy if valid else None
   loop_cfg = config.loop.copy_and_resolve_references()
   with loop_cfg.unlocked():
     loop_cfg.flops_per_token = cfg.train_flops_per_token(config.data.seq_len)

@@ -43,7 +43,7 @@ from absl import logging
 from aya_jax import artifacts, axes, checkpoint, evaluation, sharding
 from aya_jax.data import atomic, formatting, records
 from aya_jax.models import config as model_config
-from aya_jax.train import sft
+from aya_jax.train import common, sft
 from aya_jax.world import evaluate as world_evaluate
 from aya_jax.world import lexicon
 from aya_jax.world import tasks as synthetic
@@ -155,12 +155,10 @@ def _sft_config(config, init: str, train_path: str, tok_dir: str, steps: int, lr
   c.model.init = init
   c.tokenizer = tok_dir
   c.data.train = (train_path,)
-  c.data.seq_len, c.data.batch_size = config.data.seq_len, config.data.batch_size
-  c.optim.lr, c.optim.total_steps = lr, steps
-  c.optim.warmup_steps = max(1, min(50, steps // 10))
+  common.set_schedule(c, steps, lr, config.data.batch_size, config.data.seq_len,
+                      warmup_steps=max(1, min(50, steps // 10)), log_every=max(1, steps // 10),
+                      checkpoint_every=max(100, steps // 2))
   c.optim.weight_decay = 0.0
-  c.loop.num_steps, c.loop.log_every = steps, max(1, steps // 10)
-  c.loop.checkpoint_every = max(100, steps // 2)
   c.loop.seed = config.seed
   c.mesh.shape = tuple(config.mesh.shape)
   c.export_hf = bool(config.export_hf)
