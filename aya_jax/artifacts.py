@@ -18,9 +18,11 @@ import json
 import os
 import shutil
 import time
+from typing import Optional
 
 from absl import logging
 
+from aya_jax import console
 from aya_jax.data import atomic
 
 STATE = "pipeline_state.json"  # the pipeline's state file (label "pipeline")
@@ -61,8 +63,9 @@ class Runner:
   """Runs named steps once per spec; remembers finished steps in <label>_state.json.
   A step's directory is workdir/<name> (a name may hold '/')."""
 
-  def __init__(self, workdir: str, label: str = "pipeline"):
-    self.workdir, self.label = os.path.abspath(workdir), label
+  def __init__(self, workdir: str, label: str = "pipeline", log_dir: Optional[str] = None):
+    """log_dir: each step's log also goes to log_dir/<name>.log (None: no step logs)."""
+    self.workdir, self.label, self.log_dir = os.path.abspath(workdir), label, log_dir
     os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, f"{label}_state.json")
     self.state = self._load()
@@ -139,7 +142,8 @@ class Runner:
     logging.info("%s: running %s (spec %s)", self.label, name, h)
     print(f"[{self.label}] {name} ...", flush=True)
     t0 = time.time()
-    outputs = fn(d)
+    with console.step_log(self.log_dir, name):
+      outputs = fn(d)
     self.seconds[name] = time.time() - t0
     print(f"[{self.label}] {name} done in {self.seconds[name]:.0f}s", flush=True)
     self.state[name] = dict(hash=h, outputs=outputs, seconds=self.seconds[name])

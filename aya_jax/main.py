@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aya_jax import config_files
+from aya_jax import config_files, console
 
 # stage name -> module with run(config, workdir). Only stages that exist.
 STAGES = {
@@ -83,11 +84,21 @@ def main(argv):
     raise app.UsageError("--config=configs/<experiment>.py is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  # the whole log to workdir/logs/<stage>.log; the console keeps warnings and the
+  # stages' own lines unless --verbosity is given
+  verbose = flags.FLAGS["verbosity"].present
+  console.quiet(verbose)
   maybe_initialize_distributed(config)
   import jax
+  if jax.process_index() == 0:
+    console.setup(_WORKDIR.value, config.stage, verbose)
   logging.info("aya_jax stage=%s process %d/%d devices=%d", config.stage, jax.process_index(),
                jax.process_count(), jax.device_count())
-  run_stage(config, _WORKDIR.value)
+  try:
+    run_stage(config, _WORKDIR.value)
+  except Exception as e:  # pylint: disable=broad-except
+    console.report_failure(e)
+    sys.exit(1)
 
 
 def _config_arg(argv):

@@ -59,9 +59,10 @@ class MetricWriter:
 
   Args:
     workdir: the run directory (created if missing).
-    also_tensorboard: also write TensorBoard events under
-      ``workdir/tensorboard`` when tensorboardX or tensorflow is importable
-      (no dependency is added; without them a warning is logged once).
+    also_tensorboard: also write TensorBoard events under ``workdir/tensorboard``
+      (tensorboardX, a dependency; or flax's writer when tensorflow is there;
+      without either a warning is logged once). The train loop turns it on:
+      `tensorboard --logdir runs/demo` shows every stage's curves.
   """
 
   def __init__(self, workdir: str, also_tensorboard: bool = False):

@@ -136,3 +136,23 @@ def world_instances(n_per_task: int = 12, seed: int = 0):
     for task in tasks.TASKS:
       for k in range(n_per_task):
         yield tasks.sample_instance(task, lang, rng, template=k % 3)
+
+
+def read_tensorboard_scalars(logdir) -> dict:
+  """{tag: [(step, value)]} of every event file under `logdir`, read with the writer's
+  own protobuf definitions (TFRecord framing: length, its CRC, the event, its CRC)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for name in sorted(os.listdir(logdir)):
+    if "tfevents" not in name:
+      continue
+    data = open(os.path.join(logdir, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out

@@ -14,6 +14,7 @@ from aya_jax.models import init_params, tiny
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import state as state_lib
 from aya_jax.train import steps
+from conftest import read_tensorboard_scalars
 
 CFG = tiny("llama", vocab_size=64, d_model=32, head_dim=8, n_heads=2, n_kv_heads=1, d_ff=64)
 
@@ -80,6 +81,9 @@ def test_killed_run_resumes_to_the_same_params(tmp_path):
   logged = read_metrics(str(tmp_path / "a"))
   assert [m["step"] for m in logged] == [2, 4, 6, 8]
   assert logged[-1]["loss"] < logged[0]["loss"] - 0.1  # two batches, memorised
+  # the same values as TensorBoard events (process 0's workdir/tensorboard)
+  events = read_tensorboard_scalars(tmp_path / "a" / "tensorboard")
+  assert events["loss"] == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in logged]
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):

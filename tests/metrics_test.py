@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from aya_jax import metrics
+from conftest import read_tensorboard_scalars
 
 
 def test_write_and_read_back(tmp_path):
@@ -58,11 +59,14 @@ def test_malformed_metrics_line_names_line(tmp_path):
     metrics.read_metrics(str(path))
 
 
-def test_tensorboard_optional(tmp_path):
-  # neither tensorboardX nor tensorflow need be installed: JSONL still works
+def test_tensorboard_events_hold_the_jsonl_values(tmp_path):
   with metrics.MetricWriter(str(tmp_path), also_tensorboard=True) as w:
-    w.write(5, {"loss": 0.5})
+    w.write(5, {"loss": 0.5, "lr": 1e-3})
+    w.write(10, {"loss": 0.25, "lr": 5e-4})
   assert metrics.read_metrics(str(tmp_path))[0]["loss"] == 0.5
+  got = read_tensorboard_scalars(tmp_path / "tensorboard")
+  assert got == {"loss": [(5, 0.5), (10, 0.25)],
+                 "lr": [(5, pytest.approx(1e-3)), (10, pytest.approx(5e-4))]}
 
 
 def test_mean_accumulator():

@@ -14,7 +14,7 @@ import os
 import time
 
 
-from aya_jax import artifacts
+from aya_jax import artifacts, console
 from aya_jax import axes
 from aya_jax.arbitrage import contrast as preference
 from aya_jax.models import config as model_config
@@ -80,7 +80,7 @@ def run(config, workdir: str) -> dict:
   t_start = time.time()
   real = bool(config.get("inputs") and config.inputs.base)
   check_config(config, real)
-  runner = artifacts.Runner(workdir)
+  runner = artifacts.Runner(workdir, log_dir=os.path.join(workdir, console.LOG_DIR))
   if real:  # local paths instead of the world; spec hashes name the paths read
     inputs = recipe_inputs.resolve(config)
     check_baseline(config, inputs.teacher_names)

@@ -118,7 +118,7 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
     if data_state and hasattr(batches, "set_state"):
       batches.set_state(data_state)
     logging.info("resumed at step %d", start)
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, also_tensorboard=True)
   peak = (cfg.peak_tflops_per_device or accelerators.peak_tflops()) * 1e12 * jax.device_count()
   progress = sys.stderr.isatty() and jax.process_index() == 0
   acc = metrics_lib.MeanAccumulator()

@@ -282,8 +282,8 @@ def score_models(config, model_paths: dict, tok_dir: str, fams: dict) -> dict:
     other = [s[l] for l in langs if l not in fam]
     family[name] = dict(languages=list(fam), own=float(np.mean(own)),
                         other=float(np.mean(other)) if other else None)
-  return dict(languages=list(langs), n_per_language=config.report.n_per_language,
-              scores=scores, families=family)
+  return dict(languages=list(langs), tasks=list(config.tasks),
+              n_per_language=config.report.n_per_language, scores=scores, families=family)
 
 
 def report_markdown(report: dict) -> str:
