@@ -6,7 +6,7 @@ Same as configs/pipeline.py (default variant); see its docstring. Expected:
 15 minutes on 2 idle CPU cores (899 s measured for a fresh `make demo`; 27
 minutes on busy ones); runs/demo/report.md, report.json and report.png with
 per-language win rates of every stage against single-teacher SFT on held-out
-prompts, and a verdict per stage (seed 0: the table in README.md).
+prompts, and a verdict per stage (seed 0: the table in README.md, docs/results.md).
 """
 
 from aya_jax import config_files

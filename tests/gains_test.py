@@ -33,7 +33,7 @@ def test_recipe_gains_on_held_out_prompts(tmp_path):
   v = {s: rows[s]["all"]["verifier"] for s in rep["stages"]}
   n = rep["n_prompts"]
   assert n >= 40, n
-  # Measured at seed 0 (47 prompts; README): baseline 0.372, arbitrage 0.681
+  # Measured at seed 0 (47 prompts; docs/results.md): baseline 0.372, arbitrage 0.681
   # (difference +0.309 [+0.170, +0.457]), merged 0.755 (vs mixed +0.074 [-0.022,
   # +0.191]), offline DPO 0.734, online rounds 0.681 and 0.660, each stage's
   # win-rate interval against the baseline at least [0.61, 0.77]. One prompt

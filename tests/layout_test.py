@@ -1,5 +1,5 @@
 """The package layout: no import cycle, the core knows no stage, every module
-with logic has a test module, and README's "Layout" block lists exactly the
+with logic has a test module, and docs/layout.md's block lists exactly the
 modules that exist.
 
 The import graph is built with `ast` from the source (every `import` and
@@ -149,15 +149,15 @@ def test_every_module_with_logic_has_a_test_module():
   assert missing == [], "modules without tests/<module>_test.py"
 
 
-def readme_layout(text: str) -> set:
-  """The modules README's "## Layout" code block lists, as paths relative to
+def layout_block(text: str) -> set:
+  """The modules the code block of docs/layout.md ("# Layout") lists, as paths relative to
   aya_jax/ ("axes.py", "models/config.py"). In the block a line whose first
   word ends in "/" opens a package (its modules follow on it and on the more
   indented lines after it); the `*.py` words of other lines are top-level
   modules; lines starting with "#" are comments; the first unindented line
   after "aya_jax/" ends the package."""
-  match = re.search(r"^## Layout\n.*?```\n(.*?)```", text, re.S | re.M)
-  assert match, 'README.md has no "## Layout" section with a code block'
+  match = re.search(r"^#+ Layout\n.*?```\n(.*?)```", text, re.S | re.M)
+  assert match, 'docs/layout.md has no "# Layout" section with a code block'
   out, package, package_indent = set(), None, -1
   for line in match.group(1).splitlines():
     stripped = line.strip()
@@ -176,18 +176,18 @@ def readme_layout(text: str) -> set:
   return out
 
 
-def test_readme_layout_parser():
+def test_layout_block_parser():
   block = ("## Layout\n\n```\naya_jax/\n  main.py  axes.py     entry; axis names\n"
            "  # a comment\n  models/              config.py, layers.py\n"
            "                       hf.py\n  losses.py            pure losses\n"
            "configs/  one experiment per file: pipeline.py\n```\n")
-  assert readme_layout(block) == {"main.py", "axes.py", "models/config.py", "models/layers.py",
+  assert layout_block(block) == {"main.py", "axes.py", "models/config.py", "models/layers.py",
                                   "models/hf.py", "losses.py"}
 
 
-def test_readme_layout_lists_exactly_the_modules():
-  listed = readme_layout(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read())
+def test_layout_block_lists_exactly_the_modules():
+  listed = layout_block(open(os.path.join(ROOT, "docs", "layout.md"), encoding="utf-8").read())
   actual = {os.path.relpath(p, PACKAGE).replace(os.sep, "/") for p in _modules().values()
             if not p.endswith("__init__.py")}
-  assert sorted(actual - listed) == [], "modules missing from README's Layout block"
-  assert sorted(listed - actual) == [], "README's Layout block lists modules that do not exist"
+  assert sorted(actual - listed) == [], "modules missing from the block of docs/layout.md"
+  assert sorted(listed - actual) == [], "docs/layout.md lists modules that do not exist"

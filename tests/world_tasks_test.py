@@ -64,10 +64,16 @@ def test_splits_disjoint_deterministic_and_valid(tmp_path):
              for r in fam)
 
 
-def test_make_split_stops_when_prompts_run_out():
-  recs = S.make_split('train', 100, 0, languages=('en',),
-                      tasks=('next_day', 'prev_day'))
-  assert 20 < len(recs) < 42  # 2 tasks x 7 days x 3 templates, ~80% train
+def test_make_split_stops_when_prompts_run_out(caplog):
+  with caplog.at_level('WARNING'):
+    recs = S.make_split('train', 100, 0, languages=('en', 'fr'),
+                        tasks=('next_day', 'prev_day'))
+  n_en = sum(r.language == 'en' for r in recs)
+  assert 20 < n_en < 42  # 2 tasks x 7 days x 3 templates, ~80% train
+  n_fr = len(recs) - n_en
+  warned = [r.getMessage() for r in caplog.records if 'make_split' in r.getMessage()]
+  assert warned == [f'make_split(train): fewer than 100 prompts (every task ran out) in '
+                    f'en {n_en}, fr {n_fr}']  # one line for the call
   with pytest.raises(ValueError, match='unknown split'):
     S.make_split('dev', 1)
 

@@ -285,7 +285,7 @@ def make_split(split: str, n_per_language: int, seed: int = 0,
   for lang in languages:
     if lang not in LANGUAGES:
       raise ValueError(f'unknown language {lang!r}; expected {LANGUAGES}')
-  out = []
+  out, short = [], {}
   for lang in languages:
     rng = np.random.default_rng(
         [seed, SPLITS.index(split), LANGUAGES.index(lang)])
@@ -303,8 +303,10 @@ def make_split(split: str, n_per_language: int, seed: int = 0,
       else:
         active.remove(task)
     if len(seen) < n_per_language:
-      logging.warning('make_split(%s): only %d prompts for %s', split,
-                      len(seen), lang)
+      short[lang] = len(seen)
+  if short:  # one line for the call: every task ran out in these languages
+    logging.warning('make_split(%s): fewer than %d prompts (every task ran out) in %s', split,
+                    n_per_language, ', '.join(f'{k} {v}' for k, v in short.items()))
   return out
 
 
