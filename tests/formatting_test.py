@@ -353,3 +353,11 @@ def test_foreign_template(tok_dir, name):
     # The completion is exactly the last masked run of the conversation.
     assert _runs(full.loss_mask)[-1] == (len(p), n)
     assert F.decode_completion(t, np.concatenate([c, [5, 6]])) == completion
+
+
+def test_has_tokenizer_looks_for_the_tokenizer_files(tmp_path):
+  assert not F.has_tokenizer(tmp_path)
+  (tmp_path / "config.json").write_text("{}")
+  assert not F.has_tokenizer(tmp_path)  # a model config is not a tokenizer
+  (tmp_path / "tokenizer.model").write_bytes(b"x")
+  assert F.has_tokenizer(tmp_path)

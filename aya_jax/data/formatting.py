@@ -183,12 +183,17 @@ def _verify_trained(tok, out_dir, vocab_size, sample_texts):
 # ------------------------------------------------------------------ loading
 
 
+def has_tokenizer(path: str | os.PathLike) -> bool:
+  """Whether the directory holds the files of an HF tokenizer."""
+  return any(os.path.exists(os.path.join(os.fspath(path), f)) for f in _TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = True):
   """Loads an HF tokenizer from a local directory, never from the Hub."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path} does not exist')
-  if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+  if not has_tokenizer(path):
     raise FileNotFoundError(f'{path} has no tokenizer files (looked for '
                             f'{", ".join(_TOKENIZER_FILES)})')
   try:

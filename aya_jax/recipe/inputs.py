@@ -89,23 +89,18 @@ def _model(field: str, path: str) -> str:
   return path
 
 
-def has_tokenizer(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, f))
-             for f in formatting._TOKENIZER_FILES)  # pylint: disable=protected-access
-
-
 def _tokenizer(field: str, path: str, *defaults: tuple) -> str:
   """`path` (field) or, when empty, the first (field, dir) of `defaults` whose
   directory holds tokenizer files."""
   if not path:
     for _, d in defaults:
-      if d and has_tokenizer(d):
+      if d and formatting.has_tokenizer(d):
         return d
     tried = " nor ".join(f"{FIELD}.{f}={d!r}" for f, d in defaults)
     raise ValueError(f"{FIELD}.{field} is empty and neither {tried} has tokenizer files: "
                      "set it to an HF tokenizer directory")
   path = _exists(field, path)
-  if not has_tokenizer(path):
+  if not formatting.has_tokenizer(path):
     raise ValueError(f"{FIELD}.{field}={path!r} has no tokenizer files")
   return path
 
@@ -137,10 +132,10 @@ def resolve(config) -> Inputs:
   base = _model("base", c.base)
   tok = _tokenizer("tokenizer", c.tokenizer, ("base", base))
   teachers = parse_teachers(c.teachers)
-  tokenizers = {n: p if has_tokenizer(p) else tok for n, p in teachers.items()}
+  tokenizers = {n: p if formatting.has_tokenizer(p) else tok for n, p in teachers.items()}
   weak = _model("weak", c.weak) if c.weak else ""
   if weak:
-    tokenizers["weak"] = weak if has_tokenizer(weak) else tok
+    tokenizers["weak"] = weak if formatting.has_tokenizer(weak) else tok
   if c.translator and c.translator not in teachers:
     raise ValueError(f"{FIELD}.translator={c.translator!r}: not one of {FIELD}.teachers "
                      f"{list(teachers)}")
@@ -156,7 +151,7 @@ def resolve(config) -> Inputs:
   rm_tok = _tokenizer("reward_tokenizer", c.reward_tokenizer, ("reward_model", rm),
                       ("tokenizer", tok))
   judge = _model("judge", c.judge) if c.judge else rm
-  judge_tok = judge if has_tokenizer(judge) else rm_tok
+  judge_tok = judge if formatting.has_tokenizer(judge) else rm_tok
   _need("prompts", _paths(c.prompts))
   prompts = [_exists("prompts", p) for p in _paths(c.prompts)]
   eval_prompts = _exists("eval_prompts", c.eval_prompts)
