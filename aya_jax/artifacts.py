@@ -117,8 +117,9 @@ class Runner:
         return f"its recorded output {p} is missing"
     return ""
 
-  def step(self, name: str, spec: dict, fn):
-    """fn(directory) -> outputs (JSON); returns (outputs, spec hash)."""
+  def step(self, name: str, spec: dict, fn, headline=None):
+    """fn(directory) -> outputs (JSON); returns (outputs, spec hash).
+    `headline(outputs, directory) -> str`: the figure its 'done' line shows."""
     h = spec_hash(spec)
     done = self.state.get(name)
     if done and done["hash"] == h:
@@ -145,7 +146,9 @@ class Runner:
     with console.step_log(self.log_dir, name):
       outputs = fn(d)
     self.seconds[name] = time.time() - t0
-    print(f"[{self.label}] {name} done in {self.seconds[name]:.0f}s", flush=True)
+    figure = headline(outputs, d) if headline is not None else ""
+    print(f"[{self.label}] {name} done in {self.seconds[name]:.0f}s"
+          + (f": {figure}" if figure else ""), flush=True)
     self.state[name] = dict(hash=h, outputs=outputs, seconds=self.seconds[name])
     self.ran.append(name)
     self._save()

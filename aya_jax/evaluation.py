@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from aya_jax import console
 from aya_jax.data import formatting, records
 from aya_jax.sampling import methods as methods_lib
 from aya_jax.sampling import sampler
@@ -68,6 +69,7 @@ class Model:
     toks = [formatting.tokenize_prompt(self.tokenizer, p.messages) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(toks[i]))
     out = [""] * len(prompts)
+    progress = console.Progress(len(prompts), f"answering ({self.name})", unit="prompt")
     for s in range(0, len(order), self.batch_size):
       idx = order[s:s + self.batch_size]
       res = sampler.generate(self.cfg, self.params, [toks[i] for i in idx],
@@ -76,6 +78,8 @@ class Model:
                              self.mesh, self.rules)
       for i, text in zip(idx, res.texts(self.tokenizer, self.stop)):
         out[i] = text.strip()
+      progress.update(len(idx))
+    progress.close()
     return out
 
 

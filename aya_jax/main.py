@@ -39,6 +39,10 @@ STAGES = {
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.")
+_STATUS_SECONDS = flags.DEFINE_float(
+    "status_seconds", console.STATUS_SECONDS,
+    "Off a terminal (CI logs), a progress status line every this many seconds (0: none); "
+    "on a terminal or in a notebook a progress bar instead.", lower_bound=0)
 
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
@@ -91,7 +95,7 @@ def main(argv):
   maybe_initialize_distributed(config)
   import jax
   if jax.process_index() == 0:
-    console.setup(_WORKDIR.value, config.stage, verbose)
+    console.setup(_WORKDIR.value, config.stage, verbose, _STATUS_SECONDS.value)
   logging.info("aya_jax stage=%s process %d/%d devices=%d", config.stage, jax.process_index(),
                jax.process_count(), jax.device_count())
   try:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aya_jax import axes as axes_lib
+from aya_jax import console
 from aya_jax import sharding as sharding_lib
 from aya_jax.data import formatting
 from aya_jax.models.transformer import Transformer
@@ -172,6 +173,7 @@ class RewardModelScorer:
     """Rewards of already encoded rows, in order."""
     out = np.zeros(len(toks), np.float32)
     order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
+    progress = console.Progress(len(toks), "scoring", unit="answer")
     for s in range(0, len(order), self.batch_size):
       idx = order[s:s + self.batch_size]
       length = min(bucket_length(max(len(toks[i]) for i in idx)), self.max_len)
@@ -182,6 +184,8 @@ class RewardModelScorer:
       else:
         r = self._fn(self.params, b["tokens"], b["positions"], b["segment_ids"])
       out[idx] = np.asarray(jax.device_get(r))[:len(idx)]
+      progress.update(len(idx))
+    progress.close()
     return out
 
   def score(self, records: Sequence[Any]) -> np.ndarray:

@@ -30,8 +30,15 @@ def test_smoke_pipeline_console_is_short_and_the_logs_are_whole(tmp_path):
   lines = (run.stdout + run.stderr).splitlines()
   assert len(lines) < 60, "\n".join(lines)
   assert not [l for l in lines if INFO_LINE.match(l)]
-  for step in STEPS:
-    assert any(re.fullmatch(rf"\[pipeline\] {step} done in \d+s", l) for l in lines), step
+  done = {m[1]: m[2] for m in (re.fullmatch(r"\[pipeline\] (\S+) done in \d+s(?:: (.+))?", l)
+                               for l in lines) if m}
+  assert set(STEPS) <= set(done), "\n".join(lines)
+  # each with its headline figure
+  assert re.fullmatch(r"loss \S+", done["sft_single"]), done
+  assert re.fullmatch(r"valid accuracy \S+, loss \S+", done["reward_model"]), done
+  assert re.fullmatch(r"\d+ of \d+ prompts routed, \d+ pairs", done["arbitrage"]), done
+  assert re.fullmatch(r"mean reward \S+ -> \S+ after 2 iterations", done["online"]), done
+  assert re.fullmatch(r"best \w+: win rate \S+ vs sft_single", done["eval"]), done
   assert any(l.startswith("| stage |") for l in lines) and "| rloo |" in run.stdout
   logs = tmp_path / "logs"
   for step in STEPS:
@@ -72,3 +79,61 @@ def test_step_logs_and_the_failing_step_in_process(tmp_path):
   assert "inside the step" in (tmp_path / "logs" / "dpo_x.log").read_text()
   assert "inside the step" in open(path).read()  # the run's log holds every step's lines
   assert console.failing_step() is None  # closed: the next run starts clean
+
+
+# ------------------------------------------------------------------------ progress
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 1000.0
+
+  def __call__(self):
+    return self.now
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_off_a_terminal_a_status_line_every_interval_with_rate_and_eta():
+  clock, stream = _Clock(), io.StringIO()
+  progress = console.Progress(300, "sft_single", unit="step", initial=60, stream=stream,
+                              clock=clock, status_seconds=30)
+  clock.now += 20
+  progress.update(40, loss=0.5)  # 20 s: under the interval, nothing yet
+  assert stream.getvalue() == ""
+  clock.now += 20
+  progress.update(40, loss=0.25)  # 140: 80 steps in 40 s, 2 steps/s, 160 left: 80 s
+  assert stream.getvalue() == ("  sft_single: 140/300 step (47%), 2 step/s, 40s elapsed, "
+                               "ETA 1m20s, loss 0.25\n")
+  clock.now += 10
+  progress.update(20)  # 10 s after the last line: quiet
+  clock.now += 3700
+  progress.update(140)  # 300, the last unit: the step's 'done' line says the rest
+  assert stream.getvalue().count("\n") == 1
+  assert console.Progress(5, "x", stream=io.StringIO(), status_seconds=0).mode == "off"
+
+
+def test_on_a_terminal_a_tqdm_bar():
+  stream = _Terminal()
+  with console.Progress(10, "teacher european", unit="sample", stream=stream) as progress:
+    assert progress.mode == "bar"
+    for _ in range(10):
+      progress.update(1, loss=None)  # None figures are left out
+    shown = str(progress.bar)  # what the bar draws (tqdm redraws at most 10 times a second)
+    assert shown.startswith("teacher european: 100%") and "10/10" in shown
+    assert "sample/s" in shown and "loss" not in shown
+  assert stream.getvalue().startswith("\rteacher european:   0%")
+  assert progress.bar is None  # closed
+
+
+def test_the_status_interval_comes_from_setup(tmp_path):
+  console.setup(str(tmp_path), "x", status_seconds=7)
+  try:
+    assert console.Progress(3, "x", stream=io.StringIO()).every == 7
+    with pytest.raises(ValueError, match="status_seconds=-1"):
+      console.setup(str(tmp_path), "x", status_seconds=-1)
+  finally:
+    console.close()

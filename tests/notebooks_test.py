@@ -18,6 +18,7 @@ import ast
 import glob
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -125,6 +126,11 @@ def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
   assert res["languages"] == ["en", "fr"]
   assert {"sft_single", "sft_merged", "dpo_merged"} <= set(res["stages"])
   assert "# Pipeline report" in out and "| sft_merged |" in out
+  # the console of a run: each step with its figure, progress bars (tqdm in a kernel),
+  # the whole log in the workdir
+  assert re.search(r"\[pipeline\] sft_single done in \d+s: loss ", out), out[-3000:]
+  assert re.search(r"sft_single: +\d+%\|", out), out[-3000:]
+  assert "CheckpointManager" in open(os.path.join(work, "logs", "pipeline.log")).read()
 
   # 02: the world's European teacher as a HF dir, scored by the quickstart's reward model
   hf_dir = os.path.join(work, "world", "teachers", "european", "hf")

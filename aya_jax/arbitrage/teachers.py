@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import jax
 from absl import logging
 
+from aya_jax import console
 from aya_jax import sharding as sharding_lib
 from aya_jax.data import atomic, formatting, records
 from aya_jax.sampling import methods as methods_lib
@@ -140,6 +141,7 @@ class TeacherPool:
                                            self.rules, name=f"teacher {teacher.name}")
       tokens = _tokenize(teacher, loaded, prompts)
       order = sorted(range(len(prompts)), key=lambda i: len(tokens[i]))  # stable
+      progress = console.Progress(len(todo), f"teacher {teacher.name}", unit="sample")
       for start in range(0, len(order), self.batch_size):
         batch = order[start:start + self.batch_size]
         need = [i for i in batch if any(records.completion_id(prompts[i].id, teacher.name, j) not in done
@@ -148,6 +150,7 @@ class TeacherPool:
           continue
         if max_batches is not None and stats["batches"] >= max_batches:
           stats["finished"] = False
+          progress.close()
           return stats
         recs, empty = self._generate(teacher, loaded, [prompts[i] for i in need],
                                      [tokens[i] for i in need], done)
@@ -162,9 +165,11 @@ class TeacherPool:
         stats["written"] += len(recs)
         stats["empty"] += len(empty)
         stats["batches"] += 1
+        progress.update(len(recs) + len(empty))
         logging.info("teacher %s: batch %d/%d, %d written, %d empty", teacher.name,
                      start // self.batch_size + 1, -(-len(order) // self.batch_size), len(recs),
                      len(empty))
+      progress.close()
       del loaded
       gc.collect()
     return stats

@@ -18,6 +18,7 @@ from aya_jax import artifacts, console
 from aya_jax import axes
 from aya_jax.arbitrage import contrast as preference
 from aya_jax.models import config as model_config
+from aya_jax.recipe import headlines
 from aya_jax.recipe import inputs as recipe_inputs
 from aya_jax.recipe import steps
 from aya_jax.world import bootstrap as world
@@ -92,7 +93,8 @@ def run(config, workdir: str) -> dict:
       return dict(real={**{g: inputs.hashes[g] for g in groups}, **extra})
   else:
     world_out, world_hash = runner.step("world", dict(world=_cfg_dict(config.world)),
-                                        lambda d: steps.run_world(config, d))
+                                        lambda d: steps.run_world(config, d),
+                                        lambda _, d: headlines.world(d))
     inputs = recipe_inputs.Inputs.from_world(world_out, config.world.languages)
 
     def inputs_spec(*groups, **extra):
@@ -102,13 +104,15 @@ def run(config, workdir: str) -> dict:
 
     arbiter, arbiter_hash = runner.step(
         "reward_model", dict(w=world_hash, rm=_cfg_dict(config.reward_model)),
-        lambda d: steps.train_reward_model(config, d, inputs))
+        lambda d: steps.train_reward_model(config, d, inputs),
+        lambda _, d: headlines.reward_model(d))
   tokenizer, families, languages = inputs.tokenizer, inputs.families, inputs.languages
 
   arbitraged, arbitrage_hash = runner.step(
       "arbitrage", dict(**inputs_spec("pool", "prompts"), rm=arbiter_hash,
                         arb=_cfg_dict(config.arbitrage)),
-      lambda d: steps.run_arbitrage(config, d, inputs, arbiter))
+      lambda d: steps.run_arbitrage(config, d, inputs, arbiter),
+      lambda _, d: headlines.arbitrage(d))
 
   def sft_step(name, data_fn, block=config.sft, init=inputs.base, init_hash=None, **family):
     spec = dict(**inputs_spec("base", **family), arb=arbitrage_hash, sft=_cfg_dict(block),
@@ -116,7 +120,8 @@ def run(config, workdir: str) -> dict:
     if init_hash is not None:
       spec["init"] = init_hash
     return runner.step(name, spec, lambda d: steps.run_sft(config, d, tokenizer, init,
-                                                           data_fn(d), block))
+                                                           data_fn(d), block),
+                       lambda _, d: headlines.final_loss(d))
 
   single, _ = sft_step("sft_single", lambda d: arbitraged["single"])
   models = {"sft_single": single["params"]}
@@ -137,7 +142,8 @@ def run(config, workdir: str) -> dict:
     family_sft_hashes.append(spec_hash)
   merged_sft, merged_sft_hash = runner.step(
       "sft_merged", dict(inputs=family_sft_hashes),
-      lambda d: dict(params=steps.merge(d, list(family_sft.values()))))
+      lambda d: dict(params=steps.merge(d, list(family_sft.values()))),
+      lambda *_: headlines.merged(len(family_sft)))
   models["sft_merged"] = merged_sft["params"]
 
   family_dpo, family_dpo_hashes = {}, []
@@ -146,19 +152,22 @@ def run(config, workdir: str) -> dict:
                 fam=family_languages)
     out, spec_hash = runner.step(
         f"dpo_{name}", spec, lambda d, fl=family_languages: steps.run_dpo(
-            config, d, tokenizer, merged_sft["params"], arbitraged, fl))
+            config, d, tokenizer, merged_sft["params"], arbitraged, fl),
+        lambda _, d: headlines.final_loss(d))
     family_dpo[name] = out["params"]
     family_dpo_hashes.append(spec_hash)
   merged_dpo, merged_dpo_hash = runner.step(
       "dpo_merged", dict(inputs=family_dpo_hashes),
-      lambda d: dict(params=steps.merge(d, list(family_dpo.values()))))
+      lambda d: dict(params=steps.merge(d, list(family_dpo.values()))),
+      lambda *_: headlines.merged(len(family_dpo)))
   models["dpo_merged"] = merged_dpo["params"]
 
   def online_step(name, algorithm):
     spec = dict(init=merged_dpo_hash, rm=arbiter_hash, on=_cfg_dict(config.online),
                 algo=algorithm)
     return runner.step(name, spec, lambda d: steps.run_online(
-        config, d, inputs, merged_dpo["params"], arbiter, arbitraged, languages, algorithm))[0]
+        config, d, inputs, merged_dpo["params"], arbiter, arbitraged, languages, algorithm),
+        lambda _, d: headlines.online(d))[0]
 
   for i, params in enumerate(online_step("online", "dpo")["rounds"], 1):
     models[f"online_{i}"] = params
@@ -170,7 +179,7 @@ def run(config, workdir: str) -> dict:
   if real:
     spec["judge"] = inputs_spec("eval")
   evaluated, _ = runner.step("eval", spec, lambda d: steps.run_eval(
-      config, d, inputs, models, languages, arbiter))
+      config, d, inputs, models, languages, arbiter), lambda out, _: headlines.evaluation(out))
   from aya_jax.recipe import report as recipe_report
   report = recipe_report.write(runner.workdir, evaluated, dict(
       seed=config.seed, wall_seconds=time.time() - t_start,

@@ -25,8 +25,8 @@
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import time
 from typing import Callable, Iterator, Optional
 
@@ -34,7 +34,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from aya_jax import accelerators
+from aya_jax import accelerators, console
 from aya_jax import metrics as metrics_lib
 from aya_jax import sharding
 from aya_jax.checkpoint import Checkpointer
@@ -120,11 +120,12 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
     logging.info("resumed at step %d", start)
   writer = metrics_lib.MetricWriter(workdir, also_tensorboard=True)
   peak = (cfg.peak_tflops_per_device or accelerators.peak_tflops()) * 1e12 * jax.device_count()
-  progress = sys.stderr.isatty() and jax.process_index() == 0
+  progress = console.Progress(cfg.num_steps, os.path.basename(os.path.normpath(workdir)),
+                              unit="step", initial=start)
   acc = metrics_lib.MeanAccumulator()
   guard = _NonFiniteGuard(cfg.max_nonfinite, ckpt.directory)
   base_rng = jax.random.key(cfg.seed)
-  t0, tokens, last_loss = time.time(), 0, float("nan")
+  t0, tokens, last_loss = time.time(), 0, None
   step = start
   data_state = lambda: batches.get_state() if hasattr(batches, "get_state") else None
   with _SignalFlag() as flag:
@@ -148,9 +149,7 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
           on_log(step, scalars)
         logging.info("step %d %s", step, {k: round(v, 4) for k, v in scalars.items()})
         t0, tokens = time.time(), 0
-      if progress:
-        sys.stderr.write(f"\rstep {step}/{cfg.num_steps} loss {last_loss:.4f}")
-        sys.stderr.flush()
+      progress.update(1, loss=last_loss)
       done = step == cfg.num_steps
       if eval_fn is not None and (done or (cfg.eval_every and step % cfg.eval_every == 0)):
         guard.check()
@@ -166,9 +165,11 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
               f"checkpoint in {ckpt.directory}, if any, is intact)")
         ckpt.save(step, state, data_state())
       if stopping and not done:
+        progress.close()
         writer.close()
         ckpt.close()
         raise Preempted(f"stopped at step {step}; resume by running the same command")
+  progress.close()
   writer.close()
   ckpt.close()
   return state

@@ -63,7 +63,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from aya_jax import axes, checkpoint, sharding
+from aya_jax import axes, checkpoint, console, sharding
 from aya_jax.data import atomic, formatting
 from aya_jax.data import pairs as pp
 from aya_jax.data import records as records_lib
@@ -159,6 +159,7 @@ def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag) 
   method = methods.from_config(oc.temperature, 0, oc.top_p)
   prompt_ids = [formatting.tokenize_prompt(tok, p.messages) for p in prompts]
   rows, lengths, stopped = [], [], []
+  progress = console.Progress(len(prompts), f"sampling {tag}", unit="prompt")
   for s in range(0, len(prompts), oc.sample_batch):
     res = sampler.generate(cfg, params, prompt_ids[s:s + oc.sample_batch],
                            jax.random.fold_in(rng, s), method, oc.max_new_tokens, stop, oc.k,
@@ -166,6 +167,8 @@ def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag) 
     rows += [res.completion(r) for r in range(res.tokens.shape[0])]
     lengths.append(res.lengths)
     stopped.append(res.stopped)
+    progress.update(len(prompt_ids[s:s + oc.sample_batch]))
+  progress.close()
   texts = [formatting.decode_completion(tok, ids, stop) for ids in rows]
   empty = np.asarray([not t.strip() for t in texts])
   recs = []
