@@ -43,6 +43,7 @@ import os
 import ml_collections
 
 from aya_jax import config_files, optim, sharding
+from aya_jax.recipe import blocks
 from aya_jax.train import common, dpo
 from aya_jax.train import planner
 
@@ -106,17 +107,24 @@ def pipeline_config(plan):
   c.distributed = plan.distributed  # multi-host: explicit, or from the environment
   c.model.update({k: plan.model[k] for k in c.model})  # bf16, remat, chunked vocab/attention
   # samples of 8B teachers on real prompts: long answers, large batches
-  c.arbitrage.update(dict(k=2, temperature=0.7, max_new_tokens=2048, batch_size=256,
-                          min_gap=0.1, contrast=False))   # min_gap in reward-model units
-  c.sft.update(dict(steps=2000, lr=plan.optim.lr, batch_size=plan.sft.batch_size,
-                    seq_len=plan.sft.seq_len, checkpoint_every=200))
+  c.arbitrage.sampling.update(dict(n=2, temperature=0.7, max_new_tokens=2048))
+  c.arbitrage.batch_size = 256
+  c.arbitrage.routing.min_gap = 0.1  # in reward-model units
+  c.arbitrage.contrast.enabled = False
+  # each block is its stage's own config (aya_jax/recipe/blocks.py)
+  for block in (c.sft, c.sft_family):
+    blocks.reschedule(block, 2000, plan.optim.lr, plan.sft.batch_size, plan.sft.seq_len)
+    block.loop.checkpoint_every = 200
   # Aya Expanse trains the family models in parallel from the (already capable) base
-  c.sft_family.update(dict(c.sft.to_dict(), init="base"))
-  c.dpo.update(dict(steps=500, lr=5e-7, batch_size=plan.dpo.batch_size,
-                    seq_len=plan.dpo.seq_len, beta=0.1, rpo_alpha=0.0, checkpoint_every=100))
-  c.online.update(dict(steps=200, lr=5e-7, batch_size=64, seq_len=4096, iterations=3, k=4,
-                       beta=0.1, rpo_alpha=0.0, max_new_tokens=1024, temperature=1.0,
-                       checkpoint_every=100))
+  c.sft_family.warm_start = "base"
+  blocks.reschedule(c.dpo, 500, 5e-7, plan.dpo.batch_size, plan.dpo.seq_len)
+  c.dpo.loop.checkpoint_every = 100
+  c.dpo.dpo.update(dict(beta=0.1, rpo_alpha=0.0))
+  blocks.reschedule(c.online, 200, 5e-7, 64, 4096)
+  c.online.loop.checkpoint_every = 100
+  c.online.online.update(dict(iterations=3, k=4, betas=(0.1,), max_new_tokens=1024,
+                              temperature=1.0))
+  c.online.dpo.rpo_alpha = 0.0
   c.ablations.update(dict(mixed=True, rloo=False))
   c.eval.update(dict(max_new_tokens=1024, batch_size=64, n_boot=1000))
   return c

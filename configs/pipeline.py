@@ -4,7 +4,12 @@ r"""The whole Aya Expanse recipe on the embedded synthetic world (stage 'pipelin
     python -m aya_jax.main --config=configs/pipeline.py:smoke --workdir=runs/smoke
 
 The steps (aya_jax.recipe.steps), each a directory of the workdir and each
-still a stage of its own; the block of this config that sets each is named:
+still a stage of its own; the block of this config that sets each is named.
+A block is that stage's own config (aya_jax/recipe/blocks.py): `dpo` is
+configs/dpo.py's config less what the pipeline sets (tokenizer, start model,
+mesh, seed, data files), so `--config.dpo.dpo.beta=0.2` is the dpo stage's
+`--config.dpo.beta=0.2`; `--config.sft.loop.num_steps=100` moves
+optim.total_steps with it.
 
   world         tokenizer, base model, a teacher per language family, a weak
                 English-only model (`world`; aya_jax.world.bootstrap)
@@ -12,23 +17,23 @@ still a stage of its own; the block of this config that sets each is named:
                 vs English / verbose / wrong answers; with reward_model.samples,
                 the pool's own answers to other prompts, labelled by the
                 verifier)
-  arbitrage     every teacher answers (k samples), the reward model scores,
+  arbitrage     every teacher answers (sampling.n samples), the arbiter scores,
                 reward routing -> sft.jsonl + pairs_offline.jsonl, plus
                 translation-contrast pairs (strong in-language vs weak English
                 answer, translated)
   sft_single    baseline: SFT on one teacher's answers (`sft`;
                 arbitrage.baseline_teacher, "" = the first)
   sft_mixed     SFT on all arbitraged data, one model (the ablation; and the
-                family models' warm start with sft_family.init='mixed')
+                family models' warm start with sft_family.warm_start='mixed')
   sft_<family>  SFT on the family's arbitraged data (each family has English),
-                from the base or (sft_family.init='mixed') from sft_mixed
+                from the base or (sft_family.warm_start='mixed') from sft_mixed
   sft_merged    linear merge of the family SFT models
   dpo_<family>  offline DPO of sft_merged on the family's pairs (best/worst
                 arbitrage pairs + translation-contrast pairs)
   dpo_merged    linear merge of the family DPO models
-  online        online DPO from dpo_merged: sample k, rank with the reward
-                model, best/worst, DPO; `online.iterations` rounds (each round
-                per family then merged when online.per_family)
+  online        online DPO from dpo_merged: sample online.k, rank with the
+                arbiter, best/worst, DPO; online.iterations rounds (each
+                round per family then merged when per_family)
   rloo          ablation: RLOO instead of online DPO, same rounds and scorer
   eval          every stage against sft_single on held-out test prompts under
                 the world's verifier (never used for training, routing or
@@ -60,12 +65,11 @@ held-out gains).
 import ml_collections
 
 from aya_jax import sharding
+from aya_jax.arbitrage import stage as arbitrage
+from aya_jax.recipe import blocks
+from aya_jax.train import dpo, online, reward_model, sft
 from aya_jax.world import bootstrap as world
-
-
-def _train(steps, lr, batch_size, seq_len, **extra):
-  return ml_collections.ConfigDict(dict(steps=steps, lr=lr, batch_size=batch_size,
-                                        seq_len=seq_len, **extra))
+from aya_jax.world import evaluate
 
 
 def get_config(arg=None):
@@ -75,7 +79,7 @@ def get_config(arg=None):
                      "and 'gains'")
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
-  c.seed = 0
+  c.seed = 0  # every step's seed
   c.mesh = sharding.mesh_block()  # training, sampling and scoring
   # the stages' model settings (compute dtype, rematerialisation, vocab-chunked
   # loss, flash-style attention tiles)
@@ -97,8 +101,8 @@ def get_config(arg=None):
       # optional weak model: joins the pool with one sample and is the rejected
       # side of translation contrast
       weak="",
-      # a teacher's name: translation contrast on (with arbitrage.contrast and
-      # `weak`), that teacher answering in language and translating (prompted)
+      # a teacher's name: translation contrast on (with arbitrage.contrast.enabled
+      # and `weak`), that teacher answering in language and translating (prompted)
       translator="",
       families="",          # 'name:l1,l2;name:...' (give every family English)
       languages=(),         # () = the families' languages; prompts in others are dropped
@@ -120,42 +124,66 @@ def get_config(arg=None):
   c.world.pretrain.steps = 300
   c.world.teacher.update(dict(steps=500, lr=3e-3))
   c.world.report.n_per_language = 24
-  # the arbiter: gold answers against corrupted ones, and the world models' own
-  # answers to other training prompts labelled by the verifier (samples)
-  c.reward_model = _train(1000, 1e-3, 32, 48, n_per_language=150,
-                          kinds=("english", "verbose", "wrong"))
-  c.reward_model.samples = ml_collections.ConfigDict(dict(
-      n_per_language=250, k=2, temperature=1.0, max_new_tokens=32, batch_size=64,
-      max_pairs_per_prompt=4, min_gap=0.25))
-  c.arbitrage = ml_collections.ConfigDict(dict(
-      n_per_language=200, k=2, temperature=0.7, max_new_tokens=32, batch_size=64,
-      min_gap=0.1, contrast=True, baseline_teacher=""))  # baseline "" = the first teacher
-  c.sft = _train(300, 2e-3, 16, 96)
+  # the arbiter (the reward_model stage): gold answers against corrupted ones,
+  # and (`samples`, the pipeline's own) the world models' answers to other
+  # training prompts labelled by the verifier
+  c.reward_model = blocks.training_block(
+      reward_model.default_config(), 1000, 1e-3, 32, 48,
+      owned=("synthetic.languages", "synthetic.tasks"),
+      samples=ml_collections.ConfigDict(dict(
+          n_per_language=250, k=2, temperature=1.0, max_new_tokens=32, batch_size=64,
+          max_pairs_per_prompt=4, min_gap=0.25)))
+  c.reward_model.synthetic.update(dict(n_per_language=150, kinds=("english", "verbose",
+                                                                  "wrong")))
+  # the arbitrage stage: every teacher k (sampling.n) samples of the world's
+  # synthetic.n_per_language train prompts per language, scored by the arbiter
+  # (in batches of scorer.batch_size: the arbiter's everywhere), routed;
+  # baseline_teacher ("" = the first) is the pipeline's: sft_single's teacher
+  c.arbitrage = blocks.block(arbitrage.default_config(), owned=blocks.ARBITRAGE_OWNED,
+                             baseline_teacher="")
+  c.arbitrage.sampling.update(dict(n=2, temperature=0.7, top_p=1.0, max_new_tokens=32))
+  c.arbitrage.update(dict(batch_size=64))
+  c.arbitrage.synthetic.n_per_language = 200
+  c.arbitrage.scorer.batch_size = 16
+  c.arbitrage.contrast.enabled = True
+  c.sft = blocks.training_block(sft.default_config(), 300, 2e-3, 16, 96)
   # the family models continue from sft_mixed, a shared multilingual warm start
   # (merged models need a shared trajectory; the world's base knows no task);
-  # init='base' trains them from the base model like the other SFT runs
-  c.sft_family = _train(150, 2e-3, 16, 96, init="mixed")
-  c.dpo = _train(60, 5e-4, 16, 96, beta=0.1, rpo_alpha=0.5)
-  # conservative on purpose: at lr 3e-4 / beta 0.1 the policy games the learned
-  # arbiter (its reward rises, the verifier's score on validation prompts falls)
-  c.online = _train(30, 1e-4, 16, 96, iterations=3, k=4, beta=0.3, rpo_alpha=0.5,
-                    max_new_tokens=32, temperature=1.0, per_family=False)
+  # warm_start='base' trains them from the base model like the other SFT runs
+  c.sft_family = blocks.training_block(sft.default_config(), 150, 2e-3, 16, 96,
+                                       warm_start="mixed")
+  c.dpo = blocks.training_block(dpo.default_config(), 60, 5e-4, 16, 96)
+  c.dpo.dpo.update(dict(beta=0.1, rpo_alpha=0.5))
+  # the online stage (iterative DPO; the rloo step runs the same block as RLOO);
+  # per_family (the pipeline's): each round per family, then merged. Conservative
+  # on purpose: at lr 3e-4 / beta 0.1 the policy games the learned arbiter (its
+  # reward rises, the verifier's score on validation prompts falls)
+  c.online = blocks.training_block(
+      online.default_config(), 30, 1e-4, 16, 96, per_family=False,
+      owned=("data.prompts", "dpo.reference_init", "online.algorithm", "online.families",
+             "online.scorer"))
+  c.online.online.update(dict(iterations=3, k=4, betas=(0.3,), max_new_tokens=32,
+                              temperature=1.0))
+  c.online.dpo.rpo_alpha = 0.5
   c.ablations = ml_collections.ConfigDict(dict(mixed=True, rloo=True))
-  c.eval = ml_collections.ConfigDict(dict(n_per_language=24, max_new_tokens=32, batch_size=64,
-                                          n_boot=1000))
+  # the eval stage: greedy answers to the world's n_per_language held-out test
+  # prompts per language, every model against sft_single
+  c.eval = blocks.block(evaluate.default_config(), owned=blocks.EVAL_OWNED)
+  c.eval.update(dict(n_per_language=24, max_new_tokens=32, batch_size=64, n_boot=1000))
   if variant == "gains":  # the slow test's run: 3 languages in 2 families, fewer steps
     c.world.languages = ("en", "fr", "zh")
     c.world.families = "european:en,fr;asian_semitic:en,zh"
     c.world.pretrain.update(dict(steps=200))
     c.world.teacher.update(dict(steps=250))
     c.world.report.update(dict(n_per_language=16))
-    c.reward_model.update(dict(steps=350))
+    blocks.reschedule(c.reward_model, 350)
     c.reward_model.samples.update(dict(n_per_language=150))
-    c.arbitrage.update(dict(n_per_language=120))
-    c.sft.update(dict(steps=150))
-    c.sft_family.update(dict(steps=80))
-    c.dpo.update(dict(steps=30))
-    c.online.update(dict(steps=15, iterations=2))
+    c.arbitrage.synthetic.n_per_language = 120
+    blocks.reschedule(c.sft, 150)
+    blocks.reschedule(c.sft_family, 80)
+    blocks.reschedule(c.dpo, 30)
+    blocks.reschedule(c.online, 15)
+    c.online.online.iterations = 2
     c.eval.update(dict(n_per_language=40))
     c.ablations.rloo = False
   if variant == "smoke":
@@ -167,11 +195,15 @@ def get_config(arg=None):
     c.world.weak.update(dict(steps=10, n_per_language=20))
     c.world.report.update(dict(n_per_language=4, max_new_tokens=12))
     c.world.data.update(dict(seq_len=64, batch_size=8))
-    c.reward_model.update(dict(steps=10, n_per_language=8, seq_len=64, batch_size=8))
+    blocks.reschedule(c.reward_model, 10)
+    c.reward_model.synthetic.n_per_language = 8
+    c.reward_model.data.update(dict(seq_len=64, batch_size=8))
     c.reward_model.samples.update(dict(n_per_language=4, k=1, max_new_tokens=12))
-    c.arbitrage.update(dict(n_per_language=6, max_new_tokens=12))
+    c.arbitrage.synthetic.n_per_language = 6
+    c.arbitrage.sampling.max_new_tokens = 12
     for block in (c.sft, c.sft_family, c.dpo, c.online):
-      block.update(dict(steps=6, seq_len=64, batch_size=8))
-    c.online.update(dict(iterations=2, k=2, max_new_tokens=12))
+      blocks.reschedule(block, 6)
+      block.data.update(dict(seq_len=64, batch_size=8))
+    c.online.online.update(dict(iterations=2, k=2, max_new_tokens=12))
     c.eval.update(dict(n_per_language=4, max_new_tokens=12, n_boot=200))
   return c

@@ -35,7 +35,8 @@ def test_32b_config_builds_on_the_8b_one():
   p32 = config_files.get_config(os.path.join(ROOT, "configs", "aya_expanse_32b.py:pipeline"))
   assert p32.stage == p8.stage == "pipeline"
   assert p32.inputs.base == "/data/models/aya-expanse-32b" != p8.inputs.base
-  assert (p32.sft.batch_size, p32.dpo.batch_size, tuple(p32.mesh.shape)) == (256, 256, (1, 256, 1))
+  assert (p32.sft.data.batch_size, p32.dpo.data.batch_size, tuple(p32.mesh.shape)) == \
+      (256, 256, (1, 256, 1))
   assert p32.inputs.teachers == p8.inputs.teachers and p32.online.to_dict() == p8.online.to_dict()
   with pytest.raises(ValueError, match="variants are"):
     config_files.get_config(os.path.join(ROOT, "configs", "aya_expanse_32b.py:typo"))
@@ -59,6 +60,6 @@ def test_cli_names_a_config_file_that_does_not_exist_in_one_line(tmp_path, flag)
 
 def test_cli_hint_lists_the_valid_fields_of_a_misspelt_override():
   from aya_jax import main  # defines absl flags: imported once per process, here only
-  hint = main._valid_keys_hint([f"--config={PIPELINE}:smoke", "--config.sft.stepz=3"])
-  assert "--config.sft.stepz: config.sft has no field 'stepz'" in hint
-  assert "steps" in hint.split("valid fields:")[1]
+  hint = main._valid_keys_hint([f"--config={PIPELINE}:smoke", "--config.sft.loop.num_stepz=3"])
+  assert "--config.sft.loop.num_stepz: config.sft.loop has no field 'num_stepz'" in hint
+  assert "num_steps" in hint.split("valid fields:")[1]

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
 # configs/pipeline.py:smoke, smaller: one language family, no ablations, one online round
 TINY_PIPELINE = {"world.languages": ("en", "fr"), "world.export_hf": True,
-                 "ablations.mixed": False, "ablations.rloo": False, "online.iterations": 1}
+                 "ablations.mixed": False, "ablations.rloo": False, "online.online.iterations": 1}
 RESULT = "__aya_test_result__"  # the line a probe cell prints, then JSON
 
 

@@ -13,6 +13,7 @@ from aya_jax import artifacts
 from aya_jax import checkpoint, config_files
 from aya_jax.data import formatting, records
 from aya_jax.models import config as model_config
+from aya_jax.recipe import blocks
 from aya_jax.models import hf
 from aya_jax.recipe import inputs as recipe_inputs
 from aya_jax.recipe import pipeline as recipe
@@ -80,7 +81,7 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
   assert recipe.run(c, work)["ran"] == []
   # 4. a changed block re-runs that step and those after it, nothing before
   with c.unlocked():
-    c.dpo.beta = 0.2
+    c.dpo.dpo.beta = 0.2
   ran = recipe.run(c, work)["ran"]
   assert ran == ["dpo_european", "dpo_slavic_turkic", "dpo_merged", "online", "rloo", "eval"]
   # 5. a copy (cp -a) with a changed value trains from the copy's files, not the original's
@@ -92,7 +93,7 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
     raise Killed("stop")
   monkeypatch.setattr(recipe.steps, "run_dpo", stop)
   with c.unlocked():
-    c.dpo.beta = 0.3
+    c.dpo.dpo.beta = 0.3
   with pytest.raises(Killed):
     recipe.run(c, copy)
   assert seen == [(os.path.join(copy, "sft_merged", "params"),
@@ -101,13 +102,14 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
   # 6. a step whose output was deleted runs again; what follows it is still trusted
   shutil.rmtree(os.path.join(work, "sft_merged", "params"))
   with c.unlocked():
-    c.dpo.beta = 0.2
+    c.dpo.dpo.beta = 0.2
   assert recipe.run(c, work)["ran"] == ["sft_merged"]
   assert checkpoint.is_params_dir(os.path.join(work, "sft_merged", "params"))
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("sft_family.init", "foo", r"config\.sft_family\.init='foo': 'foo' is not one of \['base', "
+    ("sft_family.warm_start", "foo", r"config\.sft_family\.warm_start='foo': 'foo' is not one "
+     r"of \['base', "
      r"'mixed'\]"),
     ("mesh.rules", "fsdp_pt", r"config\.mesh\.rules='fsdp_pt': .* not one of \['', 'dp', 'fsdp', "
      r"'fsdp_tp'\]"),
@@ -116,7 +118,8 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
     ("world.languages", ("en", "xx"), r"config\.world\.languages=\('en', 'xx'\): 'xx' is not"),
     ("world.tasks", ("next_day", "nextday"), r"config\.world\.tasks=.*'nextday' is not"),
     ("world.model.family", "lama", r"config\.world\.model\.family='lama'"),
-    ("reward_model.kinds", ("english", "verbos"), r"config\.reward_model\.kinds=.*'verbos'"),
+    ("reward_model.synthetic.kinds", ("english", "verbos"),
+     r"config\.reward_model\.synthetic\.kinds=.*'verbos'"),
     ("arbitrage.baseline_teacher", "eu", r"config\.arbitrage\.baseline_teacher='eu': not a "
      r"teacher \['european', 'slavic_turkic'\]"),
 ])
@@ -178,11 +181,11 @@ def _real_config(dirs):
       families="european:en,fr;slavic:en,ru", prompts=(dirs["train"],),
       eval_prompts=dirs["eval"]))
   c.ablations.update(dict(mixed=False, rloo=False))  # the world's smoke test runs them
-  c.sft_family.init = "base"  # family models from the base: no sft_mixed step at all
+  c.sft_family.warm_start = "base"  # family models from the base: no sft_mixed step at all
   for block in (c.sft, c.sft_family, c.dpo, c.online):
-    block.update(dict(steps=2, checkpoint_every=2))
-  c.online.iterations = 1
-  c.arbitrage.min_gap = 0.0  # a random reward model's scores are close together
+    blocks.reschedule(block, 2).loop.checkpoint_every = 2
+  c.online.online.iterations = 1
+  c.arbitrage.routing.min_gap = 0.0  # a random reward model's scores are close together
   return c
 
 

@@ -20,7 +20,7 @@ def _config(variant="smoke"):
 def test_dpo_without_pairs_blames_min_gap(tmp_path):
   # no pairs at all is recorded as "" and blamed on min_gap, with no path to mislead
   with pytest.raises(ValueError, match=r"^arbitrage kept no best/worst pair \(every score gap "
-                                       r"below config\.arbitrage\.min_gap"):
+                                       r"below config\.arbitrage\.routing\.min_gap"):
     recipe_steps.run_dpo(_config(), str(tmp_path / "dpo"), "tok", "init", dict(pairs=""), ["en"])
 
 
@@ -40,7 +40,8 @@ def test_pipeline_online_rounds_are_one_online_run(tmp_path, monkeypatch):
   monkeypatch.setattr(recipe_steps, "scorer", lambda *a, **k: object())  # online.run is faked
   monkeypatch.setattr(recipe_steps, "filter_languages", lambda path, out, langs, *a: path)
   c = _config()
-  c.online.iterations, c.online.per_family, c.online.beta = 3, True, 0.25
+  c.online.online.iterations, c.online.per_family, c.online.online.betas = 3, True, (0.25,)
+  c.online.dpo.rpo_alpha = 0.75
   inputs = recipe_inputs.Inputs(tokenizer="tok", base="", teachers={},
                                 families={"eu": ("en", "fr"), "sl": ("en", "ru")},
                                 languages=("en", "fr", "ru"))
@@ -50,6 +51,6 @@ def test_pipeline_online_rounds_are_one_online_run(tmp_path, monkeypatch):
   (stage_config,) = seen
   assert stage_config.model.init == stage_config.dpo.reference_init == "start/params"
   assert stage_config.online.iterations == 3 and stage_config.online.algorithm == "rloo"
-  assert tuple(stage_config.online.betas) == (0.25,)
+  assert tuple(stage_config.online.betas) == (0.25,) and stage_config.dpo.rpo_alpha == 0.75
   assert stage_config.online.families == "eu:en,fr;sl:en,ru"
   assert tuple(stage_config.data.prompts) == ("sft.jsonl",)

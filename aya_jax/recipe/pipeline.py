@@ -30,14 +30,14 @@ CHOICES = {
     "mesh.rules": ("",) + tuple(axes.PRESETS),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
-    "sft_family.init": ("base", "mixed"),
+    "sft_family.warm_start": ("base", "mixed"),
 }
 WORLD_CHOICES = {  # only without real inputs
     "world.model.family": model_config.FAMILIES,
     "world.languages": synthetic.LANGUAGES,
     "world.tasks": synthetic.TASKS,
     "world.weak_languages": synthetic.LANGUAGES,
-    "reward_model.kinds": preference.CORRUPTIONS,
+    "reward_model.synthetic.kinds": preference.CORRUPTIONS,
 }
 
 
@@ -114,9 +114,9 @@ def run(config, workdir: str) -> dict:
       lambda d: steps.run_arbitrage(config, d, inputs, arbiter),
       lambda _, d: headlines.arbitrage(d))
 
-  def sft_step(name, data_fn, block=config.sft, init=inputs.base, init_hash=None, **family):
-    spec = dict(**inputs_spec("base", **family), arb=arbitrage_hash, sft=_cfg_dict(block),
-                name=name)
+  def sft_step(name, data_fn, block="sft", init=inputs.base, init_hash=None, **family):
+    spec = dict(**inputs_spec("base", **family), arb=arbitrage_hash,
+                sft=_cfg_dict(config[block]), name=name)
     if init_hash is not None:
       spec["init"] = init_hash
     return runner.step(name, spec, lambda d: steps.run_sft(config, d, tokenizer, init,
@@ -125,9 +125,8 @@ def run(config, workdir: str) -> dict:
 
   single, _ = sft_step("sft_single", lambda d: arbitraged["single"])
   models = {"sft_single": single["params"]}
-  # the family runs (default: like the others, from base)
-  family_block = config.get("sft_family") or config.sft
-  warm_start = family_block.get("init", "base")  # 'base' | 'mixed' (check_config)
+  # the family runs: from sft_mixed (sft_family.warm_start='mixed') or from base
+  warm_start = config.sft_family.warm_start  # 'base' | 'mixed' (check_config)
   if config.ablations.mixed or warm_start == "mixed":
     mixed, mixed_hash = sft_step("sft_mixed", lambda d: arbitraged["sft"])
     models["sft_mixed"] = mixed["params"]
@@ -137,7 +136,7 @@ def run(config, workdir: str) -> dict:
     out, spec_hash = sft_step(
         f"sft_{name}", lambda d, fl=family_languages: steps.filter_languages(
             arbitraged["sft"], os.path.join(d, "data.jsonl"), fl),
-        block=family_block, fam=list(family_languages), **start)
+        block="sft_family", fam=list(family_languages), **start)
     family_sft[name] = out["params"]
     family_sft_hashes.append(spec_hash)
   merged_sft, merged_sft_hash = runner.step(

@@ -22,38 +22,14 @@ from aya_jax.arbitrage import stage as arbitrage
 from aya_jax.arbitrage import teachers
 from aya_jax.data import atomic, records
 from aya_jax.merging import pytree
+from aya_jax.recipe import blocks
 from aya_jax.recipe.inputs import Inputs
 from aya_jax.sampling import methods
-from aya_jax.train import common, dpo, online, reward_model, sft
+from aya_jax.train import dpo, online, reward_model, sft
 from aya_jax.world import bootstrap as world
 from aya_jax.world import evaluate as world_evaluate
 from aya_jax.world import tasks as world_tasks
 from aya_jax.world import verifier
-
-
-# ------------------------------------------------------------ stage configs
-
-
-def train_block(stage_config, block, tokenizer: str, init: str, config):
-  """Applies the pipeline's {steps, lr, batch_size, seq_len, checkpoint_every
-  (optional; default half the steps)}, its mesh and its model settings
-  (config.model: dtype, remat, vocab_chunk) to a stage config."""
-  c = stage_config
-  c.tokenizer, c.model.init, c.seed = tokenizer, init, block.get("seed", c.seed)
-  common.set_schedule(c, block.steps, block.lr, block.batch_size, block.seq_len,
-                      warmup_steps=min(block.steps // 10, 20),
-                      log_every=max(1, block.steps // 5),
-                      checkpoint_every=block.get("checkpoint_every") or max(1, block.steps // 2))
-  c.loop.eval_every = 0
-  c.mesh.shape = tuple(config.mesh.shape)
-  c.mesh.rules = config.mesh.rules or c.mesh.rules
-  model = config.get("model")
-  for key, value in (model.items() if model is not None else ()):
-    if key not in c.model or key in ("init", "preset"):
-      raise ValueError(f"config.model.{key}: not a setting of the {c.stage} stage's model "
-                       f"block ({sorted(set(c.model) - {'init', 'preset'})})")
-    c.model[key] = value
-  return c
 
 
 def filter_languages(path: str, out: str, languages, required: bool = True):
@@ -94,11 +70,14 @@ def _rules(config) -> str:
 
 
 def scorer(inputs: Inputs, config, arbiter: dict, judge: bool = False):
-  """The arbiter (or, `judge`, the eval judge) as a RewardModelScorer."""
+  """The arbiter (or, `judge`, the eval judge) as a RewardModelScorer, scoring in
+  batches of config.arbitrage.scorer.batch_size."""
   path, tokenizer = (inputs.judge, inputs.judge_tokenizer) if judge else (
       arbiter["params"], arbiter.get("tokenizer") or inputs.tokenizer)
+  s = config.arbitrage.scorer
   return reward.RewardModelScorer.load(path, tokenizer, mesh=_mesh(inputs, config),
-                                       rules=_rules(config))
+                                       rules=_rules(config), batch_size=s.batch_size,
+                                       max_len=s.max_len or None)
 
 
 # ------------------------------------------------------------------- steps
@@ -117,19 +96,18 @@ def train_reward_model(config, directory, inputs: Inputs):
   ones, and (reward_model.samples) the world models' own answers to other
   training prompts, labelled by the verifier: what the arbiter will judge."""
   block = config.reward_model
-  stage_config = train_block(reward_model.default_config(), block, inputs.tokenizer,
-                             inputs.base, config)
-  stage_config.synthetic.n_per_language = block.n_per_language
+  stage_config = blocks.training_stage(reward_model.default_config(), block, "reward_model",
+                                       config, inputs.tokenizer, inputs.base, ("samples",))
   stage_config.synthetic.languages = tuple(config.world.languages)
   stage_config.synthetic.tasks = tuple(config.world.tasks)
-  stage_config.synthetic.kinds = tuple(block.kinds)
   samples = block.get("samples")
   if samples is not None and samples.n_per_language > 0:
     train, valid, _ = reward_model.synthetic_data(stage_config, directory)
     recs = world_tasks.make_split("train", samples.n_per_language, config.seed + 2,
                                   tuple(config.world.languages), tuple(config.world.tasks))
     completions = os.path.join(directory, "sample_completions.jsonl")
-    pool(inputs, samples, config.seed + 2).answer(_prompt_records(recs), completions)
+    pool(inputs, samples.k, samples.temperature, samples.max_new_tokens, samples.batch_size,
+         config.seed + 2).answer(_prompt_records(recs), completions)
     pairs = contrast.sample_labelled_pairs(
         records.read_jsonl(completions, "completion"), min_gap=samples.min_gap,
         max_per_prompt=samples.max_pairs_per_prompt, seed=config.seed)
@@ -143,17 +121,18 @@ def train_reward_model(config, directory, inputs: Inputs):
   return dict(params=os.path.join(directory, "params"), eval=accuracy)
 
 
-def pool(inputs: Inputs, block, seed: int, config=None):
-  """The teachers (block.k samples each) and the weak model (one sample, when
-  there is one); each teacher with its own tokenizer on real inputs."""
-  method = methods.from_config(block.temperature, 0, 1.0)
+def pool(inputs: Inputs, k: int, temperature: float, max_new_tokens: int, batch_size: int,
+         seed: int, config=None, top_k: int = 0, top_p: float = 1.0):
+  """The teachers (k samples each) and the weak model (one sample, when there is
+  one); each teacher with its own tokenizer on real inputs."""
+  method = methods.from_config(temperature, top_k, top_p)
   members = [teachers.Teacher(name, inputs.teachers[name], inputs.tokenizer_of(name), method,
-                              block.k, block.max_new_tokens) for name in inputs.teacher_names]
+                              k, max_new_tokens) for name in inputs.teacher_names]
   if inputs.weak:
     members.append(teachers.Teacher("weak", inputs.weak, inputs.tokenizer_of("weak"), method,
-                                    1, block.max_new_tokens))
+                                    1, max_new_tokens))
   mesh = _mesh(inputs, config) if config is not None else None
-  return teachers.TeacherPool(members, batch_size=block.batch_size, seed=seed, mesh=mesh,
+  return teachers.TeacherPool(members, batch_size=batch_size, seed=seed, mesh=mesh,
                               rules=_rules(config))
 
 
@@ -176,7 +155,8 @@ def _prompt_file(config, directory, inputs: Inputs) -> str:
     logging.info("arbitrage: %d of %d prompts in %s", len(kept), len(prompts), sorted(langs))
     records.write_jsonl(out, kept)
     return out
-  split = world_tasks.make_split("train", config.arbitrage.n_per_language, config.seed + 1,
+  split = world_tasks.make_split("train", config.arbitrage.synthetic.n_per_language,
+                                 config.seed + 1,
                                  tuple(config.world.languages), tuple(config.world.tasks))
   records.write_jsonl(os.path.join(directory, "prompts.jsonl"), split)
   records.write_jsonl(out, _prompt_records(split))
@@ -194,13 +174,13 @@ def run_arbitrage(config, directory, inputs: Inputs, arbiter: dict):
   lexicon; real inputs: prompted `inputs.translator`, only when set) and the
   single-teacher baseline's data."""
   block = config.arbitrage
-  stage_config = arbitrage.default_config()
+  stage_config = blocks.stage_config(arbitrage.default_config(), block, "arbitrage",
+                                     ("baseline_teacher",))
   names = inputs.teacher_names
-  with_contrast = block.contrast and (not inputs.real or bool(inputs.translator))
+  with_contrast = block.contrast.enabled and (not inputs.real or bool(inputs.translator))
   with stage_config.unlocked():
     stage_config.seed, stage_config.mode = config.seed, "reward"
     stage_config.synthetic.teachers = ""
-    stage_config.routing.min_gap = block.min_gap
     stage_config.scorer.kind, stage_config.scorer.path = "reward_model", arbiter["params"]
     stage_config.scorer.tokenizer = arbiter.get("tokenizer") or inputs.tokenizer
     stage_config.contrast.enabled = with_contrast
@@ -210,7 +190,10 @@ def run_arbitrage(config, directory, inputs: Inputs, arbiter: dict):
       stage_config.contrast.translator = "prompted"
       stage_config.contrast.translator_teacher = inputs.translator
     stage_config.prompts = _prompt_file(config, directory, inputs)
-  report = arbitrage.run(stage_config, directory, pool=pool(inputs, block, config.seed, config),
+  s = block.sampling
+  members = pool(inputs, s.n, s.temperature, s.max_new_tokens, block.batch_size, config.seed,
+                 config, s.top_k, s.top_p)
+  report = arbitrage.run(stage_config, directory, pool=members,
                          scorer=scorer(inputs, config, arbiter))
   baseline = block.baseline_teacher or names[0]
   if baseline not in names:
@@ -242,18 +225,20 @@ def _single_teacher(directory: str, teacher: str) -> str:
   return path
 
 
-def run_sft(config, directory, tokenizer, init, data, block=None):
-  stage_config = train_block(sft.default_config(), block or config.sft, tokenizer, init, config)
+def run_sft(config, directory, tokenizer, init, data, name="sft"):
+  """The sft stage with the block config.<name> (sft or sft_family) on `data`."""
+  stage_config = blocks.training_stage(sft.default_config(), config[name], name, config,
+                                       tokenizer, init, ("warm_start",))
   stage_config.data.train = (data,)
   return dict(params=sft.run(stage_config, directory))
 
 
 def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages):
-  stage_config = train_block(dpo.default_config(), config.dpo, tokenizer, init, config)
-  stage_config.dpo.beta, stage_config.dpo.rpo_alpha = config.dpo.beta, config.dpo.rpo_alpha
+  stage_config = blocks.training_stage(dpo.default_config(), config.dpo, "dpo", config,
+                                       tokenizer, init)
   if not arbitraged["pairs"]:
     raise ValueError("arbitrage kept no best/worst pair (every score gap below "
-                     "config.arbitrage.min_gap? see arbitrage/report.md)")
+                     "config.arbitrage.routing.min_gap? see arbitrage/report.md)")
   files = [filter_languages(arbitraged["pairs"], os.path.join(directory, "pairs.jsonl"),
                             family_languages)]
   if arbitraged.get("contrast"):
@@ -266,27 +251,23 @@ def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages):
 
 def run_online(config, directory, inputs: Inputs, init, arbiter, arbitraged, languages,
                algorithm):
-  """`online.iterations` rounds of the online stage from `init` on the arbitrage
-  prompts, ranked by the arbiter (per family then merged when online.per_family);
-  the policy of every round."""
+  """`online.online.iterations` rounds of the online stage from `init` on the
+  arbitrage prompts, ranked by the arbiter (per family then merged when
+  online.per_family); the policy of every round."""
   block = config.online
-  stage_config = train_block(online.default_config(), block, inputs.tokenizer, init, config)
-  stage_config.dpo.rpo_alpha = block.rpo_alpha
+  stage_config = blocks.training_stage(online.default_config(), block, "online", config,
+                                       inputs.tokenizer, init, ("per_family",))
   # one fixed reference for every round (RLOO's KL): the stage's start
   stage_config.dpo.reference_init = init
-  stage_config.online.algorithm, stage_config.online.iterations = algorithm, block.iterations
-  stage_config.online.k, stage_config.online.betas = block.k, (block.beta,)
-  stage_config.online.max_new_tokens = block.max_new_tokens
-  stage_config.online.temperature = block.temperature
+  stage_config.online.algorithm = algorithm
   if block.per_family:
     stage_config.online.families = ";".join(
         f"{name}:{','.join(langs)}" for name, langs in inputs.families.items())
-  stage_config.seed = config.seed
   stage_config.data.prompts = (filter_languages(
       arbitraged["sft"], os.path.join(directory, "prompts_sft.jsonl"), languages),)
   online.run(stage_config, directory, scorer=scorer(inputs, config, arbiter))
   return dict(rounds=[os.path.join(directory, f"iter_{i}", "params")
-                      for i in range(block.iterations)])
+                      for i in range(block.online.iterations)])
 
 
 def _eval_prompts(path: str, languages) -> list:
@@ -312,7 +293,8 @@ def run_eval(config, directory, inputs: Inputs, models: dict, languages, arbiter
     judge, judge_name = verifier.Verifier(), "verifier"
   records.write_jsonl(os.path.join(directory, "prompts.jsonl"), prompts)
   mesh = _mesh(inputs, config)  # real inputs on several devices: the run's mesh
-  answering = {name: evaluation.Model(name, path, inputs.tokenizer,
+  method = methods.from_config(block.temperature, block.top_k, block.top_p)
+  answering = {name: evaluation.Model(name, path, inputs.tokenizer, method,
                                       max_new_tokens=block.max_new_tokens,
                                       batch_size=block.batch_size, seed=config.seed, mesh=mesh,
                                       rules=_rules(config))
@@ -321,7 +303,7 @@ def run_eval(config, directory, inputs: Inputs, models: dict, languages, arbiter
   baseline = answering["sft_single"]
   for name, model in answering.items():
     results[name] = evaluation.compare(model, baseline, prompts, judge, block.n_boot,
-                                       config.seed, answers=answers,
+                                       config.seed, block.tie_margin, answers=answers,
                                        reference=world_evaluate.verifier_scores)
   atomic.write_json(os.path.join(directory, "answers.json"), answers)
   atomic.write_json(os.path.join(directory, "per_prompt.json"),  # the report's paired intervals
