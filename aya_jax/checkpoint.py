@@ -191,46 +191,64 @@ def _as_dict(tree) -> Any:
 
 
 def is_model_dir(path: str) -> bool:
-  """An aya_jax params/ directory or a Hugging Face directory (config.json)."""
-  return is_params_dir(path) or os.path.exists(os.path.join(path, "config.json"))
+  """An aya_jax params/ directory, a Hugging Face directory (config.json) or a GGUF
+  file (or a directory holding one)."""
+  from aya_jax.models import gguf
+  return (is_params_dir(path) or os.path.exists(os.path.join(path, "config.json"))
+          or gguf.is_gguf(path))
 
 
 def _kind(path: str) -> str:
+  from aya_jax.models import gguf
   if is_params_dir(path):
     return "params"
-  if is_model_dir(path):
+  if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
+  if gguf.is_gguf(path):
+    return "gguf"
   raise FileNotFoundError(
-      f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}) nor a Hugging Face "
-      "directory (config.json)")
+      f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}), a Hugging Face "
+      "directory (config.json) nor a GGUF file")
 
 
 def peek_config(path: str) -> ModelConfig:
-  """The ModelConfig of a params/ dir or an HF dir, without reading arrays."""
-  if _kind(path) == "params":
+  """The ModelConfig of a params/ dir, an HF dir or a GGUF, without reading arrays."""
+  kind = _kind(path)
+  if kind == "params":
     with open(os.path.join(path, MODEL_CONFIG)) as f:
       return ModelConfig.from_dict(json.load(f))
+  if kind == "gguf":
+    from aya_jax.models import gguf
+    return gguf.read_config(path)
   from aya_jax.models import hf_config
   return hf_config.read_config(path)
 
 
 def load_model(path: str, shardings=None, language_model: bool = False):
-  """(ModelConfig, params) from an aya_jax params/ dir or a Hugging Face dir. With
+  """(ModelConfig, params) from an aya_jax params/ dir, a Hugging Face dir or a GGUF. With
   `language_model`, a reward model (a value head, no LM head) is refused up front."""
   if language_model and peek_config(path).value_head:
     raise ValueError(f"the checkpoint at {path} is a reward model (a value head, no LM head): "
                      "it cannot initialise a language model; give a language model "
                      "(an SFT or base checkpoint)")
-  if _kind(path) == "params":
+  kind = _kind(path)
+  if kind == "params":
     return load_params(path, shardings)
+  if kind == "gguf":
+    from aya_jax.models import gguf
+    return gguf.load(path, shardings=shardings)
   from aya_jax.models import hf
   return hf.load(path, shardings=shardings)
 
 
 def open_reader(path: str):
   """A per-tensor reader of a params/ dir (ParamsReader) or a HF dir (hf.Reader)."""
-  if _kind(path) == "params":
+  kind = _kind(path)
+  if kind == "params":
     return ParamsReader(path)
+  if kind == "gguf":
+    from aya_jax.models import gguf
+    return gguf.Reader(path)
   from aya_jax.models import hf
   return hf.Reader(path)
 

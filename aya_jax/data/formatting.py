@@ -184,13 +184,22 @@ def _verify_trained(tok, out_dir, vocab_size, sample_texts):
 
 
 def has_tokenizer(path: str | os.PathLike) -> bool:
-  """Whether the directory holds the files of an HF tokenizer."""
-  return any(os.path.exists(os.path.join(os.fspath(path), f)) for f in _TOKENIZER_FILES)
+  """Whether `path` holds a tokenizer: a directory with the files of an HF tokenizer,
+  or a GGUF model (its tokenizer is converted when loaded)."""
+  from aya_jax.models import gguf
+  return (any(os.path.exists(os.path.join(os.fspath(path), f)) for f in _TOKENIZER_FILES)
+          or gguf.is_gguf(path))
 
 
 def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = True):
-  """Loads an HF tokenizer from a local directory, never from the Hub."""
+  """Loads an HF tokenizer from a local directory, never from the Hub; a GGUF
+  model's (a .gguf file, or a directory holding one and no tokenizer files) from
+  the tokenizer directory converted from it (models.gguf.tokenizer_dir, cached)."""
   path = os.fspath(path)
+  from aya_jax.models import gguf
+  if gguf.is_gguf(path):  # a .gguf, or a directory with one and no config.json
+    if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+      path = gguf.tokenizer_dir(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path} does not exist')
   if not has_tokenizer(path):

@@ -332,24 +332,11 @@ def load(path, dtype=np.float32, shardings=None):
   jax.sharding.Sharding matching params), jax arrays put leaf by leaf.
   """
   reader = Reader(path)
-  cfg, params = reader.cfg, {}
+  cfg = reader.cfg
   for name, (_, _, _, is_layer) in reader.leaves.items():  # all there, before allocating
     for i in range(cfg.n_layers) if is_layer else [None]:
       reader._leaf(name, i)
-  for leaf, _, _, shape, is_layer in entries(cfg):
-    if is_layer:
-      out = np.empty((cfg.n_layers,) + shape, dtype)
-      for i in range(cfg.n_layers):
-        out[i] = reader.read("/".join(leaf), i)
-    else:
-      out = np.array(reader.read("/".join(leaf)), dtype)
-    if shardings is not None:
-      import jax  # only when placing on devices
-      out = jax.device_put(out, _tree_get(shardings, leaf))
-    node = params
-    for k in leaf[:-1]:
-      node = node.setdefault(k, {})
-    node[leaf[-1]] = out
+  params = assemble(reader, dtype, shardings)
   used = {name.format(i=i) for name, _, _, is_layer in reader.leaves.values()
           for i in (range(cfg.n_layers) if is_layer else [0])}
   extra = sorted(n for n in set(reader.tensors) - used if not n.endswith(IGNORABLE_SUFFIXES))
@@ -364,6 +351,27 @@ def load(path, dtype=np.float32, shardings=None):
                      f"by {cfg.family} with this config.json; {len(extra)} unexpected in all: "
                      f"{extra[:8]})")
   return cfg, params
+
+
+def assemble(reader, dtype=np.float32, shardings=None) -> dict:
+  """The params of `reader.cfg`, a leaf (one layer at a time) from `reader.read(path,
+  layer)`: numpy arrays of `dtype`, or jax arrays put on `shardings` leaf by leaf."""
+  cfg, params = reader.cfg, {}
+  for leaf, _, _, shape, is_layer in entries(cfg):
+    if is_layer:
+      out = np.empty((cfg.n_layers,) + shape, dtype)
+      for i in range(cfg.n_layers):
+        out[i] = reader.read("/".join(leaf), i)
+    else:
+      out = np.array(reader.read("/".join(leaf)), dtype)
+    if shardings is not None:
+      import jax  # only when placing on devices
+      out = jax.device_put(out, _tree_get(shardings, leaf))
+    node = params
+    for k in leaf[:-1]:
+      node = node.setdefault(k, {})
+    node[leaf[-1]] = out
+  return params
 
 
 def save(cfg: ModelConfig, params, path, dtype=np.float32, max_shard_bytes=5 * 2**30):

@@ -85,7 +85,7 @@ def _model(field: str, path: str) -> str:
   path = _exists(field, path)
   if not checkpoint.is_model_dir(path):
     raise ValueError(f"{FIELD}.{field}={path!r}: neither an aya_jax params/ directory nor a "
-                     "Hugging Face directory (config.json)")
+                     "Hugging Face directory (config.json) nor a GGUF file")
   return path
 
 
