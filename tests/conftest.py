@@ -62,6 +62,13 @@ HF_TINY_VARIANTS = {
                              rope_theta=10000.0))),
     "gemma2": ("Gemma2Config", dict(sliding_window=4, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=2.0, final_logit_softcapping=1.5)),
+    # a sliding layer (window 4, its own RoPE base) then a full one (linear scaling)
+    "gemma3": ("Gemma3TextConfig", dict(
+        sliding_window=4, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=100.0),
+                         "full_attention": dict(rope_type="linear", factor=2.0,
+                                                rope_theta=10000.0)})),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True,
                                   rope_parameters=dict(rope_type="default",
                                                        rope_theta=1000000.0))),

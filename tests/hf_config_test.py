@@ -21,6 +21,11 @@ from aya_jax.models import hf_config
                     value_head=True),
     config_lib.tiny("gemma2"),
     config_lib.tiny("gemma2", sliding_windows=None, attn_softcap=None, final_softcap=None),
+    config_lib.tiny("gemma3"),
+    config_lib.tiny("gemma3", rope_scaling=("linear", 8.0), rope_local_theta=100.0,
+                    value_head=True, n_layers=6,
+                    sliding_windows=(4, 4, 4, 4, 4, None)),
+    config_lib.preset("gemma3_270m"),
     config_lib.tiny("qwen2", tie_embeddings=True, rope_theta=1e6, norm_eps=1e-5),
     config_lib.tiny("qwen2", value_head=True, pad_id=None, eos_ids=()),
 ], ids=lambda c: c.family)

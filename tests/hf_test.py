@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from aya_jax.models import config as config_lib
 from aya_jax.models import forward, hf, hf_config
 
-VARIANTS = ("cohere", "cohere_qk", "llama", "llama_bias", "gemma2", "qwen2")
+VARIANTS = ("cohere", "cohere_qk", "llama", "llama_bias", "gemma2", "gemma3", "qwen2")
 
 
 def _tensors(path):
@@ -142,10 +142,16 @@ def test_logits_parity_with_transformers(hf_tiny_dirs, variant):
   valid = mask.astype(bool)
   scale = 1.0 / cfg.logit_scale  # cohere logits are scaled by 1/16: compare before scaling
   np.testing.assert_allclose(ours[valid] * scale, ref[valid] * scale, rtol=0, atol=1e-4)
-  if variant == "gemma2":  # the window matters in this test
+  if variant in ("gemma2", "gemma3"):  # the window matters in this test
     full = np.asarray(forward(cfg.replace(sliding_windows=None), params, tokens,
                               segment_ids=mask))
     assert np.abs(full[valid] - ref[valid]).max() > 1e-3
+  if variant == "gemma3":  # and the sliding layer's own RoPE base, and the shared q/k norms
+    assert cfg.rope_local_theta == 100.0 and cfg.rope_scaling == ("linear", 2.0)
+    one_base = np.asarray(forward(cfg.replace(rope_local_theta=None), params, tokens,
+                                  segment_ids=mask))
+    assert np.abs(one_base[valid] - ref[valid]).max() > 1e-3
+    assert params["layers"]["attn"]["q_norm"]["scale"].shape == (2, 16)
 
 
 def test_value_head_parity_with_sequence_classification(hf_tiny_dirs, tmp_path):

@@ -203,11 +203,15 @@ class Attention(nn.Module):
     q = Dense(c, (d,), (h, dh), ("embed",), ("heads", "kv"), c.qkv_bias, name="q")(x)
     kk = Dense(c, (d,), (k, dh), ("embed",), ("kv_heads", "kv"), c.qkv_bias, name="k")(x)
     v = Dense(c, (d,), (k, dh), ("embed",), ("kv_heads", "kv"), c.qkv_bias, name="v")(x)
-    if c.qk_norm:
+    if c.qk_norm and c.qk_norm_shared:  # Gemma 3: one [Dh] weight for every head
+      q = Norm(c, (dh,), ("kv",), name="q_norm")(q)
+      kk = Norm(c, (dh,), ("kv",), name="k_norm")(kk)
+    elif c.qk_norm:  # Cohere: a weight per head
       q = Norm(c, (h, dh), ("heads", "kv"), name="q_norm")(q)
       kk = Norm(c, (k, dh), ("kv_heads", "kv"), name="k_norm")(kk)
-    q = apply_rope(q, positions, c)
-    kk = apply_rope(kk, positions, c)
+    local = window < NO_WINDOW  # a sliding-window layer (Gemma 3: its own RoPE base)
+    q = apply_rope(q, positions, c, local)
+    kk = apply_rope(kk, positions, c, local)
 
     new_cache = None
     if layer_cache is not None:

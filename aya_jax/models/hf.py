@@ -63,8 +63,14 @@ _ATTN = [
     ("layers/attn/k/bias", _L + "self_attn.k_proj.bias", "flat", "K Dh", "qkv_bias"),
     ("layers/attn/v/bias", _L + "self_attn.v_proj.bias", "flat", "K Dh", "qkv_bias"),
     ("layers/attn/o/bias", _L + "self_attn.o_proj.bias", "copy", "D", "o_bias"),
+]
+_QK_NORM = [  # Cohere: per head
     ("layers/attn/q_norm/scale", _L + "self_attn.q_norm.weight", "copy", "H Dh", "qk_norm"),
     ("layers/attn/k_norm/scale", _L + "self_attn.k_norm.weight", "copy", "K Dh", "qk_norm"),
+]
+_QK_NORM_SHARED = [  # Gemma 3: one weight for every head
+    ("layers/attn/q_norm/scale", _L + "self_attn.q_norm.weight", "copy", "Dh", "qk_norm"),
+    ("layers/attn/k_norm/scale", _L + "self_attn.k_norm.weight", "copy", "Dh", "qk_norm"),
 ]
 _MLP = [
     ("layers/mlp/gate/kernel", _L + "mlp.gate_proj.weight", "lin", "D F", None),
@@ -76,15 +82,16 @@ _MLP = [
 ]
 _SEQUENTIAL = [_norm("pre_attn_norm", "input_layernorm"),
                _norm("pre_mlp_norm", "post_attention_layernorm")]
+_SANDWICH = [_norm("pre_attn_norm", "input_layernorm"),
+             _norm("post_attn_norm", "post_attention_layernorm"),
+             _norm("pre_mlp_norm", "pre_feedforward_layernorm"),
+             _norm("post_mlp_norm", "post_feedforward_layernorm")]
 TABLES = {
-    "cohere": _ENDS + _ATTN + _MLP + [_norm("pre_attn_norm", "input_layernorm")],
+    "cohere": _ENDS + _ATTN + _QK_NORM + _MLP + [_norm("pre_attn_norm", "input_layernorm")],
     "llama": _ENDS + _ATTN + _MLP + _SEQUENTIAL,
     "qwen2": _ENDS + _ATTN + _MLP + _SEQUENTIAL,
-    "gemma2": _ENDS + _ATTN + _MLP + [
-        _norm("pre_attn_norm", "input_layernorm"),
-        _norm("post_attn_norm", "post_attention_layernorm"),
-        _norm("pre_mlp_norm", "pre_feedforward_layernorm"),
-        _norm("post_mlp_norm", "post_feedforward_layernorm")],
+    "gemma2": _ENDS + _ATTN + _MLP + _SANDWICH,
+    "gemma3": _ENDS + _ATTN + _QK_NORM_SHARED + _MLP + _SANDWICH,
 }
 
 

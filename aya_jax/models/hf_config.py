@@ -22,13 +22,17 @@ ARCHITECTURES = {
     "cohere": ("CohereForCausalLM", None),
     "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
     "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
 }
+# family -> config.json model_type where it is not the family's name
+MODEL_TYPES = {"gemma3": "gemma3_text"}
 # family -> config.json keys that differ, and the HF default rope theta
 _HF_KEYS = {
     "cohere": dict(eps="layer_norm_eps", act="hidden_act", theta=500000.0),
     "llama": dict(eps="rms_norm_eps", act="hidden_act", theta=10000.0),
     "gemma2": dict(eps="rms_norm_eps", act="hidden_activation", theta=10000.0),
+    "gemma3": dict(eps="rms_norm_eps", act="hidden_activation", theta=1000000.0),
     "qwen2": dict(eps="rms_norm_eps", act="hidden_act", theta=10000.0),
 }
 _ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -45,10 +49,24 @@ def _family_of(d: dict, source: str) -> tuple[str, str]:
     raise ValueError(f"unsupported architecture {arch!r} in {source}; supported: "
                      f"{[a for c in ARCHITECTURES.values() for a in c if a]}")
   model_type = d.get("model_type")
-  if model_type in ARCHITECTURES:
-    return model_type, ARCHITECTURES[model_type][0]
+  family = {v: k for k, v in MODEL_TYPES.items()}.get(model_type, model_type)
+  if family in ARCHITECTURES:
+    return family, ARCHITECTURES[family][0]
   raise ValueError(f"unsupported model_type {model_type!r} (no architectures) in {source}; "
                    f"supported: {sorted(ARCHITECTURES)}")
+
+
+def _local_rope_from_hf(d: dict, source: str) -> tuple[dict, float]:
+  """Gemma 3: (the full-attention layers' rope spec, the sliding layers' theta)."""
+  params = d.get("rope_parameters") or {}
+  if params and all(isinstance(v, dict) for v in params.values()):  # transformers 5
+    local = params.get("sliding_attention", {})
+    if local.get("rope_type", "default") != "default":
+      raise ValueError(f"rope_parameters.sliding_attention in {source}: only the default "
+                       "rope type is supported for sliding-window layers")
+    return dict(d, rope_parameters=params.get("full_attention", {})), float(
+        local.get("rope_theta", d.get("rope_local_base_freq", 10000.0)))
+  return d, float(d.get("rope_local_base_freq", 10000.0))  # 4.x keys
 
 
 def _rope_from_hf(d: dict, family: str, source: str):
@@ -101,7 +119,11 @@ def config_from_hf(d: dict, source: str = "<config dict>") -> ModelConfig:
       bos_id=d.get("bos_token_id"), pad_id=d.get("pad_token_id"),
       eos_ids=() if eos is None else (eos,) if isinstance(eos, int) else tuple(eos),
       value_head=arch.endswith("ForSequenceClassification") or bool(d.get("aya_value_head")))
-  kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(d, family, source)
+  if family == "gemma3":
+    global_rope, kw["rope_local_theta"] = _local_rope_from_hf(d, source)
+    kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(global_rope, family, source)
+  else:
+    kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(d, family, source)
   if family == "qwen2":
     if d.get("use_sliding_window"):
       raise ValueError(f"use_sliding_window=true in {source}: Qwen2 sliding windows are not "
@@ -113,13 +135,18 @@ def config_from_hf(d: dict, source: str = "<config dict>") -> ModelConfig:
   if family == "cohere":
     kw["qk_norm"] = bool(d.get("use_qk_norm", False))
     kw["logit_scale"] = float(d.get("logit_scale", 0.0625))
-  if family == "gemma2":
+  if family in ("gemma2", "gemma3"):
     kw["query_scale"] = float(d.get("query_pre_attn_scalar", 256)) ** -0.5
-    kw["attn_softcap"] = d.get("attn_logit_softcapping", 50.0)
-    kw["final_softcap"] = d.get("final_logit_softcapping", 30.0)
+    gemma2 = family == "gemma2"
+    kw["attn_softcap"] = d.get("attn_logit_softcapping", 50.0 if gemma2 else None)
+    kw["final_softcap"] = d.get("final_logit_softcapping", 30.0 if gemma2 else None)
+    if d.get("use_bidirectional_attention"):
+      raise ValueError(f"use_bidirectional_attention=true in {source} is not supported")
     window, n = d.get("sliding_window", 4096), kw["n_layers"]
+    pattern = 2 if gemma2 else int(d.get("sliding_window_pattern",
+                                         d.get("_sliding_window_pattern", 6)))
     types = d.get("layer_types") or [
-        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
     windows = tuple(window if t == "sliding_attention" else None for t in types)
     kw["sliding_windows"] = None if all(w is None for w in windows) else windows
   return ModelConfig(**kw)
@@ -152,7 +179,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   arch, seq_cls = architecture(cfg), ARCHITECTURES[family][1]
   eos = list(cfg.eos_ids)
   d = dict(
-      architectures=[arch], model_type=family, vocab_size=cfg.vocab_size,
+      architectures=[arch], model_type=MODEL_TYPES.get(family, family),
+      vocab_size=cfg.vocab_size,
       hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
       head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
@@ -180,7 +208,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     d["mlp_bias"] = cfg.mlp_bias
   if family == "cohere":
     d.update(logit_scale=cfg.logit_scale, use_qk_norm=cfg.qk_norm)
-  if family == "gemma2":
+  if family == "gemma3":
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
+    d.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+             rope_local_base_freq=cfg.rope_local_theta, use_bidirectional_attention=False)
+  if family in ("gemma2", "gemma3"):
     windows = cfg.sliding_windows or (None,) * cfg.n_layers
     sizes = sorted({w for w in windows if w is not None})
     d.update(query_pre_attn_scalar=round((cfg.query_scale or cfg.head_dim ** -0.5) ** -2),

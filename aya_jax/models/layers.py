@@ -83,10 +83,14 @@ class Dense(nn.Module):
     return y.astype(cdt)
 
 
-def rope_inv_freq(cfg: ModelConfig):
-  """Inverse frequencies [head_dim // 2], with 'linear' or 'llama3' scaling."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False):
+  """Inverse frequencies [head_dim // 2], with 'linear' or 'llama3' scaling; `local`:
+  those of the sliding-window layers (cfg.rope_local_theta, unscaled)."""
   d = cfg.head_dim
-  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+  if local:
+    return 1.0 / (cfg.rope_local_theta ** exponents)
+  inv = 1.0 / (cfg.rope_theta ** exponents)
   scaling = cfg.rope_scaling
   if not scaling:
     return inv
@@ -105,9 +109,12 @@ def rope_inv_freq(cfg: ModelConfig):
   raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported (linear, llama3)")
 
 
-def apply_rope(x_bthd, positions_bt, cfg: ModelConfig):
-  """Rotary embedding; rotate_half layout, or interleaved pairs (Cohere)."""
+def apply_rope(x_bthd, positions_bt, cfg: ModelConfig, local=None):
+  """Rotary embedding; rotate_half layout, or interleaved pairs (Cohere). `local` (a
+  traced bool: a sliding-window layer) picks cfg.rope_local_theta when it is set."""
   inv = rope_inv_freq(cfg)
+  if cfg.rope_local_theta is not None and local is not None:
+    inv = jnp.where(local, rope_inv_freq(cfg, local=True), inv)
   ang = positions_bt.astype(jnp.float32)[..., None] * inv  # [B, T, d/2]
   cos = jnp.cos(ang)[:, :, None, :]
   sin = jnp.sin(ang)[:, :, None, :]
