@@ -62,6 +62,10 @@ HF_TINY_VARIANTS = {
                              rope_theta=10000.0))),
     "gemma2": ("Gemma2Config", dict(sliding_window=4, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=2.0, final_logit_softcapping=1.5)),
+    # a sliding layer (window 4, RoPE) then a full one (no positional encoding)
+    "cohere2": ("Cohere2Config", dict(
+        logit_scale=0.0625, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
     # a sliding layer (window 4, its own RoPE base) then a full one (linear scaling)
     "gemma3": ("Gemma3TextConfig", dict(
         sliding_window=4, query_pre_attn_scalar=24,

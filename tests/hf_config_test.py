@@ -14,6 +14,8 @@ from aya_jax.models import hf_config
 @pytest.mark.parametrize("cfg", [
     config_lib.tiny("cohere"),
     config_lib.tiny("cohere", qk_norm=True, qkv_bias=True, o_bias=True, value_head=True),
+    config_lib.tiny("cohere2"),
+    config_lib.tiny("cohere2", n_layers=4, sliding_windows=(4, 4, 4, None), value_head=True),
     config_lib.tiny("llama"),
     config_lib.tiny("llama", qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True,
                     rope_scaling=("llama3", 8.0, 1.0, 4.0, 32), rope_theta=500000.0),

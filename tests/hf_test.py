@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 from aya_jax.models import config as config_lib
 from aya_jax.models import forward, hf, hf_config
 
-VARIANTS = ("cohere", "cohere_qk", "llama", "llama_bias", "gemma2", "gemma3", "qwen2")
+VARIANTS = ("cohere", "cohere_qk", "cohere2", "llama", "llama_bias", "gemma2", "gemma3",
+            "qwen2")
 
 
 def _tensors(path):
@@ -142,7 +143,7 @@ def test_logits_parity_with_transformers(hf_tiny_dirs, variant):
   valid = mask.astype(bool)
   scale = 1.0 / cfg.logit_scale  # cohere logits are scaled by 1/16: compare before scaling
   np.testing.assert_allclose(ours[valid] * scale, ref[valid] * scale, rtol=0, atol=1e-4)
-  if variant in ("gemma2", "gemma3"):  # the window matters in this test
+  if variant in ("gemma2", "gemma3", "cohere2"):  # the window matters in this test
     full = np.asarray(forward(cfg.replace(sliding_windows=None), params, tokens,
                               segment_ids=mask))
     assert np.abs(full[valid] - ref[valid]).max() > 1e-3
@@ -152,6 +153,10 @@ def test_logits_parity_with_transformers(hf_tiny_dirs, variant):
                                   segment_ids=mask))
     assert np.abs(one_base[valid] - ref[valid]).max() > 1e-3
     assert params["layers"]["attn"]["q_norm"]["scale"].shape == (2, 16)
+  if variant == "cohere2":  # and the full layer's want of a positional encoding
+    rope_everywhere = np.asarray(forward(cfg.replace(rope_on_full_layers=True), params, tokens,
+                                         segment_ids=mask))
+    assert np.abs(rope_everywhere[valid] - ref[valid]).max() * scale > 1e-3
 
 
 def test_value_head_parity_with_sequence_classification(hf_tiny_dirs, tmp_path):
@@ -173,6 +178,8 @@ def test_value_head_parity_with_sequence_classification(hf_tiny_dirs, tmp_path):
     ("llama", "LlamaForSequenceClassification", []),
     ("qwen2", "Qwen2ForSequenceClassification", []),
     ("cohere", "CohereForCausalLM", ["value_head.safetensors"]),
+    ("gemma3", "Gemma3TextForSequenceClassification", []),
+    ("cohere2", "Cohere2ForCausalLM", ["value_head.safetensors"]),
 ])
 def test_value_head_save_load(hf_tiny_dirs, variant, arch, extra_files, tmp_path):
   cfg, params = hf.load(hf_tiny_dirs[variant])

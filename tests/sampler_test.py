@@ -10,7 +10,7 @@ from aya_jax.models import forward, hf, init_params, tiny
 from aya_jax.sampling import methods as M
 from aya_jax.sampling import sampler as S
 
-FAMILIES = ("cohere", "llama", "gemma2", "gemma3", "qwen2")
+FAMILIES = ("cohere", "cohere2", "llama", "gemma2", "gemma3", "qwen2")
 LENGTHS = (5, 11, 3)  # ragged prompts; 11 + new tokens > gemma2's window
 
 
@@ -60,7 +60,7 @@ def test_greedy_equals_transformers_generate(hf_tiny_dirs, family):
 
 
 # --- the sampler against a full forward pass ---------------------------------------------
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "cohere"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "cohere", "cohere2"])
 def test_decode_logprobs_equal_full_forward(hf_tiny_dirs, family):
   cfg, params = hf.load(hf_tiny_dirs[family])
   prompts, t, k = _prompts(), 1.3, 5

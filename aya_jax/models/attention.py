@@ -210,8 +210,12 @@ class Attention(nn.Module):
       q = Norm(c, (h, dh), ("heads", "kv"), name="q_norm")(q)
       kk = Norm(c, (k, dh), ("kv_heads", "kv"), name="k_norm")(kk)
     local = window < NO_WINDOW  # a sliding-window layer (Gemma 3: its own RoPE base)
-    q = apply_rope(q, positions, c, local)
-    kk = apply_rope(kk, positions, c, local)
+    if c.rope_on_full_layers:
+      q = apply_rope(q, positions, c, local)
+      kk = apply_rope(kk, positions, c, local)
+    else:  # Cohere 2: no positional encoding in the full-attention layers
+      q = jnp.where(local, apply_rope(q, positions, c, local), q)
+      kk = jnp.where(local, apply_rope(kk, positions, c, local), kk)
 
     new_cache = None
     if layer_cache is not None:

@@ -2,6 +2,7 @@
 
 Families (and the Hugging Face classes they mirror):
   cohere  CohereForCausalLM   (Aya Expanse 8B / 32B)
+  cohere2 Cohere2ForCausalLM  (Command R7B, Command A)
   llama   LlamaForCausalLM
   gemma2  Gemma2ForCausalLM
   gemma3  Gemma3ForCausalLM   (Gemma 3 text)
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-FAMILIES = ("cohere", "llama", "gemma2", "gemma3", "qwen2")
+FAMILIES = ("cohere", "cohere2", "llama", "gemma2", "gemma3", "qwen2")
 # fields that change how a model is computed, not what it computes (a config
 # that differs only in these is the same model: conversion, merging)
 EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_chunk")
@@ -51,6 +52,9 @@ class ModelConfig:
   # RoPE base of the sliding-window layers, without rope_scaling (Gemma 3's local
   # layers); None: every layer uses rope_theta and rope_scaling
   rope_local_theta: Optional[float] = None
+  # False: the full-attention layers have no positional encoding (Cohere 2: RoPE only
+  # in its sliding-window layers)
+  rope_on_full_layers: bool = True
   rope_interleaved: bool = False  # Cohere rotates pairs (2i, 2i+1)
   # rope_scaling: None, ('linear', factor) or
   # ('llama3', factor, low_freq_factor, high_freq_factor, original_max_pos)
@@ -140,6 +144,8 @@ def _family_defaults(family: str) -> dict:
   if family == "cohere":
     return dict(family="cohere", norm="layernorm", block="parallel", activation="silu",
                 rope_interleaved=True, tie_embeddings=True, norm_eps=1e-5)
+  if family == "cohere2":
+    return dict(_family_defaults("cohere"), family="cohere2", rope_on_full_layers=False)
   if family == "llama":
     return dict(family="llama", norm="rms", block="sequential", activation="silu")
   if family == "qwen2":
@@ -164,8 +170,10 @@ def tiny(family: str, **kw) -> ModelConfig:
   base.update(_family_defaults(family))
   if family in ("gemma2", "gemma3"):
     base.update(sliding_windows=(8, None), query_scale=16 ** -0.5)
-  if family == "cohere":
+  if family in ("cohere", "cohere2"):
     base.update(logit_scale=0.0625)
+  if family == "cohere2":
+    base.update(sliding_windows=(8, None))
   base.update(kw)
   return ModelConfig(**base)
 

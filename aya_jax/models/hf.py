@@ -8,9 +8,9 @@ directory from elsewhere is untrusted input) and written with numpy in safetenso
 torch: `Reader` a tensor, layer or block at a time (memory-mapped), `Writer` shards in
 sequence; `load` and `save` are built on them.
 
-Value heads (reward models): Llama, Gemma 2 and Qwen 2 are saved as
-`<Family>ForSequenceClassification` (num_labels=1, `score.weight`). Cohere has no such
-class in transformers, so a Cohere value-head model is saved as `CohereForCausalLM` with
+Value heads (reward models): Llama, Gemma 2, Gemma 3 and Qwen 2 are saved as
+`<Family>ForSequenceClassification` (num_labels=1, `score.weight`). Cohere (1 and 2) has
+no such class in transformers, so a Cohere value-head model is saved as `CohereForCausalLM` with
 `score.weight` in the extra file `value_head.safetensors` (and `"aya_value_head": true` in
 config.json; transformers ignores that file). A value-head model has no LM head
 (`ModelConfig.has_lm_head`), as a sequence classifier has none.
@@ -88,6 +88,7 @@ _SANDWICH = [_norm("pre_attn_norm", "input_layernorm"),
              _norm("post_mlp_norm", "post_feedforward_layernorm")]
 TABLES = {
     "cohere": _ENDS + _ATTN + _QK_NORM + _MLP + [_norm("pre_attn_norm", "input_layernorm")],
+    "cohere2": _ENDS + _ATTN + _MLP + [_norm("pre_attn_norm", "input_layernorm")],
     "llama": _ENDS + _ATTN + _MLP + _SEQUENTIAL,
     "qwen2": _ENDS + _ATTN + _MLP + _SEQUENTIAL,
     "gemma2": _ENDS + _ATTN + _MLP + _SANDWICH,

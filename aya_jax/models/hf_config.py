@@ -1,6 +1,7 @@
 """Hugging Face config.json <-> ModelConfig, both directions, per family.
 
-`config_from_hf` reads a config.json dict (Cohere, Llama, Gemma 2, Qwen 2; value-head
+`config_from_hf` reads a config.json dict (Cohere, Cohere 2, Llama, Gemma 2, Gemma 3,
+Qwen 2; value-head
 models as `<Family>ForSequenceClassification`, or Cohere's `aya_value_head` flag);
 `config_to_hf` writes one that transformers rebuilds the same model from, and refuses a
 ModelConfig that the family's HF class cannot express. `write_config` writes config.json
@@ -20,6 +21,7 @@ CONFIG_FILE = "config.json"
 # family -> (causal LM class, sequence classification class or None)
 ARCHITECTURES = {
     "cohere": ("CohereForCausalLM", None),
+    "cohere2": ("Cohere2ForCausalLM", None),
     "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
     "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
@@ -30,11 +32,14 @@ MODEL_TYPES = {"gemma3": "gemma3_text"}
 # family -> config.json keys that differ, and the HF default rope theta
 _HF_KEYS = {
     "cohere": dict(eps="layer_norm_eps", act="hidden_act", theta=500000.0),
+    "cohere2": dict(eps="layer_norm_eps", act="hidden_act", theta=10000.0),
     "llama": dict(eps="rms_norm_eps", act="hidden_act", theta=10000.0),
     "gemma2": dict(eps="rms_norm_eps", act="hidden_activation", theta=10000.0),
     "gemma3": dict(eps="rms_norm_eps", act="hidden_activation", theta=1000000.0),
     "qwen2": dict(eps="rms_norm_eps", act="hidden_act", theta=10000.0),
 }
+# families with sliding-window layers: the default period of their full layers
+_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 _ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh", "gelu": "gelu"}
 _ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -132,7 +137,7 @@ def config_from_hf(d: dict, source: str = "<config dict>") -> ModelConfig:
     kw["qkv_bias"] = kw["o_bias"] = bool(d.get("attention_bias", False))
   if family == "llama":
     kw["mlp_bias"] = bool(d.get("mlp_bias", False))
-  if family == "cohere":
+  if family in ("cohere", "cohere2"):
     kw["qk_norm"] = bool(d.get("use_qk_norm", False))
     kw["logit_scale"] = float(d.get("logit_scale", 0.0625))
   if family in ("gemma2", "gemma3"):
@@ -142,9 +147,10 @@ def config_from_hf(d: dict, source: str = "<config dict>") -> ModelConfig:
     kw["final_softcap"] = d.get("final_logit_softcapping", 30.0 if gemma2 else None)
     if d.get("use_bidirectional_attention"):
       raise ValueError(f"use_bidirectional_attention=true in {source} is not supported")
+  if family in _SLIDING_PATTERN:
     window, n = d.get("sliding_window", 4096), kw["n_layers"]
-    pattern = 2 if gemma2 else int(d.get("sliding_window_pattern",
-                                         d.get("_sliding_window_pattern", 6)))
+    pattern = int(d.get("sliding_window_pattern", d.get("_sliding_window_pattern",
+                                                        _SLIDING_PATTERN[family])))
     types = d.get("layer_types") or [
         "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
     windows = tuple(window if t == "sliding_attention" else None for t in types)
@@ -208,17 +214,20 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     d["mlp_bias"] = cfg.mlp_bias
   if family == "cohere":
     d.update(logit_scale=cfg.logit_scale, use_qk_norm=cfg.qk_norm)
+  if family == "cohere2":
+    d.update(logit_scale=cfg.logit_scale)
   if family == "gemma3":
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
     d.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
              rope_local_base_freq=cfg.rope_local_theta, use_bidirectional_attention=False)
   if family in ("gemma2", "gemma3"):
-    windows = cfg.sliding_windows or (None,) * cfg.n_layers
-    sizes = sorted({w for w in windows if w is not None})
     d.update(query_pre_attn_scalar=round((cfg.query_scale or cfg.head_dim ** -0.5) ** -2),
              attn_logit_softcapping=cfg.attn_softcap,
-             final_logit_softcapping=cfg.final_softcap,
-             sliding_window=sizes[0] if sizes else None,
+             final_logit_softcapping=cfg.final_softcap)
+  if family in _SLIDING_PATTERN:
+    windows = cfg.sliding_windows or (None,) * cfg.n_layers
+    sizes = sorted({w for w in windows if w is not None})
+    d.update(sliding_window=sizes[0] if sizes else None,
              layer_types=["full_attention" if w is None else "sliding_attention"
                           for w in windows])
   if cfg.value_head:
