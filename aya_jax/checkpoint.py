@@ -190,22 +190,27 @@ def _as_dict(tree) -> Any:
   return tree
 
 
-def is_model_dir(path: str) -> bool:
-  """An aya_jax params/ directory, a Hugging Face directory (config.json) or a GGUF
-  file (or a directory holding one)."""
-  from aya_jax.models import gguf
-  return (is_params_dir(path) or os.path.exists(os.path.join(path, "config.json"))
-          or gguf.is_gguf(path))
-
-
-def _kind(path: str) -> str:
+def _kind_of(path: str) -> Optional[str]:
+  """'params', 'hf' (config.json) or 'gguf' (a .gguf, or a directory holding one);
+  None for anything else."""
   from aya_jax.models import gguf
   if is_params_dir(path):
     return "params"
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
-  if gguf.is_gguf(path):
-    return "gguf"
+  return "gguf" if gguf.is_gguf(path) else None
+
+
+def is_model_dir(path: str) -> bool:
+  """An aya_jax params/ directory, a Hugging Face directory (config.json) or a GGUF
+  file (or a directory holding one)."""
+  return _kind_of(path) is not None
+
+
+def _kind(path: str) -> str:
+  kind = _kind_of(path)
+  if kind is not None:
+    return kind
   raise FileNotFoundError(
       f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}), a Hugging Face "
       "directory (config.json) nor a GGUF file")

@@ -187,8 +187,11 @@ def has_tokenizer(path: str | os.PathLike) -> bool:
   """Whether `path` holds a tokenizer: a directory with the files of an HF tokenizer,
   or a GGUF model (its tokenizer is converted when loaded)."""
   from aya_jax.models import gguf
-  return (any(os.path.exists(os.path.join(os.fspath(path), f)) for f in _TOKENIZER_FILES)
-          or gguf.is_gguf(path))
+  return _has_tokenizer_files(path) or gguf.is_gguf(path)
+
+
+def _has_tokenizer_files(path) -> bool:
+  return any(os.path.exists(os.path.join(os.fspath(path), f)) for f in _TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = True):
@@ -197,9 +200,8 @@ def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = True):
   the tokenizer directory converted from it (models.gguf.tokenizer_dir, cached)."""
   path = os.fspath(path)
   from aya_jax.models import gguf
-  if gguf.is_gguf(path):  # a .gguf, or a directory with one and no config.json
-    if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-      path = gguf.tokenizer_dir(path)
+  if gguf.is_gguf(path) and not _has_tokenizer_files(path):  # its tokenizer, converted
+    path = gguf.tokenizer_dir(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path} does not exist')
   if not has_tokenizer(path):

@@ -196,8 +196,9 @@ class Reader:
       if kind not in QUANT_TYPES:
         raise ValueError(f"{self.path}: tensor {name!r} is stored as {kind}, which is not "
                          f"supported (supported: {', '.join(QUANT_TYPES)})")
-      if hf_name(name, self.arch):
-        self.tensors[hf_name(name, self.arch)] = t
+      renamed = hf_name(name, self.arch)
+      if renamed:
+        self.tensors[renamed] = t
       else:
         unknown.append(name)
     if unknown:
@@ -205,11 +206,11 @@ class Reader:
                        f"{self.cfg.family} model ({len(unknown)} such: {unknown[:8]})")
     self.leaves = {"/".join(leaf): (name, transform, shape, is_layer)
                    for leaf, name, transform, shape, is_layer in hf.entries(self.cfg)}
+    used = set()
     for path_, (name, transform, shape, is_layer) in self.leaves.items():  # all there
       for i in range(self.cfg.n_layers) if is_layer else [0]:
+        used.add(name.format(i=i))
         self._tensor_info(name.format(i=i), path_, hf.hf_shape(transform, shape))
-    used = {name.format(i=i) for name, _, _, is_layer in self.leaves.values()
-            for i in (range(self.cfg.n_layers) if is_layer else [0])}
     extra = sorted(set(self.tensors) - used)
     if extra:
       raise ValueError(f"{self.path}: tensor {self.tensors[extra[0]].name!r} is not used by "

@@ -88,21 +88,21 @@ def _overlay(target, source, where: str):
       target[key] = value
 
 
-def stage_config(stage_config, block_config, name: str, extras=()) -> ml_collections.ConfigDict:
-  """`stage_config` (a default_config()) with the pipeline block config.<name>
+def stage_config(defaults, block_config, name: str, extras=()) -> ml_collections.ConfigDict:
+  """`defaults` (a stage's default_config()) with the pipeline block config.<name>
   over it, its `extras` left out; the caller sets the owned fields."""
-  with stage_config.unlocked():
-    _overlay(stage_config, {k: v for k, v in block_config.items() if k not in extras}, name)
-  return stage_config
+  with defaults.unlocked():
+    _overlay(defaults, {k: v for k, v in block_config.items() if k not in extras}, name)
+  return defaults
 
 
-def training_stage(stage_config_, block_config, name: str, config, tokenizer: str, init: str,
+def training_stage(defaults, block_config, name: str, config, tokenizer: str, init: str,
                    extras=()) -> ml_collections.ConfigDict:
   """A training stage's config: the block over its defaults, then what the
   pipeline owns: its seed, tokenizer, the model to start from (`init`), its
   model settings (config.model: dtype, remat, vocab_chunk, attention_chunk) and
   its mesh."""
-  c = stage_config(stage_config_, block_config, name, extras)
+  c = stage_config(defaults, block_config, name, extras)
   c.seed, c.tokenizer, c.model.init = config.seed, tokenizer, init
   c.mesh.shape = tuple(config.mesh.shape)
   c.mesh.rules = config.mesh.rules or c.mesh.rules

@@ -58,7 +58,8 @@ def reward_model(directory: str) -> str:
   figure = accuracy.get("valid", {}).get("all", {}).get("accuracy") \
       if isinstance(accuracy, dict) else None
   parts = [f"valid accuracy {figure:.3f}"] if figure is not None else []
-  return ", ".join(parts + [p for p in (final_loss(directory),) if p])
+  loss = final_loss(directory)
+  return ", ".join(parts + ([loss] if loss else []))
 
 
 def arbitrage(directory: str) -> str:
