@@ -19,6 +19,7 @@ or shapes differ from the run's), a reward model given where a language model is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Optional
@@ -31,8 +32,8 @@ from etils import epath
 
 from aya_jax.data import atomic
 from aya_jax.models.config import ModelConfig
+from aya_jax.params_stream import MODEL_CONFIG, ParamsReader, unreadable
 
-MODEL_CONFIG = "model_config.json"
 
 
 def _abstract(tree, shardings=None):
@@ -72,25 +73,12 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_abstract(target_state)), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
-      raise _unreadable(where, "checkpoint", e) from e
+      raise unreadable(where, "checkpoint", e) from e
     logging.info("restored checkpoint %s/%d", self.directory, step)
     return restored.state, restored.data
 
   def close(self):
     self.manager.close()
-
-
-def _unreadable(path, what, error) -> ValueError:
-  """One clear error for a checkpoint (params/) directory that Orbax or tensorstore cannot
-  read: the directory and the first line of the deepest cause (the rest stays in the
-  chained cause)."""
-  cause = error
-  while cause.__cause__ is not None:
-    cause = cause.__cause__
-  first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-  first = first if len(first) <= 300 else first[:300] + "..."
-  return ValueError(f"{what} {path} cannot be read (is a file of it missing, truncated or "
-                    f"corrupt?): {type(cause).__name__}: {first}")
 
 
 def _path_shapes(tree) -> dict:
@@ -107,7 +95,7 @@ def _check_same_model(where, state_dir, target):
   try:
     have = _path_shapes(handler.metadata(epath.Path(state_dir)))
   except Exception as e:  # noqa: BLE001 -- Orbax raises many kinds; the cause is kept
-    raise _unreadable(where, "checkpoint", e) from e
+    raise unreadable(where, "checkpoint", e) from e
   finally:
     handler.close()
   want = _path_shapes(target)
@@ -170,7 +158,7 @@ def load_params(path: str, shardings=None):
   try:
     meta = checkpointer.metadata(arrays)
   except Exception as e:  # noqa: BLE001 -- Orbax raises many kinds; the cause is kept
-    raise _unreadable(path, "params/ directory", e) from e
+    raise unreadable(path, "params/ directory", e) from e
   tree = _as_dict(getattr(meta, "item_metadata", meta))
   if shardings is None:  # one device, whatever mesh saved it
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -180,7 +168,7 @@ def load_params(path: str, shardings=None):
   try:
     params = checkpointer.restore(arrays, target)
   except Exception as e:  # noqa: BLE001
-    raise _unreadable(path, "params/ directory", e) from e
+    raise unreadable(path, "params/ directory", e) from e
   return cfg, _as_dict(params)
 
 
@@ -191,11 +179,13 @@ def _as_dict(tree) -> Any:
 
 
 def _kind_of(path: str) -> Optional[str]:
-  """'params', 'hf' (config.json) or 'gguf' (a .gguf, or a directory holding one);
-  None for anything else."""
-  from aya_jax.models import gguf
+  """'peft' (a PEFT LoRA adapter directory), 'adapters' (a params/ dir of LoRA adapters
+  naming their base), 'params', 'hf' (config.json) or 'gguf' (a .gguf, or a directory holding one); None for anything else."""
+  from aya_jax.models import gguf, peft
+  if peft.is_peft_dir(path):
+    return "peft"
   if is_params_dir(path):
-    return "params"
+    return "adapters" if os.path.exists(os.path.join(path, BASE_FILE)) else "params"
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
   return "gguf" if gguf.is_gguf(path) else None
@@ -213,15 +203,20 @@ def _kind(path: str) -> str:
     return kind
   raise FileNotFoundError(
       f"{path}: neither an aya_jax params/ directory ({MODEL_CONFIG}), a Hugging Face "
-      "directory (config.json) nor a GGUF file")
+      "directory (config.json), a PEFT adapter directory nor a GGUF file")
 
 
 def peek_config(path: str) -> ModelConfig:
   """The ModelConfig of a params/ dir, an HF dir or a GGUF, without reading arrays."""
   kind = _kind(path)
-  if kind == "params":
+  if kind in ("params", "adapters"):
     with open(os.path.join(path, MODEL_CONFIG)) as f:
-      return ModelConfig.from_dict(json.load(f))
+      cfg = ModelConfig.from_dict(json.load(f))
+    mergeable = cfg.lora is not None and not cfg.lora.experts
+    return cfg.replace(lora=None) if mergeable else cfg
+  if kind == "peft":
+    from aya_jax.models import peft
+    return peek_config(peft.base_path(path))
   if kind == "gguf":
     from aya_jax.models import gguf
     return gguf.read_config(path)
@@ -231,14 +226,23 @@ def peek_config(path: str) -> ModelConfig:
 
 def load_model(path: str, shardings=None, language_model: bool = False):
   """(ModelConfig, params) from an aya_jax params/ dir, a Hugging Face dir or a GGUF. With
-  `language_model`, a reward model (a value head, no LM head) is refused up front."""
+  `language_model`, a reward model (a value head, no LM head) is refused up front. A LoRA
+  adapter checkpoint gives the merged model (MoLoRA's: the base with its adapters under
+  'lora'); `shardings` are those of `peek_config(path)`'s model."""
   if language_model and peek_config(path).value_head:
     raise ValueError(f"the checkpoint at {path} is a reward model (a value head, no LM head): "
                      "it cannot initialise a language model; give a language model "
                      "(an SFT or base checkpoint)")
   kind = _kind(path)
+  if kind == "adapters" or (kind == "params" and peek_lora(path)):
+    return _load_adapters(path, shardings)
   if kind == "params":
     return load_params(path, shardings)
+  if kind == "peft":
+    from aya_jax.models import lora, peft
+    cfg, params = load_model(peft.base_path(path), shardings)
+    cfg, adapters = peft.read(path, cfg)
+    return lora.merge(cfg, {**params, **adapters})
   if kind == "gguf":
     from aya_jax.models import gguf
     return gguf.load(path, shardings=shardings)
@@ -251,6 +255,13 @@ def open_reader(path: str):
   kind = _kind(path)
   if kind == "params":
     return ParamsReader(path)
+  if kind == "peft":
+    raise ValueError(f"{path} is a PEFT adapter directory: streaming merges read aya_jax "
+                     "adapter checkpoints (train with lora.rank > 0) or whole models")
+  if kind == "adapters" or (kind == "params" and peek_lora(path)):
+    from aya_jax.params_stream import AdapterReader
+    own = ParamsReader(path)
+    return AdapterReader(open_reader(_checked_base(path)) if kind == "adapters" else own, own)
   if kind == "gguf":
     from aya_jax.models import gguf
     return gguf.Reader(path)
@@ -259,127 +270,87 @@ def open_reader(path: str):
 
 
 # ---------------------------------------------------------------------------
-# params/ one leaf, layer or block at a time (streaming merges)
+# LoRA adapter checkpoints: params/ of the trained part, naming the base
 # ---------------------------------------------------------------------------
-_ZARR_DTYPE = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "bfloat16": "bfloat16"}
+BASE_FILE = "base.json"
 
 
-def _index(layer, span):
-  """Index of a layer slice and/or a block span = (axis in the slice, start, stop)."""
-  lead = () if layer is None else (layer,)
-  return lead + (() if span is None else (slice(None),) * span[0] + (slice(*span[1:]),))
+def files_sha256(path: str) -> str:
+  """sha256 over a model file, or over every file of a model directory (relative path and
+  contents, in order): what an adapter checkpoint records of its base."""
+  h = hashlib.sha256()
+  files = [path] if os.path.isfile(path) else sorted(
+      os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+  for f in files:
+    h.update(os.path.relpath(f, path).encode() + b"\0")
+    with open(f, "rb") as fh:
+      for block in iter(lambda: fh.read(1 << 24), b""):
+        h.update(block)
+  return h.hexdigest()
 
 
-def _kvstore(arrays, name, ocdbt):
-  if ocdbt:
-    return {"driver": "ocdbt", "base": "file://" + arrays, "path": name}
-  return {"driver": "file", "path": os.path.join(arrays, name)}
+def save_adapters(path: str, cfg: ModelConfig, params, base: str) -> str:
+  """params/ of a LoRA model: its trained part (adapters, a value head) and base.json with
+  the base's path and content hash (checked when loaded)."""
+  from aya_jax.models import lora
+  trainable, _ = lora.split(params)
+  base = os.path.abspath(base)
+  digest = files_sha256(base)
+  out = save_params(path, cfg, trainable)
+  if jax.process_index() == 0:
+    atomic.write_json(os.path.join(out, BASE_FILE), {"path": base, "sha256": digest}, indent=1)
+  return out
 
 
-class ParamsReader:
-  """Reads leaves (a layer, a block) of a params/ dir with tensorstore, the store under
-  Orbax: `.cfg`, `.leaves` (paths 'a/b'), `shape`, `dtype`, `chunk`, `read(path, layer,
-  span)` (span = (axis in the layer slice, start, stop)). What the chunks do not split (a
-  stacked leaf saved as one chunk by older save_params) is read whole once, kept, sliced."""
-
-  def __init__(self, path):
-    self.path = path
-    with open(os.path.join(path, MODEL_CONFIG)) as f:
-      self.cfg = ModelConfig.from_dict(json.load(f))
-    self.arrays = os.path.join(os.path.abspath(path), "arrays")
-    try:
-      with open(os.path.join(self.arrays, "_METADATA")) as f:
-        meta = json.load(f)
-      self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
-      self.leaves = {}
-      for entry in meta["tree_metadata"].values():
-        keys = [str(k["key"]) for k in entry["key_metadata"]]
-        self.leaves["/".join(keys)] = ".".join(keys)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-      raise _unreadable(path, "params/ directory", e) from e
-    self.opened, self.cache = {}, (None, None)
-
-  def _open(self, path):
-    if path not in self.opened:
-      import tensorstore as ts
-      spec = {"driver": "zarr3" if self.zarr3 else "zarr", "fill_missing_data_reads": False,
-              "kvstore": _kvstore(self.arrays, self.leaves[path], self.ocdbt)}
-      try:
-        self.opened[path] = ts.open(spec, open=True, read=True).result()
-      except Exception as e:  # noqa: BLE001 -- tensorstore raises many kinds; cause kept
-        raise _unreadable(self.path, f"params {path} of", e) from e
-    return self.opened[path]
-
-  def _get(self, path, array):
-    try:
-      return array.read().result()
-    except Exception as e:  # noqa: BLE001
-      raise _unreadable(self.path, f"params {path} of", e) from e
-
-  def shape(self, path):
-    return tuple(self._open(path).shape)
-
-  def dtype(self, path):
-    return np.dtype(self._open(path).dtype.numpy_dtype)
-
-  def chunk(self, path, axis):
-    """Rows of one read chunk along `axis` (of the whole leaf), or None if unsplit."""
-    arr = self._open(path)
-    c = arr.chunk_layout.read_chunk.shape[axis]
-    return c if c < arr.shape[axis] else None
-
-  def read(self, path, layer=None, span=None):
-    arr = self._open(path)
-    chunk, lead = arr.chunk_layout.read_chunk.shape, _index(layer, None)
-    by_layer = layer is not None and chunk[0] == 1
-    d = len(lead) + (span[0] if span else 0)
-    if (layer is None or by_layer) and (span is None or chunk[d] < arr.shape[d]):
-      return self._get(path, arr[_index(layer, span)])
-    unit = (path, layer if by_layer else None)
-    if self.cache[0] != unit:
-      self.cache = (None, None)
-      self.cache = (unit, self._get(path, arr[lead] if by_layer else arr))
-    return self.cache[1][_index(None if by_layer else layer, span)]
+def _checked_base(path: str) -> str:
+  """The base model path of an adapter checkpoint, after checking it is the one trained on."""
+  with open(os.path.join(path, BASE_FILE)) as f:
+    info = json.load(f)
+  if not is_model_dir(info["path"]):
+    raise FileNotFoundError(f"{path} holds LoRA adapters of the base {info['path']}, which is "
+                            "not there (move it back, or edit base.json to where it is now)")
+  if files_sha256(info["path"]) != info["sha256"]:
+    raise ValueError(f"{path} holds LoRA adapters trained on another {info['path']}: its "
+                     f"files no longer hash to {info['sha256'][:16]}... (the base changed)")
+  return info["path"]
 
 
-class ParamsWriter:
-  """Writes a params/ dir piece by piece: Orbax writes the tree metadata (use_ocdbt=False),
-  tensorstore the zarr arrays that Orbax restores, one chunk per layer and per block.
-  leaves: path -> (shape, dtype, chunk shape). Writes are asynchronous (at most `pending`
-  in flight) and not fsync'ed one by one; `close` waits for them and writes the config."""
+def _load_adapters(path: str, shardings=None):
+  """The merged model of a params/ dir with LoRA adapters (MoLoRA: base + 'lora',
+  unmerged): its base named in base.json, or held in the directory itself."""
+  from aya_jax.models import lora
+  with open(os.path.join(path, MODEL_CONFIG)) as f:
+    cfg = ModelConfig.from_dict(json.load(f))
+  rep = None
+  if shardings is not None:
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # what the merged model has not (its adapters, an LM head under a value head) comes
+  # replicated
+  pick = lambda tree: None if shardings is None else {
+      k: shardings.get(k, jax.tree.map(lambda _: rep, v)) for k, v in tree.items()}
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(path), "arrays"))
+  _, own = load_params(path, pick(_as_dict(getattr(meta, "item_metadata", meta))))
+  if os.path.exists(os.path.join(path, BASE_FILE)):
+    base = _checked_base(path)
+    base_cfg = peek_config(base)
+    base_keys = {"embedder", "layers", "final_norm"} | (
+        {"lm_head"} if base_cfg.has_lm_head else set()) | (
+        {"value_head"} if base_cfg.value_head else set())
+    _, params = load_model(base, pick({k: {"kernel": 0} for k in base_keys}))
+    params = {k: v for k, v in params.items() if k != "lm_head" or cfg.has_lm_head}
+    params.update({k: v for k, v in own.items() if k in {lora.KEY, "value_head"}})
+  else:
+    params = own
+  return lora.merge(cfg, params) if not cfg.lora.experts else (cfg, params)
 
-  def __init__(self, out, leaves: dict, cfg, pending: int = 4):
-    import tensorstore as ts
-    self.out, self.cfg, self.pending, self.futures = os.path.abspath(out), cfg, pending, []
-    self.arrays = os.path.join(self.out, "arrays")
-    os.makedirs(self.out, exist_ok=True)
-    if os.path.exists(os.path.join(self.out, MODEL_CONFIG)):
-      os.remove(os.path.join(self.out, MODEL_CONFIG))
-    skeleton = {}
-    for path, (_, dtype, _) in leaves.items():
-      node = skeleton
-      for k in path.split("/")[:-1]:
-        node = node.setdefault(k, {})
-      node[path.split("/")[-1]] = np.zeros((1,), dtype)
-    alone = ocp.options.MultiprocessingOptions(active_processes={jax.process_index()})
-    ckpt = ocp.Checkpointer(ocp.StandardCheckpointHandler(
-        use_ocdbt=False, multiprocessing_options=alone), multiprocessing_options=alone)
-    ckpt.save(self.arrays, args=ocp.args.StandardSave(skeleton), force=True)
-    context = ts.Context({"file_io_sync": False})
-    self.stores = {}
-    for path, (shape, dtype, chunks) in leaves.items():
-      spec = {"driver": "zarr", "kvstore": _kvstore(self.arrays, path.replace("/", "."), False),
-              "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None,
-                           "dtype": _ZARR_DTYPE[np.dtype(dtype).name]}}
-      self.stores[path] = ts.open(spec, create=True, delete_existing=True,
-                                  context=context).result()
 
-  def write(self, path, value, layer=None, span=None):
-    self.futures.append(self.stores[path][_index(layer, span)].write(value))
-    while len(self.futures) > self.pending:
-      self.futures.pop(0).result()
+def peek_lora(path: str) -> bool:
+  """A params/ dir whose model has LoRA adapters (in it, or naming their base)."""
+  with open(os.path.join(path, MODEL_CONFIG)) as f:
+    return json.load(f).get("lora") is not None
 
-  def close(self):
-    while self.futures:
-      self.futures.pop(0).result()
-    atomic.write_json(os.path.join(self.out, MODEL_CONFIG), self.cfg.to_dict(), indent=1)
+
+def is_adapter_dir(path: str) -> bool:
+  """A params/ dir of LoRA adapters that names its base (base.json)."""
+  return _kind_of(path) == "adapters"

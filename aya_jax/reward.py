@@ -40,6 +40,7 @@ from aya_jax import axes as axes_lib
 from aya_jax import console
 from aya_jax import sharding as sharding_lib
 from aya_jax.data import formatting
+from aya_jax.models import lora
 from aya_jax.models.transformer import Transformer
 from aya_jax.sampling.sampler import bucket_length
 
@@ -106,7 +107,7 @@ def reward_fn(cfg):
   model = Transformer(cfg)
 
   def fn(params, tokens, positions, segment_ids):
-    values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    values, _ = model.apply(lora.variables(params), tokens, positions, segment_ids)
     return last_token_values(values.astype(jnp.float32), segment_ids)
   return fn
 

@@ -21,6 +21,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aya_jax import axes as axes_lib
+from aya_jax.models import lora
 from aya_jax.models.config import ModelConfig
 from aya_jax.models.transformer import Transformer
 
@@ -87,8 +88,13 @@ def tree_shardings(boxed_tree, mesh: Mesh, rules):
 
 
 def _boxed_init(cfg: ModelConfig):
+  """rng -> the boxed params tree (with cfg.lora, its adapters under 'lora')."""
   def init(rng):
-    return Transformer(cfg).init(rng, jnp.zeros((1, 4), jnp.int32))["params"]
+    variables = Transformer(cfg).init(rng, jnp.zeros((1, 4), jnp.int32))
+    params = dict(variables["params"])
+    if cfg.lora is not None:
+      params[lora.KEY] = variables.get(lora.KEY, {})
+    return params
   return init
 
 
@@ -103,6 +109,19 @@ def init_params_sharded(cfg: ModelConfig, rng, mesh: Mesh, rules):
   shardings = param_shardings(cfg, mesh, rules)
   init = _boxed_init(cfg)
   return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def add_adapters_sharded(cfg: ModelConfig, params, rng, mesh: Mesh, rules):
+  """`params` (a base) with fresh cfg.lora adapters, created in their shardings (the
+  base's init is dead code in that computation)."""
+  boxed = jax.eval_shape(_boxed_init(cfg), jax.random.key(0))
+  lora.check_targets(cfg, boxed[lora.KEY], [
+      "/".join(str(getattr(k, "key", k)) for k in kp)
+      for kp, _ in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]])
+  shardings = tree_shardings(boxed[lora.KEY], mesh, rules)
+  init = _boxed_init(cfg)
+  adapters = jax.jit(lambda r: nn.meta.unbox(init(r)[lora.KEY]), out_shardings=shardings)(rng)
+  return {**lora.without_adapters(params), lora.KEY: adapters}
 
 
 def shard_tree(tree, shardings):

@@ -43,6 +43,7 @@ import os
 import ml_collections
 
 from aya_jax import config_files, optim, sharding
+from aya_jax.models import lora
 from aya_jax.recipe import blocks
 from aya_jax.train import common, dpo
 from aya_jax.train import planner
@@ -81,6 +82,7 @@ def get_config(arg=None):
   c.dpo.seq_len = 8192             # prompt + answer per row; a pair is 2 rows
   c.dpo.batch_size = 64            # pairs per step
   c.dpo.grad_accum = 1
+  c.lora = lora.lora_block()        # --config.lora.rank=16: plan (and train) with LoRA
   c.optim = optim.default_optim_config()
   c.optim.lr = 1e-5
   c.optim.weight_decay = 0.01
@@ -104,6 +106,7 @@ def pipeline_config(plan):
       families=FAMILIES, languages=plan.languages, prompts=plan.prompts,
       eval_prompts="/data/prompts/eval.jsonl"))  # held out, m-ArenaHard layout
   c.mesh.shape, c.mesh.rules = plan.mesh.shape, plan.mesh.rules
+  c.lora.update(plan.lora)  # --config.lora.rank=16: every training step with LoRA
   c.distributed = plan.distributed  # multi-host: explicit, or from the environment
   c.model.update({k: plan.model[k] for k in c.model})  # bf16, remat, chunked vocab/attention
   # samples of 8B teachers on real prompts: long answers, large batches

@@ -66,6 +66,7 @@ import ml_collections
 
 from aya_jax import sharding
 from aya_jax.arbitrage import stage as arbitrage
+from aya_jax.models import lora
 from aya_jax.recipe import blocks
 from aya_jax.train import dpo, online, reward_model, sft
 from aya_jax.world import bootstrap as world
@@ -85,6 +86,9 @@ def get_config(arg=None):
   # loss, flash-style attention tiles)
   c.model = ml_collections.ConfigDict(dict(dtype="float32", remat="none", vocab_chunk=0,
                                            attention_chunk=0))
+  # rank > 0: every training step trains LoRA adapters on a frozen base (a step's own
+  # block, e.g. --config.dpo.lora.rank, wins); see docs/lora.md
+  c.lora = lora.lora_block()
   # Real inputs (aya_jax/recipe/inputs.py checks them): all empty = the embedded
   # world. With inputs.base set, the world and reward_model steps are skipped and
   # these local paths are used (nothing is downloaded); a missing path fails at

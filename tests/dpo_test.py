@@ -200,3 +200,44 @@ def test_tr_dpo_live_reference_survives_the_donated_state(toy, tmp_path):
   dpo.train_dpo(c, str(tmp_path), cfg, params, pairs, mesh, rules, ref_params=ref)
   assert not any(x.is_deleted() for x in jax.tree.leaves(ref))
   _close(jax.device_get(ref), want, atol=0)
+
+
+def _lora_setup(toy, **over):
+  from aya_jax.models import lora
+  c, cfg, params, pairs, mesh, rules = _setup(toy, **over)
+  c.lora.rank, c.lora.alpha = 8, 16.0
+  c.optim.lr = 2e-2
+  c.loop.num_steps = c.optim.total_steps = 12
+  base = jax.device_get(jax.tree.map(jnp.copy, params))
+  lcfg = cfg.replace(lora=lora.from_block(c.lora))
+  lp = sharding.add_adapters_sharded(lcfg, params, jax.random.key(1), mesh, rules)
+  return c, lcfg, lp, base, pairs, mesh, rules
+
+
+def test_lora_dpo_reference_is_the_base_with_adapters_off(toy, tmp_path):
+  from aya_jax.models import lora
+  c, lcfg, lp, base, pairs, mesh, rules = _lora_setup(toy, reference="live")
+  out, _ = dpo.train_dpo(c, str(tmp_path / "live"), lcfg, lp, pairs, mesh, rules)
+  logged = read_metrics(str(tmp_path / "live"))
+  assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"] + 0.5
+  # the base came through training byte for byte, and only the adapters moved
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(lora.without_adapters(out)), base)
+  assert not lora.adapters_are_fresh(out)
+  batch = pp.pair_batch(pairs[:8], 40, 0, ("en", "fr"))
+  batch.pop("index")
+  mb = jax.tree.map(jnp.asarray, batch)
+  fn = dpo.pair_logps_fn(lcfg)
+  # the reference pass (adapters off) is the base's log-probs
+  np.testing.assert_array_equal(fn(lora.without_adapters(out), mb)[0], fn(base, mb)[0])
+  assert np.abs(np.asarray(fn(out, mb)[0] - fn(base, mb)[0])).max() > 0.1
+  norm = dpo.pair_normalizer(mb)
+  off = dpo.dpo_loss_fn(lcfg, c.dpo, ("en", "fr"), 0, dpo.ADAPTERS_OFF)(out, mb, norm, None)
+  live = dpo.dpo_loss_fn(lcfg, c.dpo, ("en", "fr"), 0, base)(out, mb, norm, None)
+  np.testing.assert_array_equal(off[0], live[0])
+  # cached reference log-probs give the same trajectory
+  c2, lcfg2, lp2, _, pairs2, _, _ = _lora_setup(toy, reference="cached")
+  cached, _ = dpo.train_dpo(c2, str(tmp_path / "cached"), lcfg2, lp2, pairs2, mesh, rules)
+  _close(cached, out, atol=2e-5)
+  with pytest.raises(ValueError, match="sync_every=0"):
+    c3, lcfg3, lp3, _, pairs3, _, _ = _lora_setup(toy, reference="live", sync_every=2)
+    dpo.train_dpo(c3, str(tmp_path / "sync"), lcfg3, lp3, pairs3, mesh, rules)

@@ -221,3 +221,63 @@ def test_families_train_from_the_same_policy_and_merge_equally(sft_model, tmp_pa
   with pytest.raises(ValueError, match="family de_only .* has no prompts"):
     online.family_prompts("de_only:de", [records.PromptRecord(
         "a", "en", ({"role": "user", "content": "q"},))])
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "rloo"])
+def test_online_lora_rounds_train_adapters_on_the_frozen_base(sft_model, tmp_path, algorithm):
+  """LoRA in the online rounds: the adapters carry over from round to round (the reference
+  of the next DPO round is the policy with its adapters, on the same base), and each
+  iteration's params/ holds adapters naming the SFT model."""
+  from aya_jax.models import lora
+  c = _config(sft_model, algorithm)
+  c.lora.rank, c.lora.alpha = 16, 16.0
+  c.optim.lr = 1e-2 if algorithm == "dpo" else 5e-3
+  _, reports = online.run(c, str(tmp_path), scorer=LikesRed())
+  scores = [r["mean_score"] for r in reports]
+  # slower than full fine-tuning here: the adapters cannot touch the output embedding,
+  # which is what moves 'red' against 'cat' most directly
+  assert scores[-1] > scores[0] + 0.1, scores
+  assert reports[-1]["frac_no_stop"] < 0.1
+  for it in ("iter_0", "iter_1"):
+    base = json.load(open(tmp_path / it / "params" / "base.json"))["path"]
+    assert base == str(sft_model / "sft" / "params")
+  raw_cfg, own = checkpoint.load_params(str(tmp_path / "params"))
+  assert set(own) == {lora.KEY} and raw_cfg.lora.rank == 16
+  cfg, merged = checkpoint.load_model(str(tmp_path / "params"))
+  _, sft_params = checkpoint.load_model(str(sft_model / "sft" / "params"))
+  want_cfg, want = lora.merge(raw_cfg, {**sft_params, **own})
+  _assert_trees_equal(merged, want, 1e-6)
+  # a second run reuses every iteration: same final report
+  _, again = online.run(c, str(tmp_path), scorer=LikesRed())
+  assert again[-1]["mean_score"] == pytest.approx(reports[-1]["mean_score"])
+
+
+def test_online_lora_family_and_policy_merges_make_a_new_base(sft_model, tmp_path):
+  """With LoRA, merging whole policies (the families' linear merge, then online.merge) works
+  on the merged weights (base + scale * A B): the result is the next round's base with fresh
+  adapters, and params/ from then on hold the whole tree."""
+  from aya_jax.models import lora
+  c = _config(sft_model, "dpo")
+  c.lora.rank, c.lora.alpha = 8, 16.0
+  c.optim.lr = 1e-2
+  c.online.iterations, c.online.families = 1, "fr_only:fr;en_only:en"
+  c.online.merge.method, c.online.merge.weights = "linear", (0.5, 0.5)  # policy, previous
+  _, reports = online.run(c, str(tmp_path), scorer=LikesRed())
+  assert reports[0]["merge"] == "linear(policy 0.5, previous 0.5)"
+  # each family's adapters name the SFT model (the base of round 0)
+  a, b = (_load(tmp_path / "iter_0" / name / "params") for name in ("fr_only", "en_only"))
+  assert checkpoint.is_adapter_dir(str(tmp_path / "iter_0" / "fr_only" / "params"))
+  want = jax.tree.map(lambda x, y: (x + y) / 2, a, b)
+  family_merge = _load(tmp_path / "iter_0" / "params")
+  _assert_trees_equal(family_merge, want, 1e-6)
+  sft_params = _load(sft_model / "sft" / "params")
+  _assert_trees_equal(_load(tmp_path / "iter_0" / "merged"),
+                      jax.tree.map(lambda p, s: 0.5 * p + 0.5 * s, family_merge, sft_params),
+                      1e-6)
+  # the final params/: the whole tree (a merged base and the adapters), merged when loaded
+  assert not checkpoint.is_adapter_dir(str(tmp_path / "params"))
+  raw_cfg, raw = checkpoint.load_params(str(tmp_path / "params"))
+  assert lora.KEY in raw and raw_cfg.lora.rank == 8
+  cfg, merged = checkpoint.load_model(str(tmp_path / "params"))
+  assert cfg.lora is None
+  _assert_trees_equal(merged, lora.merge(raw_cfg, raw)[1], 1e-6)

@@ -126,3 +126,35 @@ def test_attention_chunk_reaches_the_model_and_cuts_temporaries():
     temps[chunk] = result["steps"]["sft"]["temp"]
   scores = 3 * 1024 * 1024 * 4  # one row's float32 [heads, T, T] on each device
   assert temps[0] > scores and temps[128] < temps[0] - scores, temps
+
+
+def test_lora_plan_keeps_optimizer_state_for_the_adapters_only():
+  """With the lora block the base is frozen (its bytes under 'frozen', no moments) and the
+  DPO step has no reference copy: its arguments are the state and the batch (no cached
+  log-probs); against the same step's live allocation."""
+  from aya_jax.models import lora
+  config = _config(mesh_shape=(2, 4, 1), rules="fsdp")
+  config.lora = lora.lora_block()
+  config.lora.rank = 2
+  result = planner.plan(config)
+  full = planner.plan(_config(mesh_shape=(2, 4, 1), rules="fsdp"))
+  for kind in ("sft", "dpo"):
+    s, f = result["steps"][kind], full["steps"][kind]
+    assert s["frozen"] == f["params"]  # the whole base, sharded as in full fine-tuning
+    assert 0 < s["params"] < f["params"] / 2  # rank 2 of a 32-wide toy
+    assert s["opt_state"] == 2 * s["params"] + 8  # Adam's moments of the adapters only
+    # the state (the toy's peak is its activations, which adapters add to; 8B: docs/lora.md)
+    held = lambda r: r["params"] + r["frozen"] + r["opt_state"]
+    assert held(s) < held(f)
+  cfg = model_config.preset("tiny_cohere", lora=lora.from_block(config.lora))
+  mesh = sharding.make_mesh((2, 4, 1), jax.devices()[:8])
+  params = sharding.init_params_sharded(cfg, jax.random.key(0), mesh, axes.rules("fsdp"))
+  adapters = params[lora.KEY]
+  per = {}
+  for x in jax.tree.leaves(adapters):
+    for sh in x.addressable_shards:
+      per[sh.device.id] = per.get(sh.device.id, 0) + sh.data.nbytes
+  assert result["steps"]["sft"]["params"] == max(per.values())
+  dpo = result["steps"]["dpo"]
+  assert dpo["argument"] == dpo["params"] + dpo["frozen"] + dpo["opt_state"] + dpo["batch"] + 4
+  assert "LoRA rank 2" in planner.format_report(result)

@@ -73,3 +73,18 @@ def test_a_field_the_stage_lacks_is_named():
   c.model.init = "x"
   with pytest.raises(ValueError, match=r"config\.model\.init: not a setting"):
     blocks.training_stage(dpo.default_config(), c.dpo, "dpo", c, "tok", "start")
+
+
+def test_the_pipeline_lora_block_reaches_every_training_step_unless_its_own_is_set():
+  c = config_files.get_config(PIPELINE)
+  assert c.sft.lora.rank == 0 and c.lora.rank == 0  # full fine-tuning by default
+  c.lora.rank, c.lora.alpha, c.lora.targets = 16, 32.0, r".*/(q|v)/kernel"
+  c.dpo.lora.rank, c.dpo.lora.alpha = 4, 4.0  # a step's own block wins
+  for name, module in (("sft", sft), ("sft_family", sft), ("reward_model", reward_model),
+                       ("online", online)):
+    stage = blocks.training_stage(module.default_config(), c[name], name, c, "tok", "start",
+                                  extras=tuple(EXTRAS.get(name, ())))
+    assert (stage.lora.rank, stage.lora.alpha, stage.lora.targets) == (
+        16, 32.0, r".*/(q|v)/kernel"), name
+  stage = blocks.training_stage(dpo.default_config(), c.dpo, "dpo", c, "tok", "start")
+  assert (stage.lora.rank, stage.lora.alpha) == (4, 4.0)

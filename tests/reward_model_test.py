@@ -210,3 +210,37 @@ def test_pair_batches_layout_and_exact_resume():
   again.set_state(json.loads(json.dumps(state)))
   for a, w in zip([next(again) for _ in range(2)], want):
     jax.tree.map(np.testing.assert_array_equal, a, w)
+
+
+@pytest.mark.slow
+def test_lora_reward_model_trains_adapters_and_value_head(world_tok, tmp_path):
+  """A LoRA reward model on a language model: the adapters and the new value head train
+  (the base frozen), params/ keeps them naming the base, and load_model's merged model
+  scores the held-out pairs as the stage did."""
+  from aya_jax.models import lora
+  tok, tok_dir = world_tok
+  cfg = tiny("llama", vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id)
+  checkpoint.save_params(str(tmp_path / "base"), cfg, random_params(cfg, 5, std=0.05))
+  c = _stage_config(tok_dir)
+  c.model.init = str(tmp_path / "base")
+  c.lora.rank, c.lora.alpha = 8, 16.0
+  c.optim.lr = 3e-2
+  reward_model.run(c, str(tmp_path / "rm"))
+  ev = json.load(open(tmp_path / "rm" / "reward_eval.json"))
+  # chance is 0.5 (280 pairs: +-0.03); the base's embeddings are random and frozen
+  assert ev["valid"]["all"]["accuracy"] >= 0.65, ev["valid"]
+  raw_cfg, own = checkpoint.load_params(str(tmp_path / "rm" / "params"))
+  assert set(own) == {lora.KEY, "value_head"} and raw_cfg.value_head
+  merged_cfg, _ = checkpoint.load_model(str(tmp_path / "rm" / "params"))
+  assert merged_cfg.value_head and merged_cfg.lora is None and not merged_cfg.has_lm_head
+  scorer = reward.RewardModelScorer.load(str(tmp_path / "rm" / "params"), tok_dir, max_len=80)
+  valid = records.read_jsonl(tmp_path / "rm" / "synthetic" / "pairs_valid.jsonl", "preference")
+  acc = reward.pair_accuracy(scorer, valid)
+  np.testing.assert_allclose(acc["all"]["accuracy"], ev["valid"]["all"]["accuracy"])
+  # the HF export is the merged sequence classifier
+  assert json.load(open(tmp_path / "rm" / "hf" / "config.json"))["architectures"] == [
+      "LlamaForSequenceClassification"]
+  again = reward.RewardModelScorer.load(str(tmp_path / "rm" / "hf"), tok_dir, max_len=80)
+  recs = [dict(id=p.id, language=p.language, prompt=p.prompt, completion=p.chosen)
+          for p in valid[:8]]
+  np.testing.assert_allclose(again.score(recs), scorer.score(recs), atol=1e-4)

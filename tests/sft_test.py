@@ -198,3 +198,138 @@ def test_model_block_execution_fields_reach_the_model(tmp_path):
   m.update(dict(init=path, remat="none", attention_chunk=8))
   cfg2, _ = common.setup_model(m, 256, mesh, axes.rules("fsdp"), 0)
   assert (cfg2.remat, cfg2.attention_chunk) == ("none", 8)
+
+
+# ------------------------------------------------------------------------ LoRA
+
+
+@pytest.fixture(scope="module")
+def hf_base(sft_data, tmp_path_factory):
+  """A briefly trained tiny Llama exported as a HF directory: the base of the LoRA runs."""
+  data, tok = sft_data
+  d = tmp_path_factory.mktemp("base")
+  c = _small(_config(), data, tok, steps=10)
+  c.export_hf = True
+  main.run_stage(c, str(d))
+  return str(d / "hf")
+
+
+def _lora(c, base, steps=40):
+  c.model.init, c.lora.rank, c.lora.alpha = base, 4, 8.0
+  c.optim.lr, c.optim.total_steps, c.loop.num_steps = 3e-2, steps, steps
+  return c
+
+
+def _arrays_paths(params_dir, sub="arrays"):
+  import orbax.checkpoint as ocp
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(params_dir, sub))
+  return sorted(jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(
+      getattr(meta, "item_metadata", meta))[0])
+
+
+def test_lora_sft_saves_adapters_naming_the_base_and_exports(sft_data, hf_base, tmp_path):
+  import shutil
+
+  import torch
+  import transformers
+  from peft import PeftModel
+  from aya_jax.models import lora
+  data, tok = sft_data
+  base = str(tmp_path / "base")
+  shutil.copytree(hf_base, base)
+  c = _lora(_small(_config(), data, tok), base)
+  c.export_hf = True
+  main.run_stage(c, str(tmp_path / "run"))
+  logged = read_metrics(str(tmp_path / "run"))
+  assert logged[-1]["loss"] < logged[0]["loss"] - 0.2, logged
+  params_dir = str(tmp_path / "run" / "params")
+  # only the adapters are saved, with the base's path and hash
+  assert all(p.startswith("['lora']") for p in _arrays_paths(params_dir))
+  assert json.load(open(os.path.join(params_dir, "base.json")))["path"] == base
+  raw_cfg, own = checkpoint.load_params(params_dir)
+  assert raw_cfg.lora.rank == 4
+  _, base_params = checkpoint.load_model(base)
+  prompt = np.asarray([[5, 9, 14, 3, 22, 7, 31]])
+  adapted = np.asarray(forward(raw_cfg, {**base_params, **own}, prompt))
+  # load_model gives the merged model, the same function
+  cfg, merged = checkpoint.load_model(params_dir)
+  assert cfg.lora is None and lora.KEY not in merged
+  np.testing.assert_allclose(np.asarray(forward(cfg, merged, prompt)), adapted, atol=1e-5)
+  # hf/: the merged model in transformers; peft/: the adapter in peft on the base
+  with torch.no_grad():
+    t = torch.tensor(prompt)
+    merged_hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "run" / "hf"))(t).logits.numpy()
+    with_peft = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base),
+        str(tmp_path / "run" / "peft")).eval()(t).logits.numpy()
+  np.testing.assert_allclose(merged_hf, adapted, atol=1e-4)
+  np.testing.assert_allclose(with_peft, adapted, atol=1e-4)
+  # a changed base is refused, naming it; a moved one too
+  with open(os.path.join(base, "config.json"), "a") as f:
+    f.write("\n")
+  with pytest.raises(ValueError, match=f"trained on another {base}"):
+    checkpoint.load_model(params_dir)
+  shutil.rmtree(base)
+  with pytest.raises(FileNotFoundError, match="not there"):
+    checkpoint.load_model(params_dir)
+
+
+def _lora_trainer(sft_data, base, workdir, stop_after=None):
+  """A LoRA SFT run of 20 steps through the one loop (stoppable like a killed job)."""
+  from aya_jax import axes, sharding
+  from aya_jax.data import pipeline
+  from aya_jax.train import common, loop, steps
+  data, tok_dir = sft_data
+  c = _lora(_small(_config(), data, tok_dir, steps=20), base, steps=20)
+  tok = formatting.load_tokenizer(tok_dir)
+  mesh, rules = sharding.make_mesh((2, 4, 1)), axes.rules("fsdp")
+  cfg, params = common.setup_model(c.model, len(tok), mesh, rules, 0, c.lora)
+  st, fn = common.make_trainer(c, cfg, params, steps.sft_loss_fn(cfg), mesh, rules)
+  batches, _ = pipeline.make_sft_iterator([data], tok, seq_len=48, global_batch_size=8, seed=0,
+                                            num_epochs=None)
+  example = {k: np.zeros((8, 48), np.int32) for k in pipeline.KEYS}
+  step = common.jit_for(fn, st, example, mesh)
+  with sharding.activation_rules(mesh, rules):
+    st = loop.train_loop(st, step, batches, c.loop, workdir, mesh, stop_after=stop_after)
+  return jax.device_get(st.model_params())
+
+
+def test_lora_sft_resumes_exactly_without_the_base_in_checkpoints(sft_data, hf_base, tmp_path):
+  from aya_jax.train import loop
+  full = _lora_trainer(sft_data, hf_base, str(tmp_path / "full"))
+  with pytest.raises(loop.Preempted):
+    _lora_trainer(sft_data, hf_base, str(tmp_path / "killed"), stop_after=7)
+  # the train checkpoint holds the adapters and their optimizer state, not the base
+  paths = _arrays_paths(str(tmp_path / "killed" / "checkpoints" / "7"), "state")
+  assert any("lora" in p for p in paths)
+  assert not any("embedder" in p or "['kernel']" in p for p in paths), paths
+  resumed = _lora_trainer(sft_data, hf_base, str(tmp_path / "killed"))
+  jax.tree.map(np.testing.assert_array_equal, full, resumed)
+
+
+def test_molora_sft_checkpoint_keeps_the_experts(sft_data, hf_base, tmp_path):
+  """MoLoRA trains like LoRA; its checkpoint loads as the base with the experts (no merged
+  form), and a merge or a new adapter on top of it is refused, naming why."""
+  from aya_jax.models import lora
+  data, tok = sft_data
+  c = _lora(_small(_config(), data, tok), hf_base, steps=20)
+  c.lora.experts = 3
+  main.run_stage(c, str(tmp_path / "molora"))
+  logged = read_metrics(str(tmp_path / "molora"))
+  assert logged[-1]["loss"] < logged[0]["loss"] - 0.1, logged
+  params_dir = str(tmp_path / "molora" / "params")
+  cfg, params = checkpoint.load_model(params_dir)
+  assert cfg.lora.experts == 3 and checkpoint.peek_config(params_dir) == cfg
+  router = lora.adapted_paths(params)["layers/attn/q"]["router"]
+  assert router.shape == (2, 48, 3)
+  raw_cfg, own = checkpoint.load_params(params_dir)
+  _, base = checkpoint.load_model(hf_base)
+  prompt = np.asarray([[5, 9, 14, 3, 22, 7, 31]])
+  np.testing.assert_allclose(np.asarray(forward(cfg, params, prompt)),
+                             np.asarray(forward(raw_cfg, {**base, **own}, prompt)), atol=1e-6)
+  with pytest.raises(ValueError, match="MoLoRA"):
+    checkpoint.open_reader(params_dir)  # a streaming merge reads merged weights
+  c2 = _lora(_small(_config(), data, tok), params_dir, steps=2)
+  with pytest.raises(ValueError, match="MoLoRA"):
+    main.run_stage(c2, str(tmp_path / "again"))

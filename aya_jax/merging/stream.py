@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from aya_jax import checkpoint
+from aya_jax import checkpoint, params_stream
 from aya_jax.merging import methods as merging
 from aya_jax.merging import parameters
 from aya_jax.models import hf
@@ -143,7 +143,7 @@ def _merge_checkpoints(inputs, method, merge_parameters, out, base, out_hf, *,
   staged = {o: _staging_dir(o) for o in (out, out_hf) if o}
   writer = hf_writer = None
   try:
-    writer = checkpoint.ParamsWriter(
+    writer = params_stream.ParamsWriter(
         staged[out], {p: (shapes[p], out_dtypes[p], chunks[p]) for p in paths}, cfg)
     hf_writer = (hf.Writer(staged[out_hf], cfg, order, out_dtypes, max_shard_bytes)
                  if out_hf else None)

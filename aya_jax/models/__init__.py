@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from aya_jax.models import lora
 from aya_jax.models.config import ModelConfig, preset, tiny
 from aya_jax.models.transformer import Transformer, init_cache, output_logits, unembed_matrix
 
@@ -17,7 +18,7 @@ def init_params(cfg: ModelConfig, rng) -> dict:
 
 def forward(cfg: ModelConfig, params: dict, tokens, positions=None, segment_ids=None):
   """logits [B, T, V] float32 (values [B, T] for a value-head model)."""
-  out, _ = Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), positions,
+  out, _ = Transformer(cfg).apply(lora.variables(params), jnp.asarray(tokens), positions,
                                   segment_ids)
   return out
 

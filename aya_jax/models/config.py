@@ -15,12 +15,49 @@ new preset, not new model code.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 FAMILIES = ("cohere", "cohere2", "llama", "gemma2", "gemma3", "qwen2")
 # fields that change how a model is computed, not what it computes (a config
 # that differs only in these is the same model: conversion, merging)
 EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_chunk")
+
+
+# LoRA's default kernels: every attention and MLP projection (full-matched against
+# '/'-joined param paths such as 'layers/attn/q/kernel')
+LORA_TARGETS = r".*/(q|k|v|o|gate|up|down)/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the kernels whose path full-matches `targets` (models/lora.py):
+  y = x W + scale * dropout(x) A B with A [in, rank] (PEFT's uniform init), B [rank, out]
+  (zeros: step 0 is the base). scale = alpha / rank, or alpha / sqrt(rank) with rslora.
+  experts > 0: MoLoRA, that many adapters per kernel mixed by a softmax router on x."""
+  rank: int = 16
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: str = LORA_TARGETS
+  rslora: bool = False
+  experts: int = 0
+
+  def __post_init__(self):
+    if self.rank < 1 or int(self.rank) != self.rank:
+      raise ValueError(f"lora.rank={self.rank!r}: a positive integer")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"lora.dropout={self.dropout!r}: in [0, 1)")
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise ValueError(f"lora.targets={self.targets!r} is not a regex: {e}") from None
+    if self.experts < 0:
+      raise ValueError(f"lora.experts={self.experts!r}: 0 (plain LoRA) or the number of "
+                       "MoLoRA experts")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +118,8 @@ class ModelConfig:
   # (flash-style, O(T * chunk) memory instead of O(T^2)); 0: dense logits
   attention_chunk: int = 0
   value_head: bool = False  # scalar head on the backbone (reward model)
+  # low-rank adapters (their arrays under params['lora']); None: none
+  lora: Optional[LoraConfig] = None
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -119,6 +158,8 @@ class ModelConfig:
     for key in ("rope_scaling", "sliding_windows", "eos_ids"):
       if isinstance(d.get(key), list):
         d[key] = tuple(d[key])
+    if isinstance(d.get("lora"), dict):
+      d["lora"] = LoraConfig(**d["lora"])
     return cls(**d)
 
   @property

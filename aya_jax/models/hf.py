@@ -385,6 +385,9 @@ def assemble(reader, dtype=np.float32, shardings=None) -> dict:
 def save(cfg: ModelConfig, params, path, dtype=np.float32, max_shard_bytes=5 * 2**30):
   """Writes config.json, generation_config.json and safetensors (sharded with an
   index above `max_shard_bytes`) that transformers' from_pretrained loads."""
+  if cfg.lora is not None:
+    raise ValueError("hf.save of a model with LoRA adapters: merge them first "
+                     "(models.lora.merge), or write the adapters with models.peft.save")
   order, covered = [], set()
   for leaf, _, _, shape, is_layer in entries(cfg):
     covered.add(leaf)

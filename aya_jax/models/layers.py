@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aya_jax.models import lora
 from aya_jax.models.config import ModelConfig
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -80,6 +81,7 @@ class Dense(nn.Module):
                                                              tuple(self.out_axes)),
                         tuple(self.out_shape), pdt)
       y = y + bias.astype(y.dtype)
+    y = lora.adapt(self, x, y, self.in_shape, self.out_shape, self.in_axes, self.out_axes, cdt)
     return y.astype(cdt)
 
 

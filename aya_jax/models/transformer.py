@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aya_jax.models import lora
 from aya_jax.models.attention import NO_WINDOW, Attention
 from aya_jax.models.config import ModelConfig
 from aya_jax.models.layers import KERNEL_INIT, MLP, Norm, dtype_of, softcap
@@ -79,7 +80,8 @@ class Transformer(nn.Module):
     if c.remat != "none":
       block = nn.remat(Block, policy=_remat_policy(c.remat), prevent_cse=False)
     self.layers = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        block, variable_axes={"params": 0, lora.KEY: 0},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers,
         unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
     self.final_norm = Norm(c, (c.d_model,), ("embed",), name="final_norm")

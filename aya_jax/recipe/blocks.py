@@ -101,11 +101,14 @@ def training_stage(defaults, block_config, name: str, config, tokenizer: str, in
   """A training stage's config: the block over its defaults, then what the
   pipeline owns: its seed, tokenizer, the model to start from (`init`), its
   model settings (config.model: dtype, remat, vocab_chunk, attention_chunk) and
-  its mesh."""
+  its mesh; the pipeline's `lora` block where the step's own has rank 0."""
   c = stage_config(defaults, block_config, name, extras)
   c.seed, c.tokenizer, c.model.init = config.seed, tokenizer, init
   c.mesh.shape = tuple(config.mesh.shape)
   c.mesh.rules = config.mesh.rules or c.mesh.rules
+  shared = config.get("lora")  # the pipeline's: every step's adapters unless it has its own
+  if shared is not None and shared.rank and not c.lora.rank:
+    c.lora.update(shared)
   model = config.get("model")
   for key, value in (model.items() if model is not None else ()):
     if key not in c.model or key in ("init", "preset"):

@@ -45,6 +45,7 @@ from aya_jax import axes as axes_lib
 from aya_jax import checkpoint, losses
 from aya_jax import sharding as sharding_lib
 from aya_jax.data import formatting
+from aya_jax.models import lora
 from aya_jax.models.config import ModelConfig
 from aya_jax.models.layers import dtype_of
 from aya_jax.models.transformer import (Transformer, init_cache, output_logits,
@@ -248,7 +249,7 @@ def _prefill_and_decode(cfg, method, max_new, n, stop, pad, mesh_and_rules,
 
   # prefill: the whole padded prompt, logits of the last column only
   cache = _constrain_cache(init_cache(cfg, b, length + max_new), mesh_and_rules)
-  hidden, cache = model.apply({"params": params}, tokens, positions, segments, cache=cache,
+  hidden, cache = model.apply(lora.variables(params), tokens, positions, segments, cache=cache,
                               return_hidden=True)
   cdt = dtype_of(cfg.dtype)
   logits_bv = output_logits(cfg, jnp.einsum(
@@ -295,7 +296,7 @@ def _prefill_and_decode(cfg, method, max_new, n, stop, pad, mesh_and_rules,
     # feed the token of column t-1 (at position len + t - 1); done rows feed padding
     pos = (lengths + t - 1)[:, None]
     seg = (~done).astype(jnp.int32)[:, None]
-    logits, cache = model.apply({"params": params}, tok[:, None], pos, seg, cache=cache)
+    logits, cache = model.apply(lora.variables(params), tok[:, None], pos, seg, cache=cache)
     tok, done, outs = emit(t, logits[:, 0], done, outs)
     return t + 1, cache, tok, done, outs
 

@@ -13,6 +13,7 @@ import ml_collections
 from aya_jax import checkpoint, optim, sharding
 from aya_jax.data import atomic
 from aya_jax.models import config as model_config
+from aya_jax.models import lora
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import state as state_lib
 from aya_jax.train import steps
@@ -49,6 +50,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_block()
   c.tokenizer = ""        # local HF tokenizer directory (with a chat template)
+  c.lora = lora.lora_block()  # rank > 0: low-rank adapters train, the base is frozen
   c.optim = optim.default_optim_config()
   c.loop = loop_lib.default_loop_config()
   c.mesh = sharding.mesh_block()
@@ -70,8 +72,24 @@ def set_schedule(config, steps: int, lr: float, batch_size: int, seq_len: int, *
   return config
 
 
-def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
-  """(ModelConfig, params) on the mesh: loaded from mcfg.init or random."""
+def setup_model(mcfg, vocab_size: int, mesh, rules, seed: int, lora_block=None,
+                **overrides):
+  """(ModelConfig, params) on the mesh: loaded from mcfg.init or random; with a `lora`
+  block of rank > 0, fresh adapters on that model (an adapter checkpoint given as init is
+  merged into its base first: the new adapters train on top of it)."""
+  cfg, params = _base_model(mcfg, vocab_size, mesh, rules, seed, **overrides)
+  lcfg = lora.from_block(lora_block)
+  if lcfg is None:
+    return cfg, params
+  if cfg.lora is not None:
+    raise ValueError(f"model.init={mcfg.init} holds MoLoRA adapters, which do not merge into "
+                     "a base to train new adapters on: train them on (lora.rank=0 keeps "
+                     "training the adapters it has) or start from their base")
+  cfg = cfg.replace(lora=lcfg)
+  return cfg, sharding.add_adapters_sharded(cfg, params, jax.random.key(seed + 1), mesh, rules)
+
+
+def _base_model(mcfg, vocab_size, mesh, rules, seed, **overrides):
   if mcfg.init:
     cfg = checkpoint.peek_config(mcfg.init)
     cfg = cfg.replace(**execution(mcfg), **overrides)
@@ -94,8 +112,10 @@ def make_trainer(config, cfg, params, loss_fn, mesh, rules, normalizer_fn=steps.
   accum = ocfg.grad_accum
   with ocfg.unlocked():
     ocfg.grad_accum = 1
-  tx = optim.make_optimizer(ocfg, params)
-  st = state_lib.create_state(params, tx, jax.tree.map(lambda x: x.sharding, params))
+  trainable, frozen = lora.split(params)
+  tx = optim.make_optimizer(ocfg, trainable)
+  st = state_lib.create_state(trainable, tx, jax.tree.map(lambda x: x.sharding, trainable),
+                              frozen)
   fn = steps.make_train_step(loss_fn, tx, normalizer_fn, accum, optim.make_schedule(ocfg))
   return st, fn
 
@@ -105,11 +125,21 @@ def jit_for(fn, st, example_batch, mesh):
   return steps.jit_step(fn, state_lib.state_shardings(st), bsh, mesh)
 
 
-def finish(workdir, cfg, params, export_hf: bool):
-  out = checkpoint.save_params(os.path.join(workdir, "params"), cfg, params)
+def finish(workdir, cfg, params, export_hf: bool, base: str = ""):
+  """Writes workdir/params/ (and workdir/hf/). A LoRA model on a `base` from disk keeps
+  only its adapters (and value head) there, naming the base; `export_hf` then also writes
+  the PEFT adapter (workdir/peft/) beside the merged model."""
+  path = os.path.join(workdir, "params")
+  if cfg.lora is not None and base:
+    out = checkpoint.save_adapters(path, cfg, params, base)
+  else:
+    out = checkpoint.save_params(path, cfg, params)
   if export_hf:
-    from aya_jax.models import hf
-    hf.save(cfg, jax.device_get(params), os.path.join(workdir, "hf"))
+    from aya_jax.models import hf, peft
+    merged_cfg, merged = lora.merge(cfg, jax.device_get(params))
+    hf.save(merged_cfg, merged, os.path.join(workdir, "hf"))
+    if cfg.lora is not None and base:
+      peft.save(cfg, jax.device_get(params), os.path.join(workdir, "peft"), base)
   return out
 
 

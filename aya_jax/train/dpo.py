@@ -43,11 +43,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aya_jax import axes, checkpoint, losses, optim, sharding
 from aya_jax.data import atomic, formatting
 from aya_jax.data import pairs as pp
+from aya_jax.models import lora
 from aya_jax.train import common
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import state as state_lib
 from aya_jax.train import steps
 
+# dpo_loss_fn's reference when it is the policy's LoRA base (adapters switched off)
+ADAPTERS_OFF = "adapters-off"
 MODEL_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -86,10 +89,10 @@ def pair_logps_fn(cfg, vocab_chunk: int = 0):
   """(params, batch [b, 2, L]) -> (summed log-probs [b, 2], lengths [b, 2])."""
   token_logps = steps.token_logps_fn(cfg, vocab_chunk)
 
-  def fn(params, mb):
+  def fn(params, mb, rng=None):
     b, _, length = mb["tokens"].shape
     flat = {k: mb[k].reshape(2 * b, length) for k in MODEL_KEYS}
-    s, n = losses.sequence_logps(token_logps(params, flat), flat["loss_mask"])
+    s, n = losses.sequence_logps(token_logps(params, flat, rng), flat["loss_mask"])
     return s.reshape(b, 2), n.reshape(b, 2)
 
   return fn
@@ -104,14 +107,16 @@ def pair_normalizer(batch):
 def dpo_loss_fn(cfg, dcfg, languages=(), vocab_chunk: int = 0, ref_params=None):
   """loss_fn(params, mb, normalizer, rng) for `steps.make_train_step`.
 
-  With `ref_params` None the batch must carry `ref_logps` [b, 2] (cached)."""
+  With `ref_params` None the batch must carry `ref_logps` [b, 2] (cached); ADAPTERS_OFF:
+  the reference is the policy's own base, its LoRA adapters switched off."""
   logps = pair_logps_fn(cfg, vocab_chunk)
 
   def loss_fn(params, mb, normalizer, rng):
-    del rng
-    pol, n = logps(params, mb)
+    pol, n = logps(params, mb, rng)
     if ref_params is None:
       ref = mb["ref_logps"]
+    elif isinstance(ref_params, str) and ref_params == ADAPTERS_OFF:
+      ref = jax.lax.stop_gradient(logps(lora.without_adapters(params), mb)[0])
     else:
       ref = jax.lax.stop_gradient(logps(ref_params, mb)[0])
     per_pair, aux = losses.dpo_loss(
@@ -171,14 +176,19 @@ def make_dpo_step(config, cfg, params, mesh, languages, example_batch, ref_param
   if sync and ref_params is None:
     raise ValueError("dpo.sync_every > 0 (TR-DPO) needs dpo.reference='live': cached "
                      "reference log-probs would go stale")
+  if sync and lora.has_adapters(params):
+    raise ValueError("dpo.sync_every > 0 (TR-DPO) moves a reference copy of the weights; with "
+                     "lora.rank > 0 the reference is the base itself: use sync_every=0")
   ocfg = optim.optim_config_from(config.optim.to_dict())
   accum = ocfg.grad_accum
   with ocfg.unlocked():
     ocfg.grad_accum = 1
-  tx = optim.make_optimizer(ocfg, params)
+  trainable, frozen = lora.split(params)
+  tx = optim.make_optimizer(ocfg, trainable)
   if sync:
     tx = optax.chain(tx, reference_sync(float(dcfg.sync_alpha), int(dcfg.sync_every)))
-  st = state_lib.create_state(params, tx, jax.tree.map(lambda x: x.sharding, params))
+  st = state_lib.create_state(trainable, tx, jax.tree.map(lambda x: x.sharding, trainable),
+                              frozen)
   if sync:  # a copy: the state is donated to every step, and the caller may still need
             # ref_params (online rounds keep the fixed reference, merges read it)
     st = st.replace(opt_state=(st.opt_state[0], st.opt_state[1]._replace(
@@ -193,14 +203,12 @@ def make_dpo_step(config, cfg, params, mesh, languages, example_batch, ref_param
 
   ssh = state_lib.state_shardings(st)
   bsh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), example_batch)
-  rep = NamedSharding(mesh, P())
-  if ref_params is not None and not sync:
+  if ref_params is not None and not sync and not isinstance(ref_params, str):
     rsh = jax.tree.map(lambda x: x.sharding, ref_params)
-    jitted = jax.jit(step, in_shardings=(ssh, bsh, rep, rsh), out_shardings=(ssh, rep),
-                     donate_argnums=0)
+    jitted = steps.jit_step(step, ssh, bsh, mesh, ref_shardings=rsh)
     return st, lambda s, b, r: jitted(s, b, r, ref_params)
-  return st, jax.jit(lambda s, b, r: step(s, b, r), in_shardings=(ssh, bsh, rep),
-                     out_shardings=(ssh, rep), donate_argnums=0)
+  off = ref_params if isinstance(ref_params, str) else None  # ADAPTERS_OFF, or cached
+  return st, steps.jit_step(lambda s, b, r: step(s, b, r, off), ssh, bsh, mesh)
 
 
 # ----------------------------------------------------- reference log-probs
@@ -323,6 +331,12 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
   cache_dir = dcfg.ref_cache_dir or os.path.join(workdir, "ref_logps")
   if dcfg.reference not in ("cached", "live"):
     raise ValueError(f"dpo.reference={dcfg.reference!r}: expected 'cached' or 'live'")
+  adapters = lora.has_adapters(params)
+  if ref_params is None and adapters:  # LoRA: the initial policy, sharing the base
+    if lora.adapters_are_fresh(params):  # it is the base: adapters off, nothing copied
+      ref_params = lora.without_adapters(params) if dcfg.reference == "cached" else ADAPTERS_OFF
+    else:  # trained adapters (an online round): a copy of them on the same base
+      ref_params = lora.copy_trained(params)
   if ref_params is None:  # the initial policy; params are donated to the state later
     ref_params = params if dcfg.reference == "cached" else jax.tree.map(jnp.copy, params)
   ref_train = eval_ref = None
@@ -330,7 +344,7 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
     ref_train, _, _ = cached_reference_logps(cfg, ref_params, pairs, languages,
                                              cache_dir=cache_dir, **kw)
   if eval_pairs:
-    eval_ref, _, _ = cached_reference_logps(cfg, ref_params, eval_pairs, languages,
+    eval_ref, _, _ = cached_reference_logps(cfg, _base_if_off(ref_params, params), eval_pairs, languages,
                                             cache_dir=cache_dir, **kw)
   batches = pp.PairIterator(pairs, global_batch_size=config.data.batch_size,
                             seq_len=config.data.seq_len, pad_id=pad_id, seed=config.seed,
@@ -350,12 +364,19 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
   metrics = None
   if eval_pairs:
     kw.pop("batch_size")
-    metrics = evaluate_pairs(cfg, st.params, eval_ref, list(eval_pairs), languages, dcfg,
+    metrics = evaluate_pairs(cfg, st.model_params(), eval_ref, list(eval_pairs), languages, dcfg,
                              batch_size=dcfg.ref_batch_size or config.data.batch_size, **kw)
     if jax.process_index() == 0:
       atomic.write_json(os.path.join(workdir, "eval_metrics.json"), metrics, indent=1)
     logging.info("eval: %s", metrics)
-  return st.params, metrics
+  return st.model_params(), metrics
+
+
+def _base_if_off(ref_params, params):
+  """The reference's params: the LoRA base itself when the adapters are switched off."""
+  if isinstance(ref_params, str) and ref_params == ADAPTERS_OFF:
+    return lora.without_adapters(params)
+  return ref_params
 
 
 class _DropIndex:
@@ -386,8 +407,9 @@ def run(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = axes.rules(config.mesh.rules)
   cfg, params = common.setup_model(config.model, len(tok), mesh, rules, config.seed,
-                                pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                                eos_ids=formatting.end_of_turn_ids(tok))
+                                   config.lora, pad_id=tok.pad_token_id,
+                                   bos_id=tok.bos_token_id,
+                                   eos_ids=formatting.end_of_turn_ids(tok))
   ref_params = None
   if config.dpo.reference_init:
     _, ref_params = checkpoint.load_model(
@@ -403,4 +425,4 @@ def run(config, workdir: str):
                                       skip)
   params, _ = train_dpo(config, workdir, cfg, params, pairs, mesh, rules, ref_params=ref_params,
                         eval_pairs=eval_pairs)
-  return common.finish(workdir, cfg, params, config.export_hf)
+  return common.finish(workdir, cfg, params, config.export_hf, base=config.model.init)

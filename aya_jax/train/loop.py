@@ -113,7 +113,8 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
   finite = jax.jit(steps.all_finite)
   start = 0
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
+    restored, data_state = ckpt.restore(state.replace(frozen=None))  # a LoRA base is not
+    state = restored.replace(frozen=state.frozen)                      # in checkpoints
     start = int(state.step)
     if data_state and hasattr(batches, "set_state"):
       batches.set_state(data_state)
@@ -163,7 +164,7 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
           raise FloatingPointError(
               f"step {step}: the params hold non-finite values; not checkpointed (the last "
               f"checkpoint in {ckpt.directory}, if any, is intact)")
-        ckpt.save(step, state, data_state())
+        ckpt.save(step, state.replace(frozen=None), data_state())
       if stopping and not done:
         progress.close()
         writer.close()

@@ -57,7 +57,6 @@ import os
 import warnings
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -68,6 +67,7 @@ from aya_jax.data import atomic, formatting
 from aya_jax.data import pairs as pp
 from aya_jax.data import records as records_lib
 from aya_jax.merging import pytree
+from aya_jax.models import lora
 from aya_jax.sampling import methods, sampler
 from aya_jax.train import common, dpo, policy_merge, rloo
 
@@ -271,13 +271,14 @@ def family_prompts(spec: str, prompts: list) -> dict:
 
 
 def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, mesh, rules,
-                  iteration: int):
+                  iteration: int, base_path: str = ""):
   """One iteration's training of `params` on its round `rd` -> (params, report extras);
-  params/ of `directory` written (reused when it is there: a finished iteration)."""
+  params/ of `directory` written (reused when it is there: a finished iteration). With LoRA
+  on a `base_path` that is still the base in memory, params/ holds the adapters."""
   oc, extra = config.online, {}
   done = os.path.join(directory, "params")
   if checkpoint.is_params_dir(done):  # finished before: reuse, do not retrain
-    return checkpoint.load_model(done, jax.tree.map(lambda x: x.sharding, params))[1], extra
+    return _load_trained(done, params), extra
   it_config = _iteration_config(config, iteration)
   if oc.algorithm == "dpo":
     pairs = best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap, f"it{iteration}",
@@ -297,8 +298,36 @@ def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, m
     params, more = rloo.train_rloo(it_config, directory, cfg, params, reference, rows,
                                    rd.scores, rd.usable, mesh, rules)
     extra.update(more)
-  checkpoint.save_params(done, cfg, params)
+  if cfg.lora is not None and base_path:  # the adapters, naming the base
+    checkpoint.save_adapters(done, cfg, params, base_path)
+  else:
+    checkpoint.save_params(done, cfg, params)
   return params, extra
+
+
+def _load_trained(done, params):
+  """A finished iteration's params/ in `params`' shardings (LoRA: its adapters on the
+  base in memory)."""
+  trainable, frozen = lora.split(params)
+  if frozen is None:
+    return checkpoint.load_model(done, jax.tree.map(lambda x: x.sharding, params))[1]
+  if not checkpoint.is_adapter_dir(done):  # the whole tree (a base merged in memory)
+    return checkpoint.load_params(done, jax.tree.map(lambda x: x.sharding, params))[1]
+  _, own = checkpoint.load_params(done, jax.tree.map(lambda x: x.sharding, trainable))
+  return lora.combine(own, frozen)
+
+
+def _fold(cfg, params, mesh, rules, seed):
+  """LoRA after a merge of whole policies: the merged weights are the new base, with fresh
+  adapters on it (without LoRA: params as they are)."""
+  if cfg.lora is None:
+    return params
+  return sharding.add_adapters_sharded(cfg, params, jax.random.key(seed), mesh, rules)
+
+
+def _dense(cfg, params):
+  """A policy's weights as one tree (LoRA: its adapters merged in), on the host."""
+  return lora.merge(cfg, jax.device_get(params))[1] if cfg.lora is not None else params
 
 
 def run(config, workdir: str, scorer=None):
@@ -314,15 +343,18 @@ def run(config, workdir: str, scorer=None):
   tok = formatting.load_tokenizer(config.tokenizer)
   mesh, rules = sharding.make_mesh(config.mesh.shape), axes.rules(config.mesh.rules)
   cfg, params = common.setup_model(config.model, len(tok), mesh, rules, config.seed,
-                                pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                                eos_ids=formatting.end_of_turn_ids(tok))
-  pshard = sharding.param_shardings(cfg, mesh, rules)
+                                   config.lora, pad_id=tok.pad_token_id,
+                                   bos_id=tok.bos_token_id,
+                                   eos_ids=formatting.end_of_turn_ids(tok))
+  pshard = sharding.param_shardings(cfg.replace(lora=None), mesh, rules)  # whole policies
+  # LoRA: params/ name the base while it is model.init; a merge of policies replaces it
+  base_path = config.model.init if cfg.lora is not None else ""
   mc = oc.merge
   # copies: training donates the params' buffers
   fixed_ref = oc.algorithm == "rloo" or not oc.reset_reference
   keep_init = ("initial" in policy_merge.merge_names(mc)
                or (fixed_ref and not config.dpo.reference_init))
-  init = jax.tree.map(jnp.copy, params) if keep_init else None
+  init = lora.copy_trained(params) if keep_init else None
   reference = None  # RLOO's KL and DPO without reset_reference: one model for every round
   if fixed_ref:
     reference = (checkpoint.load_model(config.dpo.reference_init, pshard,
@@ -342,7 +374,7 @@ def run(config, workdir: str, scorer=None):
     rep, start, trained = {"round": i}, None, []
     # pi_i for the merge, copied: training donates the params' buffers
     if not last and "previous" in policy_merge.merge_names(mc):
-      start = jax.tree.map(jnp.copy, params)
+      start = lora.copy_trained(params)
     for name, group in ({"": prompts} if last else groups).items():
       gd = os.path.join(d, name) if name else d
       os.makedirs(gd, exist_ok=True)
@@ -360,9 +392,9 @@ def run(config, workdir: str, scorer=None):
       if last:
         break
       # every family trains from pi_i: a copy for each but the last (donated buffers)
-      policy = params if len(trained) == len(groups) - 1 else jax.tree.map(jnp.copy, params)
+      policy = params if len(trained) == len(groups) - 1 else lora.copy_trained(params)
       policy, extra = _train_policy(config, gd, cfg, policy, tok, group, rd, reference, mesh,
-                                    rules, i)
+                                    rules, i, base_path)
       (rep if not name else rep["families"][name]).update(extra)
       trained.append(policy)
     if last:
@@ -370,14 +402,19 @@ def run(config, workdir: str, scorer=None):
       break
     params = trained[0]
     if len(trained) > 1:  # the family policies, merged linearly with equal weights
-      merged = pytree.merge("linear", [jax.device_get(p) for p in trained],
+      merged = pytree.merge("linear", [_dense(cfg, p) for p in trained],
                             parameters={"normalize": True},
                             model_parameters=[{"weight": 1.0} for _ in trained])
-      params = jax.device_put(merged, pshard)
+      params = _fold(cfg, jax.device_put(merged, pshard), mesh, rules, config.seed + i)
+      base_path = ""
       checkpoint.save_params(os.path.join(d, "params"), cfg, params)
     if mc.method:
       named = dict(extra_models, policy=params, previous=start, initial=init)
-      params = policy_merge.merge_policy(mc, named, cfg, pshard, seed=config.seed + i)
+      named = {k: None if v is None else _dense(cfg, v) for k, v in named.items()}
+      params = policy_merge.merge_policy(mc, named, cfg.replace(lora=None), pshard,
+                                         seed=config.seed + i)
+      params = _fold(cfg, params, mesh, rules, config.seed + i)
+      base_path = ""
       checkpoint.save_params(os.path.join(d, "merged"), cfg, params)
       rep["merge"] = policy_merge.merge_description(mc)
     reports.append(rep)
@@ -385,4 +422,4 @@ def run(config, workdir: str, scorer=None):
   if jax.process_index() == 0:
     atomic.write_text(os.path.join(workdir, "report.jsonl"),
                            "".join(json.dumps(r) + "\n" for r in reports))
-  return common.finish(workdir, cfg, params, config.export_hf), reports
+  return common.finish(workdir, cfg, params, config.export_hf, base=base_path), reports

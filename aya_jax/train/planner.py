@@ -88,11 +88,14 @@ def abstract_params(cfg, mesh, rules):
 
 
 def abstract_state(tx, params, mode: str = "as_trained"):
-  """(abstract TrainState, its shardings), as `state.create_state` makes it.
+  """(abstract TrainState, its shardings), as `state.create_state` makes it (with LoRA
+  adapters, the base goes to `frozen`: no optimizer state).
 
   Optimizer leaves that mirror a param take its sharding ('sharded' is kept
   as an alias of 'as_trained', which now does the same)."""
+  from aya_jax.models import lora
   from aya_jax.train import state as state_lib
+  params, frozen = lora.split(params)
   psh = jax.tree.map(lambda x: x.sharding, params)
 
   def init(p):
@@ -103,7 +106,8 @@ def abstract_state(tx, params, mode: str = "as_trained"):
     raise ValueError(f"plan.opt_state={mode!r}: expected 'as_trained' or 'sharded'")
   # create_state shards the optimizer state like the params (both modes agree)
   shardings = state_lib.state_shardings_for(tx, params, psh)
-  return _abstract(shapes, shardings), shardings
+  fsh = jax.tree.map(lambda x: x.sharding, frozen)
+  return (_abstract(shapes, shardings).replace(frozen=frozen), shardings.replace(frozen=fsh))
 
 
 def device_bytes(tree) -> int:
@@ -149,13 +153,16 @@ def matmul_flops(jaxpr) -> float:
 
 
 def _tx_and_step(config, cfg, params, kind: str):
+  """(optimizer, step) of `kind` for the trained part of `params` (LoRA: the adapters;
+  its DPO reference is the base with the adapters off, not cached log-probs)."""
   from aya_jax import optim
+  from aya_jax.models import lora
   from aya_jax.train import dpo, steps
   block = config.sft if kind == "sft" else config.dpo
   ocfg = optim.optim_config_from(config.optim.to_dict())
   with ocfg.unlocked():
     ocfg.grad_accum = 1
-  tx = optim.make_optimizer(ocfg, params)
+  tx = optim.make_optimizer(ocfg, lora.split(params)[0])
   schedule = optim.make_schedule(ocfg)
   chunk = config.model.vocab_chunk
   if kind == "sft":
@@ -166,19 +173,21 @@ def _tx_and_step(config, cfg, params, kind: str):
     for key in ("beta", "loss_type", "label_smoothing", "average_logps", "rpo_alpha"):
       if key in block:
         dcfg[key] = block[key]
-    loss = dpo.dpo_loss_fn(cfg, dcfg, tuple(config.languages), chunk, None)
+    ref = dpo.ADAPTERS_OFF if cfg.lora is not None else None
+    loss = dpo.dpo_loss_fn(cfg, dcfg, tuple(config.languages), chunk, ref)
     fn = steps.make_train_step(loss, tx, dpo.pair_normalizer, block.grad_accum, schedule)
   return tx, fn
 
 
-def _abstract_batch(kind: str, rows: int, seq_len: int, mesh):
+def _abstract_batch(kind: str, rows: int, seq_len: int, mesh, cached_reference=True):
   from aya_jax import sharding
   keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
   shapes = {k: ((rows, seq_len) if kind == "sft" else (rows, 2, seq_len), jnp.int32)
             for k in keys}
   if kind == "dpo":
-    shapes.update(pair_mask=((rows,), jnp.int32), language=((rows,), jnp.int32),
-                  ref_logps=((rows, 2), jnp.float32))
+    shapes.update(pair_mask=((rows,), jnp.int32), language=((rows,), jnp.int32))
+    if cached_reference:
+      shapes["ref_logps"] = ((rows, 2), jnp.float32)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s)))
           for k, (s, d) in shapes.items()}
 
@@ -190,7 +199,7 @@ def compile_step(config, cfg, mesh, rules, kind: str) -> dict:
   params = abstract_params(cfg, mesh, rules)
   tx, fn = _tx_and_step(config, cfg, params, kind)
   state, ssh = abstract_state(tx, params, config.plan.opt_state)
-  batch = _abstract_batch(kind, block.batch_size, block.seq_len, mesh)
+  batch = _abstract_batch(kind, block.batch_size, block.seq_len, mesh, cfg.lora is None)
   rep = sharding.replicated(mesh)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
   bsh = jax.tree.map(lambda x: x.sharding, batch)
@@ -206,7 +215,7 @@ def compile_step(config, cfg, mesh, rules, kind: str) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return dict(
       params=device_bytes(state.params), opt_state=device_bytes(state.opt_state),
-      batch=device_bytes(batch), argument=mem.argument_size_in_bytes,
+      frozen=device_bytes(state.frozen), batch=device_bytes(batch), argument=mem.argument_size_in_bytes,
       output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes,
       temp=mem.temp_size_in_bytes, xla_flops=float(cost.get("flops", 0.0)),
       xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)),
@@ -231,7 +240,8 @@ def plan_step(config, cfg, mesh, rules, kind: str) -> dict:
     full_p = abstract_params(cfg, mesh, rules)
     tx, _ = _tx_and_step(config, cfg, full_p, kind)
     state, _ = abstract_state(tx, full_p, config.plan.opt_state)
-    out.update(params=device_bytes(state.params), opt_state=device_bytes(state.opt_state))
+    out.update(params=device_bytes(state.params), opt_state=device_bytes(state.opt_state),
+               frozen=device_bytes(state.frozen))
   block = config.sft if kind == "sft" else config.dpo
   rows = block.batch_size * (1 if kind == "sft" else 2)
   tokens = rows * block.seq_len
@@ -267,6 +277,7 @@ def plan(config) -> dict:
   """The plan (needs the mesh's devices in this process)."""
   from aya_jax import axes, checkpoint, sharding
   from aya_jax.models import config as model_config
+  from aya_jax.models import lora
   from aya_jax.train import common
   shape = tuple(config.mesh.shape)
   mesh = sharding.make_mesh(shape, jax.devices()[:num_devices(config)])
@@ -277,7 +288,9 @@ def plan(config) -> dict:
     cfg = checkpoint.peek_config(m.init).replace(**over)
   else:
     cfg = model_config.preset(m.preset, **over)
+  cfg = cfg.replace(lora=lora.from_block(config.get("lora")))
   n = mesh.devices.size
+  # what the gradients and the FSDP all-gathers move: the weights the step reads
   params_global = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                       for x in jax.tree.leaves(abstract_params(cfg, mesh, rules)))
   # weights all-gathered in forward and backward, gradients reduce-scattered
@@ -311,11 +324,19 @@ def _gb(x):
   return f"{x / GB:8.2f}"
 
 
+def _lora_text(m: dict) -> str:
+  ad = m.get("lora")
+  if not ad:
+    return ""
+  kind = f"MoLoRA, {ad['experts']} experts" if ad["experts"] else "LoRA"
+  return f", {kind} rank {ad['rank']} (adapters train, the base is frozen)"
+
+
 def format_report(r: dict) -> str:
   m = r["model"]
   lines = [f"# Dry-run plan: {m['family']} d_model={m['d_model']} layers={m['n_layers']} "
            f"vocab={m['vocab_size']} ({m['n_params'] / 1e9:.2f}B params), dtype={m['dtype']} "
-           f"remat={m['remat']} attention_chunk={m.get('attention_chunk', 0)}",
+           f"remat={m['remat']} attention_chunk={m.get('attention_chunk', 0)}" + _lora_text(m),
            f"mesh {r['mesh']} = {r['n_devices']} devices, rules '{r['rules']}', "
            f"optimizer state '{r['opt_state_mode']}'" +
            (f", compiled {r['dry_run_layers']}- and {2 * r['dry_run_layers']}-layer slices "
@@ -325,7 +346,8 @@ def format_report(r: dict) -> str:
     lines += [f"## {kind.upper()} step: {s['batch_size']} {unit} x {s['seq_len']} tokens "
               f"= {s['tokens']} tokens/step (compile {s['compile_s']:.1f} s)", "",
               "| per device            |       GB |", "|---|---:|",
-              f"| params                | {_gb(s['params'])} |",
+              f"| params (trained)      | {_gb(s['params'])} |",
+              f"| base (frozen, LoRA)   | {_gb(s.get('frozen', 0))} |",
               f"| optimizer state       | {_gb(s['opt_state'])} |",
               f"| batch                 | {_gb(s['batch'])} |",
               f"| temporaries (XLA)     | {_gb(s['temp'])} |",

@@ -36,6 +36,7 @@ from absl import logging
 from aya_jax import axes, checkpoint, losses, reward, sharding
 from aya_jax.data import atomic, formatting, records as records_lib
 from aya_jax.models.layers import KERNEL_INIT
+from aya_jax.models import lora
 from aya_jax.train import common
 from aya_jax.train import loop as loop_lib
 
@@ -87,11 +88,14 @@ def synthetic_data(config, workdir: str):
 # ------------------------------------------------------------------ model
 
 
-def setup_reward_model(mcfg, vocab_size: int, mesh, rules, seed: int, **overrides):
+def setup_reward_model(mcfg, vocab_size: int, mesh, rules, seed: int, lora_block=None,
+                       **overrides):
   """(cfg with value_head, params) on the mesh; a causal checkpoint gets a
-  fresh value head (normal, std 0.02); an untied LM head is dropped."""
+  fresh value head (normal, std 0.02); an untied LM head is dropped. A `lora` block of
+  rank > 0 adds adapters (they and the value head train)."""
   if not mcfg.init:
-    return common.setup_model(mcfg, vocab_size, mesh, rules, seed, value_head=True, **overrides)
+    return common.setup_model(mcfg, vocab_size, mesh, rules, seed, lora_block,
+                              value_head=True, **overrides)
   peek = checkpoint.peek_config(mcfg.init)
   loaded_cfg, params = checkpoint.load_model(
       mcfg.init, sharding.param_shardings(peek, mesh, rules))
@@ -106,7 +110,12 @@ def setup_reward_model(mcfg, vocab_size: int, mesh, rules, seed: int, **override
                    out_shardings=shardings["value_head"]["kernel"])(jax.random.key(seed))
     params["value_head"] = {"kernel": head}
     logging.info("reward model: new value head on %s", mcfg.init)
-  return cfg, sharding.shard_tree(params, shardings)
+  params = sharding.shard_tree(params, shardings)
+  lcfg = lora.from_block(lora_block)
+  if lcfg is None:
+    return cfg, params
+  cfg = cfg.replace(lora=lcfg)
+  return cfg, sharding.add_adapters_sharded(cfg, params, jax.random.key(seed + 1), mesh, rules)
 
 
 # ------------------------------------------------------------------- data
@@ -269,7 +278,7 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = axes.rules(config.mesh.rules)
   cfg, params = setup_reward_model(config.model, len(tok), mesh, rules, config.seed,
-                                   pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
+                                   config.lora, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
                                    eos_ids=formatting.end_of_turn_ids(tok))
   pad_id = 0 if tok.pad_token_id is None else int(tok.pad_token_id)
   batches = PairBatches(items, config.data.batch_size, config.data.seq_len, pad_id, config.seed)
@@ -284,10 +293,10 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
       with open(log_path, "a") as f:
         f.write(json.dumps(dict(step=step_no, **derived_metrics(scalars, languages))) + "\n")
 
-  scorer = _scorer(cfg, st.params, tok, config, mesh)
+  scorer = _scorer(cfg, st.model_params(), tok, config, mesh)
 
   def held_out_accuracy(state):  # held-out pair accuracy (loop.eval_every and at the end)
-    scorer.params = state.params
+    scorer.params = state.model_params()
     acc = reward.pair_accuracy(scorer, valid)
     return {(k if lang == "all" else f"{k}/{lang}"): v for lang, r in acc.items()
             for k, v in r.items() if k != "n"}
@@ -299,10 +308,11 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
   with sharding.activation_rules(mesh, rules):
     st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, stop_after=stop_after,
                              on_log=on_log, eval_fn=eval_fn, run_config=config)
-  out = common.finish(workdir, cfg, st.params, export_hf=False)
+  params = st.model_params()
+  out = common.finish(workdir, cfg, params, export_hf=False, base=config.model.init)
   if config.export_hf and jax.process_index() == 0:
-    export_hf(cfg, st.params, os.path.join(workdir, "hf"))
-  scorer.params = st.params
+    export_hf(cfg, params, os.path.join(workdir, "hf"))
+  scorer.params = params
   evaluate(scorer, dict(valid=valid, train=train[:256]), workdir, stats)
   return out
 
@@ -310,7 +320,7 @@ def run(config, workdir: str, stop_after: Optional[int] = None):
 def export_hf(cfg, params, path: str):
   """params -> a transformers ...ForSequenceClassification directory."""
   from aya_jax.models import hf
-  hf.save(cfg, jax.device_get(params), path)
+  hf.save(*lora.merge(cfg, jax.device_get(params)), path)
 
 
 def _scorer(cfg, params, tok, config, mesh):

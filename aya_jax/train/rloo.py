@@ -105,8 +105,7 @@ def rloo_loss_fn(cfg, vocab_chunk: int = 0, clip_eps: float = 0.2):
   token_fn = steps.token_logps_fn(cfg, vocab_chunk)
 
   def loss_fn(params, mb, normalizer, rng):
-    del rng
-    lp = token_fn(params, mb)
+    lp = token_fn(params, mb, rng)
     w = mb["sample_mask"].astype(jnp.float32)
     if clip_eps > 0:
       loss = losses.clipped_reinforce_loss(lp, mb["old_logps"], mb["loss_mask"], mb["advantage"],
@@ -146,5 +145,5 @@ def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, usable, mesh
     st = loop_lib.train_loop(st, step, ArrayIterator(data, bs, config.seed), config.loop, d, mesh,
                              run_config=config)
   n_use = max(int(use.sum()), 1)
-  return st.params, {"mean_kl": float(np.sum(np.where(use, pol_s - ref_s, 0.0)) / n_use),
+  return st.model_params(), {"mean_kl": float(np.sum(np.where(use, pol_s - ref_s, 0.0)) / n_use),
                      "mean_reward": float(np.sum(np.where(use, rewards, 0.0)) / n_use)}

@@ -83,7 +83,7 @@ def make_eval_fn(loss_fn, files, tok, config, mesh):
     for i, batch in enumerate(it):
       if i >= config.data.eval_batches:
         break
-      loss, sums = grad_free(state.params, sharding.global_batch(batch, mesh))
+      loss, sums = grad_free(state.model_params(), sharding.global_batch(batch, mesh))
       total += float(sums["nll_sum"])
       n += float(sums["n_tokens"])
     return {"loss": total / max(n, 1.0)}
@@ -105,8 +105,9 @@ def run(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = axes.rules(config.mesh.rules)
   cfg, params = common.setup_model(config.model, len(tok), mesh, rules, config.seed,
-                            pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                            eos_ids=formatting.end_of_turn_ids(tok))
+                                   config.lora, pad_id=tok.pad_token_id,
+                                   bos_id=tok.bos_token_id,
+                                   eos_ids=formatting.end_of_turn_ids(tok))
   batches, stats = pipeline.make_sft_iterator(
       list(config.data.train), tok, seq_len=config.data.seq_len,
       global_batch_size=config.data.batch_size, seed=config.seed, pack=config.data.pack,
@@ -123,7 +124,8 @@ def run(config, workdir: str):
     st = loop_lib.train_loop(st, step, batches, loop_cfg, workdir, mesh, eval_fn=eval_fn,
                              run_config=config)
   logging.info("data: %s", stats.as_dict())
-  return common.finish(workdir, cfg, st.params, config.export_hf)
+  return common.finish(workdir, cfg, st.model_params(), config.export_hf,
+                       base=config.model.init)
 
 
 def _example_batch(config):

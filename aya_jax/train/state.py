@@ -11,26 +11,37 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from aya_jax.models import lora
+
 
 @flax.struct.dataclass
 class TrainState:
+  """`params` are what trains; `frozen` (None, or a LoRA model's base) is the rest of the
+  model's params tree: no gradient, no optimizer state, not in train checkpoints."""
   step: jax.Array
   params: Any
   opt_state: Any
+  frozen: Any = None
+
+  def model_params(self):
+    """The whole params tree of the model (trained and frozen parts)."""
+    return lora.combine(self.params, self.frozen)
 
 
-def create_state(params, tx: optax.GradientTransformation, param_shardings=None):
-  """A TrainState around existing params. With shardings, every optimizer-state
+def create_state(params, tx: optax.GradientTransformation, param_shardings=None, frozen=None):
+  """A TrainState around existing (trainable) params. With shardings, every optimizer-state
   leaf that mirrors a param (Adam's mu and nu) gets that param's sharding, so
   the optimizer state is sharded like the params (ZeRO); counters and other
-  non-param leaves are replicated."""
+  non-param leaves are replicated. `frozen` is kept as it is (not donated)."""
   def init(p):
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
   if param_shardings is None:
-    return jax.jit(init)(params)
-  return jax.jit(init, in_shardings=(param_shardings,),
-                 out_shardings=state_shardings_for(tx, params, param_shardings),
-                 donate_argnums=0)(params)
+    st = jax.jit(init)(params)
+  else:
+    sh = state_shardings_for(tx, params, param_shardings)
+    st = jax.jit(init, in_shardings=(param_shardings,),
+                 out_shardings=sh.replace(frozen=None), donate_argnums=0)(params)
+  return st.replace(frozen=frozen)
 
 
 def state_shardings_for(tx: optax.GradientTransformation, params, param_shardings):

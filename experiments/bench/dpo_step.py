@@ -51,13 +51,9 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-for _k, _v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   WANDB_DISABLED="true", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-                   HF_HUB_DISABLE_TELEMETRY="1").items():
-  os.environ.setdefault(_k, _v)
-if ARGS is not None and ARGS.threads == 1:  # before jax is imported
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_multi_thread_eigen=false").strip()
+if ARGS is not None:  # before jax is imported
+  import offline  # experiments/bench/offline.py, beside this file
+  offline.isolate(ARGS.threads)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
