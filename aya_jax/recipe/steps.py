@@ -6,7 +6,8 @@ outputs (JSON).
 step's models, or local paths on real inputs (`inputs.real`). On the world the
 prompts are its splits and the judge its verifier; on real inputs the prompts
 are `inputs.prompts` / `inputs.eval_prompts` and the judge a reward model
-(`inputs.judge`).
+(`inputs.judge`), or real models answer the world's tasks under its verifier
+(`'world'` / `'verifier'`: configs/real_small.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aya_jax.arbitrage import teachers
 from aya_jax.data import atomic, records
 from aya_jax.merging import pytree
 from aya_jax.recipe import blocks
-from aya_jax.recipe.inputs import Inputs
+from aya_jax.recipe.inputs import VERIFIER, Inputs
 from aya_jax.sampling import methods
 from aya_jax.train import dpo, online, reward_model, sft
 from aya_jax.world import bootstrap as world
@@ -74,6 +75,8 @@ def scorer(inputs: Inputs, config, arbiter: dict, judge: bool = False):
   batches of config.arbitrage.scorer.batch_size."""
   path, tokenizer = (inputs.judge, inputs.judge_tokenizer) if judge else (
       arbiter["params"], arbiter.get("tokenizer") or inputs.tokenizer)
+  if path == VERIFIER:  # real models answering the world's tasks
+    return verifier.verifier_scorer()
   s = config.arbitrage.scorer
   return reward.RewardModelScorer.load(path, tokenizer, mesh=_mesh(inputs, config),
                                        rules=_rules(config), batch_size=s.batch_size,
@@ -137,10 +140,10 @@ def pool(inputs: Inputs, k: int, temperature: float, max_new_tokens: int, batch_
 
 
 def _prompt_file(config, directory, inputs: Inputs) -> str:
-  """The prompts every teacher answers: the world's train split, or the
-  records of inputs.prompts in the pipeline's languages."""
+  """The prompts every teacher answers: the world's train split (on the world, or
+  inputs.prompts='world'), or the records of inputs.prompts in the pipeline's languages."""
   out = os.path.join(directory, "prompts_only.jsonl")
-  if inputs.real:
+  if not inputs.world_prompts:
     langs, prompts, seen = set(inputs.languages), [], set()
     for path in inputs.prompts:
       for prompt in records.read_prompts(path):
@@ -157,7 +160,7 @@ def _prompt_file(config, directory, inputs: Inputs) -> str:
     return out
   split = world_tasks.make_split("train", config.arbitrage.synthetic.n_per_language,
                                  config.seed + 1,
-                                 tuple(config.world.languages), tuple(config.world.tasks))
+                                 tuple(inputs.languages), tuple(config.world.tasks))
   records.write_jsonl(os.path.join(directory, "prompts.jsonl"), split)
   records.write_jsonl(out, _prompt_records(split))
   return out
@@ -280,10 +283,11 @@ def _eval_prompts(path: str, languages) -> list:
 
 
 def run_eval(config, directory, inputs: Inputs, models: dict, languages, arbiter=None):
-  """Every model against sft_single on held-out prompts: the world's test
-  split under its verifier, or inputs.eval_prompts under the judge reward model."""
+  """Every model against sft_single on held-out prompts: the world's test split under
+  its verifier (on the world, or inputs.eval_prompts='world'), or inputs.eval_prompts
+  under the judge reward model."""
   block = config.eval
-  if inputs.real:
+  if not inputs.world_eval:
     prompts = _eval_prompts(inputs.eval_prompts, languages)
     judge = scorer(inputs, config, arbiter, judge=True)
     judge_name = f"reward model {inputs.judge}"
