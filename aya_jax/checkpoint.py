@@ -180,7 +180,8 @@ def _as_dict(tree) -> Any:
 
 def _kind_of(path: str) -> Optional[str]:
   """'peft' (a PEFT LoRA adapter directory), 'adapters' (a params/ dir of LoRA adapters
-  naming their base), 'params', 'hf' (config.json) or 'gguf' (a .gguf, or a directory holding one); None for anything else."""
+  naming their base), 'params', 'hf' (config.json) or 'gguf' (a .gguf, or a directory
+  holding one); None for anything else."""
   from aya_jax.models import gguf, peft
   if peft.is_peft_dir(path):
     return "peft"
