@@ -344,8 +344,8 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
     ref_train, _, _ = cached_reference_logps(cfg, ref_params, pairs, languages,
                                              cache_dir=cache_dir, **kw)
   if eval_pairs:
-    eval_ref, _, _ = cached_reference_logps(cfg, _base_if_off(ref_params, params), eval_pairs, languages,
-                                            cache_dir=cache_dir, **kw)
+    eval_ref, _, _ = cached_reference_logps(cfg, _base_if_off(ref_params, params), eval_pairs,
+                                            languages, cache_dir=cache_dir, **kw)
   batches = pp.PairIterator(pairs, global_batch_size=config.data.batch_size,
                             seq_len=config.data.seq_len, pad_id=pad_id, seed=config.seed,
                             languages=languages, ref_logps=ref_train)
@@ -364,8 +364,9 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
   metrics = None
   if eval_pairs:
     kw.pop("batch_size")
-    metrics = evaluate_pairs(cfg, st.model_params(), eval_ref, list(eval_pairs), languages, dcfg,
-                             batch_size=dcfg.ref_batch_size or config.data.batch_size, **kw)
+    metrics = evaluate_pairs(cfg, st.model_params(), eval_ref, list(eval_pairs), languages,
+                             dcfg, batch_size=dcfg.ref_batch_size or config.data.batch_size,
+                             **kw)
     if jax.process_index() == 0:
       atomic.write_json(os.path.join(workdir, "eval_metrics.json"), metrics, indent=1)
     logging.info("eval: %s", metrics)

@@ -215,8 +215,8 @@ def compile_step(config, cfg, mesh, rules, kind: str) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return dict(
       params=device_bytes(state.params), opt_state=device_bytes(state.opt_state),
-      frozen=device_bytes(state.frozen), batch=device_bytes(batch), argument=mem.argument_size_in_bytes,
-      output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes,
+      frozen=device_bytes(state.frozen), batch=device_bytes(batch),
+      argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes,
       temp=mem.temp_size_in_bytes, xla_flops=float(cost.get("flops", 0.0)),
       xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       matmul_flops=matmul_flops(jaxpr.jaxpr), compile_s=seconds)
