@@ -19,6 +19,7 @@ or shapes differ from the run's), a reward model given where a language model is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -179,14 +180,14 @@ def _as_dict(tree) -> Any:
 
 
 def _kind_of(path: str) -> Optional[str]:
-  """'peft' (a PEFT LoRA adapter directory), 'adapters' (a params/ dir of LoRA adapters
-  naming their base), 'params', 'hf' (config.json) or 'gguf' (a .gguf, or a directory
-  holding one); None for anything else."""
+  """'peft' (a PEFT LoRA adapter directory), 'adapters' (a params/ dir of a model with LoRA
+  adapters: naming its base, or holding it), 'params', 'hf' (config.json) or 'gguf' (a
+  .gguf, or a directory holding one); None for anything else."""
   from aya_jax.models import gguf, peft
   if peft.is_peft_dir(path):
     return "peft"
   if is_params_dir(path):
-    return "adapters" if os.path.exists(os.path.join(path, BASE_FILE)) else "params"
+    return "adapters" if _names_base(path) or peek_lora(path) else "params"
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
   return "gguf" if gguf.is_gguf(path) else None
@@ -235,7 +236,7 @@ def load_model(path: str, shardings=None, language_model: bool = False):
                      "it cannot initialise a language model; give a language model "
                      "(an SFT or base checkpoint)")
   kind = _kind(path)
-  if kind == "adapters" or (kind == "params" and peek_lora(path)):
+  if kind == "adapters":
     return _load_adapters(path, shardings)
   if kind == "params":
     return load_params(path, shardings)
@@ -259,10 +260,10 @@ def open_reader(path: str):
   if kind == "peft":
     raise ValueError(f"{path} is a PEFT adapter directory: streaming merges read aya_jax "
                      "adapter checkpoints (train with lora.rank > 0) or whole models")
-  if kind == "adapters" or (kind == "params" and peek_lora(path)):
+  if kind == "adapters":
     from aya_jax.params_stream import AdapterReader
     own = ParamsReader(path)
-    return AdapterReader(open_reader(_checked_base(path)) if kind == "adapters" else own, own)
+    return AdapterReader(open_reader(_checked_base(path)) if _names_base(path) else own, own)
   if kind == "gguf":
     from aya_jax.models import gguf
     return gguf.Reader(path)
@@ -278,11 +279,19 @@ BASE_FILE = "base.json"
 
 def files_sha256(path: str) -> str:
   """sha256 over a model file, or over every file of a model directory (relative path and
-  contents, in order): what an adapter checkpoint records of its base."""
-  h = hashlib.sha256()
+  contents, in order): what an adapter checkpoint records of its base. Kept per process
+  for files of unchanged size and mtime, so a base loaded again is not read again."""
+  path = os.path.abspath(path)
   files = [path] if os.path.isfile(path) else sorted(
       os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-  for f in files:
+  stats = [(f, os.stat(f)) for f in files]
+  return _sha256_of(path, tuple((f, st.st_size, st.st_mtime_ns) for f, st in stats))
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path: str, files: tuple) -> str:
+  h = hashlib.sha256()
+  for f, _, _ in files:
     h.update(os.path.relpath(f, path).encode() + b"\0")
     with open(f, "rb") as fh:
       for block in iter(lambda: fh.read(1 << 24), b""):
@@ -332,7 +341,7 @@ def _load_adapters(path: str, shardings=None):
       k: shardings.get(k, jax.tree.map(lambda _: rep, v)) for k, v in tree.items()}
   meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(path), "arrays"))
   _, own = load_params(path, pick(_as_dict(getattr(meta, "item_metadata", meta))))
-  if os.path.exists(os.path.join(path, BASE_FILE)):
+  if _names_base(path):
     base = _checked_base(path)
     base_cfg = peek_config(base)
     base_keys = {"embedder", "layers", "final_norm"} | (
@@ -352,6 +361,10 @@ def peek_lora(path: str) -> bool:
     return json.load(f).get("lora") is not None
 
 
+def _names_base(path: str) -> bool:
+  return os.path.exists(os.path.join(path, BASE_FILE))
+
+
 def is_adapter_dir(path: str) -> bool:
   """A params/ dir of LoRA adapters that names its base (base.json)."""
-  return _kind_of(path) == "adapters"
+  return is_params_dir(path) and _names_base(path)

@@ -88,3 +88,18 @@ def test_every_method_merges_adapter_checkpoints_as_their_merged_models(runs, tm
                       cfg=cfg)
   for path, x in pytree._flat(want).items():
     np.testing.assert_allclose(pytree._flat(got)[path], x, atol=1e-5, err_msg=path)
+
+
+def test_a_params_dir_holding_base_and_adapters_reads_as_the_merged_model(runs, tmp_path):
+  """A params/ dir of the whole tree with adapters (an online round's merged policy with
+  fresh or trained adapters on it) streams as its merged model, like load_model reads it."""
+  d, cfg, base, lcfg, paths = runs
+  whole = checkpoint.save_params(str(tmp_path / "whole"), lcfg, {**base, **_adapters(cfg, 1)})
+  reader = checkpoint.open_reader(whole)
+  _, want = lora.merge(lcfg, {**base, **_adapters(cfg, 1)})
+  assert set(reader.leaves) == set(pytree._flat(want))
+  for path, x in pytree._flat(want).items():
+    np.testing.assert_allclose(reader.read(path), x, atol=1e-6, err_msg=path)
+  _, loaded = checkpoint.load_model(whole)
+  for path, x in pytree._flat(want).items():
+    np.testing.assert_allclose(pytree._flat(loaded)[path], x, atol=1e-6, err_msg=path)
