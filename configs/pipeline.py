@@ -35,6 +35,7 @@ optim.total_steps with it.
                 arbiter, best/worst, DPO; online.iterations rounds (each
                 round per family then merged when per_family)
   rloo          ablation: RLOO instead of online DPO, same rounds and scorer
+  grpo, dr_grpo ablations (off by default): GRPO / Dr. GRPO, the same way
   eval          every stage against sft_single on held-out test prompts under
                 the world's verifier (never used for training, routing or
                 tuning)
@@ -163,7 +164,7 @@ def get_config(arg=None):
                                        warm_start="mixed")
   c.dpo = blocks.training_block(dpo.default_config(), 60, 5e-4, 16, 96)
   c.dpo.dpo.update(dict(beta=0.1, rpo_alpha=0.5))
-  # the online stage (iterative DPO; the rloo step runs the same block as RLOO);
+  # the online stage (iterative DPO; the ablation steps run the same block as theirs);
   # per_family (the pipeline's): each round per family, then merged. Conservative
   # on purpose: at lr 3e-4 / beta 0.1 the policy games the learned arbiter (its
   # reward rises, the verifier's score on validation prompts falls)
@@ -174,7 +175,9 @@ def get_config(arg=None):
   c.online.online.update(dict(iterations=3, k=4, betas=(0.3,), max_new_tokens=32,
                               temperature=1.0))
   c.online.dpo.rpo_alpha = 0.5
-  c.ablations = ml_collections.ConfigDict(dict(mixed=True, rloo=True))
+  # the same online rounds with another objective (train/policy_gradient.py), each a stage
+  c.ablations = ml_collections.ConfigDict(dict(mixed=True, rloo=True, grpo=False,
+                                               dr_grpo=False))
   # the eval stage: greedy answers to the world's n_per_language held-out test
   # prompts per language, every model against sft_single
   c.eval = blocks.block(evaluate.default_config(), owned=blocks.EVAL_OWNED)

@@ -74,6 +74,12 @@ def test_reward_routing_argmax_ties_and_pairs():
   assert [s["id"] for s in skipped] == ["p3"]  # gap 0.05 < 0.1
   _, pairs, _ = A.extract(decisions, min_gap={"en": 0.01})
   assert len(pairs) == 3
+  # min_score: p2 and p3 (best 0.7, 0.5) keep their SFT record at 0.6 only p2; pairs as before
+  sft, pairs, skipped = A.extract(decisions, min_gap=0.1, min_score=0.6)
+  assert [s.id for s in sft] == ["p1", "p2"]
+  assert [p.id for p in pairs] == ["p1", "p2"]
+  assert [(s["id"], s.get("record")) for s in skipped] == [("p3", "sft"), ("p3", None)]
+  assert "below min_score 0.6" in skipped[0]["problem"]
 
 
 def test_reward_and_learned_routing_pick_the_best_teacher_per_language(tmp_path):
@@ -123,6 +129,19 @@ def test_reward_and_learned_routing_pick_the_best_teacher_per_language(tmp_path)
   assert rep["languages"]["fr"]["wins"] == {"A": 0, "B": 30}
   assert rep["languages"]["fr"]["mean_routed_score"] < 1.0
   assert rep["languages"]["zh"]["mean_routed_score"] == 1.0
+  # rejection sampling: only prompts whose routed answer reaches min_score give SFT records
+  c = _config(mode="fixed", **{"routing.table": "fr:B,zh:B", "routing.min_score": 1.0})
+  rep = A.run(c, str(tmp_path / "fixed_min"), pool=_pool())
+  sft = records.read_jsonl(tmp_path / "fixed_min" / "sft.jsonl", "sft")
+  scored = records.read_jsonl(tmp_path / "fixed_min" / "scored.jsonl", "completion")
+  best = {}
+  for s in scored:
+    pid = records.parse_completion_id(s.id)[0]
+    best[pid] = max(best.get(pid, -1.0), s.score)
+  assert sorted(r.id for r in sft) == sorted(p for p, b in best.items() if b >= 1.0)
+  assert 30 <= len(sft) < 60 and rep["n_sft"] == len(sft)
+  assert rep["languages"]["zh"]["sft_written"] == 30
+  assert rep["languages"]["fr"]["sft_written"] == len(sft) - 30
 
 
 class _Killed(Exception):

@@ -6,7 +6,7 @@ One launch per topology runs, in each worker:
   cooperatively (`checkpoint.save_params`, Orbax), also after step 0 and step 1;
 - sampling: `sampler.generate` with the trained (globally sharded) params, the batch of
   ragged prompts sharded over the 4-device mesh, temperature sampling, 2 samples each;
-- RLOO: one round (`train.rloo.train_rloo`) on fixed samples, the trained params as the
+- RLOO: one round (`train.policy_gradient.train`) on fixed samples, the trained params as the
   policy and the step-0 params as the reference;
 - merge: the merge stage's call on every process, `merge_stream.merge_checkpoints` of the
   step-1 and final params with DARE-TIES against the step-0 params (the cooperatively
@@ -88,20 +88,20 @@ def _rloo(out, cfg, policy, mesh, rules, rs):
   SFT result, the reference its step-0 params; every process holds every row."""
   import jax
   from aya_jax import checkpoint, sharding
-  from aya_jax.train import online, rloo
+  from aya_jax.train import online, policy_gradient
   config = online.default_config()
   config.data.seq_len, config.data.batch_size = SEQ, 4
   config.optim.lr, config.optim.warmup_steps, config.optim.total_steps = 1e-3, 0, 3
   config.loop.num_steps, config.loop.checkpoint_every, config.loop.log_every = 3, 100, 1
-  config.online.kl_coef, config.online.k = 0.1, 2
+  config.online.kl_coef, config.online.k, config.online.algorithm = 0.1, 2, "rloo"
   prompts = [rs.randint(3, cfg.vocab_size, (n,)).astype(np.int32) for n in (3, 5, 4)]
   completions = [rs.randint(3, cfg.vocab_size, (n,)).astype(np.int32) for n in (4, 2, 6, 3, 5, 1)]
-  rows = rloo.sample_rows(prompts, completions, 2, SEQ, 0)
+  rows = policy_gradient.sample_rows(prompts, completions, 2, SEQ, 0)
   scores = rs.rand(3, 2).astype(np.float32)
   _, ref = checkpoint.load_model(os.path.join(out, "params_0"),
                                  sharding.param_shardings(cfg, mesh, rules))
-  params, rep = rloo.train_rloo(config, os.path.join(out, "rloo"), cfg, policy, ref, rows,
-                                scores, np.ones(3, bool), mesh, rules)
+  params, rep = policy_gradient.train(config, os.path.join(out, "rloo"), cfg, policy, ref,
+                                      rows, scores, np.ones(3, bool), mesh, rules)
   checkpoint.save_params(os.path.join(out, "rloo_params"), cfg, params)
   with open(os.path.join(out, f"rloo_{jax.process_index()}.json"), "w") as f:
     json.dump(rep, f)

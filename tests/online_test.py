@@ -66,7 +66,7 @@ def _config(d, algorithm):
   return c
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "rloo", "grpo", "dr_grpo"])
 def test_online_rounds_raise_the_preferred_property(sft_model, tmp_path, algorithm):
   c = _config(sft_model, algorithm)
   _, reports = online.run(c, str(tmp_path), scorer=LikesRed())

@@ -154,3 +154,22 @@ def test_a_teachers_tokenizer_can_be_named(config, tmp_path):
   config.inputs.teacher_tokenizers = f"sl:{tmp_path / 'none'}"
   with pytest.raises(FileNotFoundError, match=r"teacher_tokenizers \(sl\)="):
     recipe_inputs.resolve(config)
+
+
+def test_real_small_teachers_see_no_judged_task_and_no_held_out_prompt():
+  """configs/real_small.py's worked examples (the Gemma teacher's prompt) are training-split
+  instances of tasks the run neither trains nor judges, one language after another, each
+  with its gold answer."""
+  from aya_jax import config_files
+  from aya_jax.world import tasks, verifier
+  mod = config_files.load_module(os.path.join(ROOT, "configs", "real_small.py"))
+  assert not set(mod.EXAMPLE_TASKS) & set(mod.TASKS)
+  recs, shots = mod.example_records(), mod.examples()
+  assert len(shots) == 6 and shots == tuple((r.messages[0]["content"], r.messages[-1]["content"])
+                                            for r in recs)
+  v = verifier.Verifier()
+  for r, (question, answer) in zip(recs, shots):
+    inst = tasks.parse_id(r.id)
+    assert tasks.split_of(r.id) == "train" and inst.task in mod.EXAMPLE_TASKS
+    assert question == inst.prompt() and v.score_answer(inst, answer) == 1.0
+  assert [r.language for r in recs] == ["en", "fr", "de", "es", "ru", "en"]

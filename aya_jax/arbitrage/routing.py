@@ -173,17 +173,22 @@ def build_report(prompts, scored, decisions, pairs, skipped, teachers, mode: str
         n_prompts=sum(p.language == lang for p in prompts), n_routed=len(ds),
         wins={t: int(wins.get(t, 0)) for t in teachers}, mean_score=mean,
         mean_routed_score=float(np.mean([d.best.score for d in ds])) if ds else None,
+        sft_written=len(ds) - sum(k["id"] in ids for k in skipped if _sft(k)),
         pairs_written=sum(p.language == lang for p in pairs),
-        pairs_skipped=sum(k["id"] in ids for k in skipped))
+        pairs_skipped=sum(k["id"] in ids for k in skipped if not _sft(k)))
     if router_eval and lang in router_eval.get("per_language", {}):
       per[lang]["router_agreement"] = router_eval["per_language"][lang]
     if contrast and lang in contrast.get("per_language", {}):
       per[lang]["contrast_pairs"] = contrast["per_language"][lang]
   kinds = collections.Counter(p["problem"].split(":")[0] for p in problems)
   return dict(mode=mode, teachers=list(teachers), n_prompts=len(prompts),
-              n_sft=len(decisions), n_pairs=len(pairs), languages=per, router=router_eval,
+              n_sft=len(decisions) - sum(map(_sft, skipped)), n_pairs=len(pairs), languages=per, router=router_eval,
               compute=compute or {}, problems=problems, problem_counts=dict(kinds),
               skipped_pairs=skipped, contrast=contrast)
+
+
+def _sft(skipped: dict) -> bool:  # an SFT record dropped (below min_score), not a pair
+  return skipped.get("record") == "sft"
 
 
 def _fmt(v) -> str:

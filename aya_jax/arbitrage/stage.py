@@ -46,6 +46,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 from absl import logging
 
@@ -273,14 +274,21 @@ def route_by_reward(prompts, scored, teacher_order: Sequence[str],
   return decisions, problems
 
 
-def extract(decisions, min_gap=0.0, source: str = SOURCE) -> tuple[list, list, list]:
-  """(SFTRecords, PreferenceRecords, skipped pairs). min_gap: a float or
-  {language: float} (scores compare within a language only)."""
+def extract(decisions, min_gap=0.0, source: str = SOURCE,
+            min_score: Optional[float] = None) -> tuple[list, list, list]:
+  """(SFTRecords, PreferenceRecords, skipped). min_gap: a float or {language: float}
+  (scores compare within a language only). min_score: a prompt whose best answer scores
+  below it gives no SFT record (rejection sampling: for teachers that are often wrong);
+  None keeps every best answer. Skipped pairs and SFT records are listed with why."""
   sft, pairs, skipped = [], [], []
   for d in decisions:
     p = d.prompt
-    sft.append(records_lib.SFTRecord(id=p.id, language=p.language, messages=tuple(
-        p.messages) + ({"role": "assistant", "content": d.best.completion},)))
+    if min_score is not None and not d.best.score >= min_score:
+      skipped.append(dict(id=p.id, record="sft", problem=f"best score {d.best.score:.4g} "
+                          f"below min_score {min_score}"))
+    else:
+      sft.append(records_lib.SFTRecord(id=p.id, language=p.language, messages=tuple(
+          p.messages) + ({"role": "assistant", "content": d.best.completion},)))
     gap_min = min_gap.get(p.language, 0.0) if isinstance(min_gap, dict) else min_gap
     if d.n_candidates < 2:
       skipped.append(dict(id=p.id, problem="one answer: no pair"))
@@ -377,7 +385,8 @@ def run(config, workdir: str, pool=None, scorer=None) -> dict:
   problems += more
   decisions, more = route_by_reward(routed, scored, names)
   problems += more
-  sft, pairs, skipped = extract(decisions, config.routing.min_gap)
+  sft, pairs, skipped = extract(decisions, config.routing.min_gap,
+                                min_score=config.routing.get("min_score"))
   for name, recs in (("sft.jsonl", sft), ("pairs_offline.jsonl", pairs)):
     if recs:
       records_lib.write_jsonl(os.path.join(workdir, name), recs)
@@ -442,6 +451,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.scorer.chunk = 256        # records per scoring call (appended after each)
   c.routing = ml_collections.ConfigDict()
   c.routing.min_gap = 0.1     # skip pairs whose best - worst score is smaller
+  c.routing.min_score = config_dict.placeholder(float)  # no SFT
+  # record from a prompt whose best answer scores below it (None: keep every prompt)
   c.routing.table = ""        # fixed mode: 'fr:teacher_a,de:teacher_b'
   c.routing.default = ""      # fixed mode: teacher for languages not in the table
   c.router = ml_collections.ConfigDict()

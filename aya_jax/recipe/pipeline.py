@@ -21,6 +21,7 @@ from aya_jax.models import config as model_config
 from aya_jax.recipe import headlines
 from aya_jax.recipe import inputs as recipe_inputs
 from aya_jax.recipe import steps
+from aya_jax.train import policy_gradient
 from aya_jax.world import bootstrap as world
 from aya_jax.world import tasks as synthetic
 
@@ -170,8 +171,9 @@ def run(config, workdir: str) -> dict:
 
   for i, params in enumerate(online_step("online", "dpo")["rounds"], 1):
     models[f"online_{i}"] = params
-  if config.ablations.rloo:
-    models["rloo"] = online_step("rloo", "rloo")["rounds"][-1]
+  for algorithm in policy_gradient.ALGORITHMS:  # ablations: the same rounds, another objective
+    if config.ablations.get(algorithm):
+      models[algorithm] = online_step(algorithm, algorithm)["rounds"][-1]
 
   spec = dict(models=sorted(models), eval=_cfg_dict(config.eval),
               inputs={s: runner.state[s]["hash"] for s in runner.state if s != "eval"})

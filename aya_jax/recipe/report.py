@@ -28,6 +28,8 @@ CLAIMS = (
     ("offline DPO improves on SFT", "dpo_merged", "sft_merged", "better"),
     ("online rounds improve on offline DPO", "online_last", "dpo_merged", "better"),
     ("online DPO beats RLOO", "online_last", "rloo", "better"),
+    ("online DPO beats GRPO", "online_last", "grpo", "better"),
+    ("online DPO beats Dr. GRPO", "online_last", "dr_grpo", "better"),
 )
 MATCH_TOLERANCE = 0.01
 MEASURES = dict(verifier="mean verifier score",

@@ -1,5 +1,5 @@
-r"""Online preference optimisation: iterative DPO (Aya Expanse: 3 rounds) and
-RLOO ("Back to Basics", Ahmadian et al. 2024).
+r"""Online preference optimisation: iterative DPO (Aya Expanse: 3 rounds), RLOO ("Back
+to Basics", Ahmadian et al. 2024), GRPO and Dr. GRPO.
 
     python -m aya_jax.main --config=configs/online_dpo.py --workdir=runs/online
 
@@ -17,9 +17,11 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
   3. dpo:  best vs worst non-empty answer per prompt (skipping gaps <=
            min_gap) -> pairs.jsonl -> `dpo.train_dpo` with betas[i]; the
            reference is pi_i (reset_reference) or the fixed reference;
-     rloo: `train.rloo`: reward = score - kl_coef * KL to the fixed
-           reference, leave-one-out advantages over the k samples, the
-           clipped ratio when the rollout serves several updates;
+     rloo, grpo, dr_grpo: `train.policy_gradient`: RLOO's reward = score -
+           kl_coef * KL to the fixed reference with leave-one-out advantages over
+           the k samples; GRPO's group-normalised advantages (Dr. GRPO: centred
+           only) with kl_coef * the per-token KL in the loss; the clipped ratio
+           when the rollout serves several updates;
   4. params -> iter_<i>/params/; with online.families, steps 1-4 run once per
      family on its languages' prompts, each from pi_i (iter_<i>/<family>/),
      and the family policies are merged linearly with equal weights into
@@ -36,7 +38,7 @@ caller running one iteration per call draws the same samples. Every step is
 resumable: a finished iteration is not trained again (its
 params are loaded; its samples are re-drawn, same seed, same samples, for
 the report), and an interrupted one resumes from iter_<i>/checkpoints.
-The fixed reference (RLOO's KL, DPO without reset_reference) is
+The fixed reference (the policy gradients' KL, DPO without reset_reference) is
 `dpo.reference_init` when set, else pi_0 (`model.init`): a pipeline that runs
 one iteration per call sets it to the policy its online stage started from,
 so round after round the KL is to the same model. A last round samples the
@@ -69,12 +71,12 @@ from aya_jax.data import records as records_lib
 from aya_jax.merging import pytree
 from aya_jax.models import lora
 from aya_jax.sampling import methods, sampler
-from aya_jax.train import common, dpo, policy_merge, rloo
+from aya_jax.train import common, dpo, policy_gradient, policy_merge
 
 
 def online_block() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.algorithm = "dpo"        # dpo | rloo
+  c.algorithm = "dpo"        # dpo | rloo | grpo | dr_grpo
   c.iterations = 3
   c.k = 4                    # samples per prompt
   c.betas = (0.1,)           # DPO beta per iteration (the last one repeats)
@@ -84,9 +86,10 @@ def online_block() -> ml_collections.ConfigDict:
   c.top_p = 1.0
   c.max_new_tokens = 64
   c.sample_batch = 64        # prompts per generate call
-  c.kl_coef = 0.05           # RLOO: beta of the sequence KL penalty (to dpo.reference_init)
-  c.clip_eps = 0.2           # RLOO: clipped ratio when a rollout serves several updates;
-                             # 0 = plain REINFORCE (one update per rollout)
+  c.kl_coef = 0.05           # rloo / grpo / dr_grpo: beta of the KL to dpo.reference_init
+                             # (RLOO: in the reward, per sequence; GRPO: in the loss, per token)
+  c.clip_eps = 0.2           # clipped ratio when a rollout serves several updates;
+                             # RLOO with 0 = plain REINFORCE (one update per rollout)
   c.empty_score = config_dict.placeholder(float)  # None: the lowest score of its group
   c.scorer = "verifier"      # verifier (the synthetic world's)
   # 'name:l1,l2;name:...': every iteration trains one policy per family on its
@@ -294,8 +297,8 @@ def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, m
       logging.warning("iteration %d: no pairs (all ties?); policy unchanged", iteration)
   else:
     pad_id = cfg.pad_id if cfg.pad_id is not None else 0
-    rows = rloo.sample_rows(rd.prompt_ids, rd.completions, oc.k, config.data.seq_len, pad_id)
-    params, more = rloo.train_rloo(it_config, directory, cfg, params, reference, rows,
+    rows = policy_gradient.sample_rows(rd.prompt_ids, rd.completions, oc.k, config.data.seq_len, pad_id)
+    params, more = policy_gradient.train(it_config, directory, cfg, params, reference, rows,
                                    rd.scores, rd.usable, mesh, rules)
     extra.update(more)
   if cfg.lora is not None and base_path:  # the adapters, naming the base
@@ -333,8 +336,9 @@ def _dense(cfg, params):
 def run(config, workdir: str, scorer=None):
   os.makedirs(workdir, exist_ok=True)
   oc = config.online
-  if oc.algorithm not in ("dpo", "rloo"):
-    raise ValueError(f"online.algorithm={oc.algorithm!r}: expected 'dpo' or 'rloo'")
+  if oc.algorithm not in ("dpo",) + policy_gradient.ALGORITHMS:
+    raise ValueError(f"online.algorithm={oc.algorithm!r}: expected 'dpo' or one of "
+                     f"{policy_gradient.ALGORITHMS}")
   if oc.k < 2:
     raise ValueError(f"online.k={oc.k}: ranking answers needs at least 2 samples per prompt")
   if not config.tokenizer or not config.data.prompts:
@@ -351,11 +355,11 @@ def run(config, workdir: str, scorer=None):
   base_path = config.model.init if cfg.lora is not None else ""
   mc = oc.merge
   # copies: training donates the params' buffers
-  fixed_ref = oc.algorithm == "rloo" or not oc.reset_reference
+  fixed_ref = oc.algorithm != "dpo" or not oc.reset_reference
   keep_init = ("initial" in policy_merge.merge_names(mc)
                or (fixed_ref and not config.dpo.reference_init))
   init = lora.copy_trained(params) if keep_init else None
-  reference = None  # RLOO's KL and DPO without reset_reference: one model for every round
+  reference = None  # the policy gradients' KL, DPO without reset_reference: one for all rounds
   if fixed_ref:
     reference = (checkpoint.load_model(config.dpo.reference_init, pshard,
                                        language_model=True)[1]

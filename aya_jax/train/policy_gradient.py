@@ -1,12 +1,11 @@
-r"""RLOO ("Back to Basics", Ahmadian et al. 2024) on one round's k samples per
-prompt: the online stage's `online.algorithm='rloo'` (`online.run` samples
-and scores; this module trains).
+r"""Policy-gradient training on one round's k samples per prompt: the online stage's
+`online.algorithm` 'rloo', 'grpo' and 'dr_grpo' (`online.run` samples and scores; this
+module trains). pi_old is the policy that sampled the round; pi_ref the FIXED reference
+(`dpo.reference_init`, default the policy the online stage started from): the KL is to
+that reference in every round, never to the round's own starting policy.
 
-  reward_i    = score_i - kl_coef * (log pi_old(y_i|x) - log pi_ref(y_i|x))
-                with pi_old the policy that sampled the round and pi_ref the
-                FIXED reference (`dpo.reference_init`, default the policy the
-                online stage started from): the KL is to that reference in
-                every round, never to the round's own starting policy;
+RLOO ("Back to Basics", Ahmadian et al. 2024):
+  reward_i    = score_i - kl_coef * (log pi_old(y_i|x) - log pi_ref(y_i|x));
   advantage_i = reward_i - mean_{j != i} reward_j   (leave-one-out over k);
   loss        = clip_eps > 0: PPO-style clipped ratio per token,
                   -sum_i sum_t min(r_it A_i, clip(r_it, 1 - eps, 1 + eps) A_i),
@@ -19,7 +18,15 @@ and scores; this module trains).
                 clip_eps = 0: plain REINFORCE on the summed log-prob
                   (exact only for one update per rollout);
                 normalised by the number of samples in the batch.
-Both log-probs are recomputed by the training forward pass (not taken from
+GRPO (DeepSeekMath, Shao et al. 2024) and Dr. GRPO (Liu et al. 2025):
+  advantage_i = (score_i - mean_j score_j) / (std_j score_j + 1e-4)   (GRPO)
+                 score_i - mean_j score_j                              (Dr. GRPO);
+  loss        = the clipped ratio per token plus kl_coef * the per-token k3 KL to
+                pi_ref (in the loss, not the reward), averaged over each answer's
+                tokens (GRPO) or summed and divided by online.max_new_tokens
+                (Dr. GRPO), then over samples (`losses.grpo_loss`; TRL's GRPOTrainer
+                loss_type 'grpo' / 'dr_grpo', scale_rewards 'group' / 'none').
+Every log-prob is recomputed by the training forward pass (not taken from
 the sampler). Prompts that `usable` marks False (a score the scorer could not
 give, or no answer at all) get zero weight.
 
@@ -101,13 +108,23 @@ def token_logps(fn, params, rows: dict, batch_size: int, mesh):
   return out
 
 
-def rloo_loss_fn(cfg, vocab_chunk: int = 0, clip_eps: float = 0.2):
+ALGORITHMS = ("rloo", "grpo", "dr_grpo")
+
+
+def loss_fn(cfg, algorithm: str = "rloo", vocab_chunk: int = 0, clip_eps: float = 0.2,
+            kl_coef: float = 0.0, max_completion_length: int = 1):
+  """(params, microbatch, normalizer, rng) -> (loss, aux) of `algorithm` (ALGORITHMS)."""
   token_fn = steps.token_logps_fn(cfg, vocab_chunk)
 
-  def loss_fn(params, mb, normalizer, rng):
+  def fn(params, mb, normalizer, rng):
     lp = token_fn(params, mb, rng)
     w = mb["sample_mask"].astype(jnp.float32)
-    if clip_eps > 0:
+    if algorithm != "rloo":
+      loss = losses.grpo_loss(lp, mb["old_logps"], mb["ref_logps"], mb["loss_mask"],
+                              mb["advantage"], w, clip_eps, kl_coef, normalizer,
+                              dr_grpo=algorithm == "dr_grpo",
+                              max_completion_length=max_completion_length)
+    elif clip_eps > 0:
       loss = losses.clipped_reinforce_loss(lp, mb["old_logps"], mb["loss_mask"], mb["advantage"],
                                            w, clip_eps, normalizer)
     else:
@@ -117,13 +134,29 @@ def rloo_loss_fn(cfg, vocab_chunk: int = 0, clip_eps: float = 0.2):
     return loss, dict(n_samples=jnp.sum(w), logps=jax.lax.stop_gradient(jnp.sum(w * seq)) /
                       jnp.maximum(normalizer, 1.0))
 
-  return loss_fn
+  return fn
 
 
-def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, usable, mesh, rules):
-  """RLOO on one round's rows [P*k, L] with scores [P, k]; `usable` [P]. Returns
-  (params, report: mean_kl, mean_reward over usable prompts)."""
+def advantages(algorithm: str, scores_pk: np.ndarray, policy_logps: np.ndarray,
+               ref_logps: np.ndarray, kl_coef: float) -> tuple[np.ndarray, np.ndarray]:
+  """(rewards [P*k], advantages [P*k]) of one round's scores [P, k] and the samples'
+  summed log-probs under pi_old and pi_ref (RLOO's reward carries the KL; GRPO's not)."""
+  if algorithm == "rloo":
+    rewards = np.asarray(losses.rloo_rewards(scores_pk.reshape(-1), policy_logps, ref_logps,
+                                             kl_coef))
+    adv = losses.rloo_advantages(rewards.reshape(scores_pk.shape))
+  else:
+    rewards = scores_pk.reshape(-1).astype(np.float32)
+    adv = losses.grpo_advantages(scores_pk, scale=algorithm == "grpo")
+  return rewards, np.asarray(adv).reshape(-1)
+
+
+def train(config, d, cfg, params, ref_params, rows, scores_pk, usable, mesh, rules):
+  """online.algorithm (ALGORITHMS) on one round's rows [P*k, L] with scores [P, k];
+  `usable` [P]. Returns (params, report: mean_kl, mean_reward over usable prompts)."""
   oc, bs = config.online, config.data.batch_size
+  if oc.algorithm not in ALGORITHMS:
+    raise ValueError(f"online.algorithm={oc.algorithm!r}: policy gradient is {ALGORITHMS}")
   chunk = config.model.vocab_chunk
   fn = masked_token_logps_fn(cfg, mesh, chunk)  # one compile for the policy and the reference
   with sharding.activation_rules(mesh, rules):
@@ -131,13 +164,14 @@ def train_rloo(config, d, cfg, params, ref_params, rows, scores_pk, usable, mesh
     ref = token_logps(fn, ref_params, rows, bs, mesh)
   pol_s, ref_s = old.sum(-1), ref.sum(-1)
   use = np.repeat(np.asarray(usable, bool), scores_pk.shape[1])
-  scores = np.where(use, scores_pk.reshape(-1), 0.0)  # unusable rows: weight 0 below
-  rewards = np.asarray(losses.rloo_rewards(scores, pol_s, ref_s, oc.kl_coef))
-  adv = np.asarray(losses.rloo_advantages(rewards.reshape(scores_pk.shape))).reshape(-1)
+  scores = np.where(use.reshape(scores_pk.shape), scores_pk, 0.0)  # unusable: weight 0 below
+  rewards, adv = advantages(oc.algorithm, scores, pol_s, ref_s, oc.kl_coef)
   data = dict(rows, advantage=np.where(use, adv, 0.0).astype(np.float32),
               sample_mask=use.astype(np.int32), old_logps=old)
-  loss_fn = rloo_loss_fn(cfg, chunk, oc.clip_eps)
-  st, step = common.make_trainer(config, cfg, params, loss_fn, mesh, rules,
+  if oc.algorithm != "rloo":
+    data["ref_logps"] = ref
+  fn = loss_fn(cfg, oc.algorithm, chunk, oc.clip_eps, oc.kl_coef, oc.max_new_tokens)
+  st, step = common.make_trainer(config, cfg, params, fn, mesh, rules,
                               normalizer_fn=lambda b: jnp.sum(b["sample_mask"].astype(jnp.float32)))
   example = {k: v[:bs // jax.process_count()] for k, v in data.items()}
   step = common.jit_for(step, st, example, mesh)
