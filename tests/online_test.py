@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from aya_jax import checkpoint, config_files, losses
+from aya_jax import checkpoint, config_files
 from aya_jax.data import formatting, records
 from aya_jax.merging import pytree
-from aya_jax.train import online, sft
+from aya_jax.train import online, rounds, sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 16
@@ -91,20 +91,6 @@ def test_online_rounds_raise_the_preferred_property(sft_model, tmp_path, algorit
   assert again[-1]["mean_score"] == pytest.approx(reports[-1]["mean_score"])
 
 
-def test_best_worst_pairs_and_report_by_hand():
-  prompts = [records.PromptRecord("a", "en", ({"role": "user", "content": "q"},)),
-             records.PromptRecord("b", "fr", ({"role": "user", "content": "q"},))]
-  texts = ["x", "y", "z", "u", "v", "w"]
-  scores = np.array([[0.1, 0.9, 0.5], [0.3, 0.3, 0.3]], np.float32)
-  pairs = online.best_worst_pairs(prompts, texts, scores, 0.0, "t")
-  assert len(pairs) == 1 and pairs[0].chosen == "y" and pairs[0].rejected == "x"  # b: a tie
-  rep = online.round_report(prompts, scores, np.array([2, 4, 6, 1, 1, 1]),
-                            np.array([1, 1, 0, 1, 1, 1], bool), np.zeros_like(scores) + 0.3)
-  assert rep["mean_length"] == pytest.approx(15 / 6)
-  assert rep["frac_no_stop"] == pytest.approx(1 / 6)
-  assert rep["win_rate_vs_prev/fr"] == 0.5 and rep["win_rate_vs_prev/en"] == pytest.approx(2 / 3)
-
-
 def _load(path):
   return jax.device_get(checkpoint.load_model(str(path))[1])
 
@@ -136,39 +122,6 @@ def test_merge_step_between_iterations(sft_model, tmp_path):
     assert moved > 1e-3  # the iteration trained, so the merge is not the identity
     previous = merged
   _assert_trees_equal(_load(tmp_path / "params"), previous, 0.0)
-
-
-def test_group_scores_empty_answers_and_unscorable_prompts_by_hand():
-  nan = float("nan")
-  raw = np.array([[0.9, -2.0, 0.5],     # empty answer 1: scores the group's lowest, 0.5
-                  [-3.0, -1.0, -2.0],   # a reward model's negative scale: empty gets -3, not 0
-                  [0.2, nan, 0.1],      # the scorer failed on a real answer: unusable
-                  [0.0, 0.0, 0.0]], np.float32)  # every answer empty: no score at all
-  empty = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)
-  scores, usable = online.group_scores(raw, empty)
-  np.testing.assert_allclose(scores[0], [0.9, 0.5, 0.5])
-  np.testing.assert_allclose(scores[1], [-2.0, -1.0, -2.0])
-  assert usable.tolist() == [True, True, False, False]
-  scores, usable = online.group_scores(raw, empty, empty_score=-5.0)  # a configured penalty
-  np.testing.assert_allclose(scores[0], [0.9, -5.0, 0.5])
-  np.testing.assert_allclose(scores[3], [-5.0, -5.0, -5.0])
-  assert usable.tolist() == [True, True, False, True]
-  # RLOO: an empty answer never gets a positive advantage
-  adv = np.asarray(losses.rloo_advantages(online.group_scores(raw, empty)[0][:2]))
-  assert adv[0, 1] <= 0 and adv[1, 0] <= 0
-
-
-def test_pairs_and_report_skip_unscorable_prompts():
-  """A NaN score must not reach max/min (order-dependent) nor the means."""
-  prompts = [records.PromptRecord(p, "en", ({"role": "user", "content": "q"},)) for p in "ab"]
-  texts = ["x", "y", "z", "u", "v", "w"]
-  scores = np.array([[0.1, 0.9, 0.5], [0.3, float("nan"), 0.7]], np.float32)
-  usable = np.array([True, False])
-  pairs = online.best_worst_pairs(prompts, texts, scores, 0.0, "t", usable)
-  assert [p.id for p in pairs] == ["a#t"]
-  rep = online.round_report(prompts, scores, np.ones(6), np.ones(6, bool), None, usable,
-                            np.zeros(6, bool))
-  assert rep["mean_score"] == pytest.approx(0.5) and rep["n_dropped_prompts"] == 1
 
 
 def test_online_k_below_two_is_an_error(sft_model, tmp_path):
@@ -219,7 +172,7 @@ def test_families_train_from_the_same_policy_and_merge_equally(sft_model, tmp_pa
   _assert_trees_equal(_load(tmp_path / "iter_0" / "params"), want, 1e-6)
   _assert_trees_equal(_load(tmp_path / "params"), want, 1e-6)
   with pytest.raises(ValueError, match="family de_only .* has no prompts"):
-    online.family_prompts("de_only:de", [records.PromptRecord(
+    rounds.family_prompts("de_only:de", [records.PromptRecord(
         "a", "en", ({"role": "user", "content": "q"},))])
 
 
@@ -281,3 +234,23 @@ def test_online_lora_family_and_policy_merges_make_a_new_base(sft_model, tmp_pat
   cfg, merged = checkpoint.load_model(str(tmp_path / "params"))
   assert cfg.lora is None
   _assert_trees_equal(merged, lora.merge(raw_cfg, raw)[1], 1e-6)
+
+
+def test_capped_rounds_without_a_final_pass(sft_model, tmp_path):
+  """online.prompts_per_language draws that many prompts per language in each round (with
+  the round's seed: other prompts each round); final_pass=False samples no last round."""
+  c = _config(sft_model, "dpo")
+  c.online.prompts_per_language, c.online.final_pass = 3, False
+  _, reports = online.run(c, str(tmp_path), scorer=LikesRed())
+  assert [r["round"] for r in reports] == [0, 1] and not (tmp_path / "iter_2").exists()
+  prompts = records.read_prompts(sft_model / "prompts.jsonl")
+  drawn = []
+  for i in range(2):
+    want = rounds.round_prompts(prompts, 3, c.seed + i)
+    assert sorted(p.language for p in want) == ["en"] * 3 + ["fr"] * 3
+    got = {r.id.split("#")[0]  # '<prompt id>#it<i>s<j>'
+           for r in records.read_jsonl(tmp_path / f"iter_{i}" / "samples.jsonl", "completion")}
+    assert got and got <= {p.id for p in want}
+    drawn.append({p.id for p in want})
+  assert drawn[0] != drawn[1]
+

@@ -35,14 +35,16 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
      merged params -> iter_<i>/merged/, and the report gets `merge`.
 Iteration i samples with the key of seed + i and trains with seed + i, so a
 caller running one iteration per call draws the same samples. Every step is
-resumable: a finished iteration is not trained again (its
-params are loaded; its samples are re-drawn, same seed, same samples, for
-the report), and an interrupted one resumes from iter_<i>/checkpoints.
+resumable: a finished iteration is not trained again (its params are loaded; its
+samples are read back from iter_<i>/sampling/, for the report), an interrupted
+sampling pass resumes at its first unfinished batch, and interrupted training
+from iter_<i>/checkpoints. `online.prompts_per_language` caps each round's prompts
+(drawn with seed + i; `train/rounds.py` holds a round's sampling, pairs and report).
 The fixed reference (the policy gradients' KL, DPO without reset_reference) is
 `dpo.reference_init` when set, else pi_0 (`model.init`): a pipeline that runs
 one iteration per call sets it to the policy its online stage started from,
 so round after round the KL is to the same model. A last round samples the
-final policy.
+final policy (unless online.final_pass is off).
 
 workdir/report.jsonl, one line per round: mean score (overall and per
 language), win rate vs the previous round under the scorer (per prompt and
@@ -53,10 +55,8 @@ of turn.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import warnings
 
 import jax
 import ml_collections
@@ -64,14 +64,13 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from aya_jax import axes, checkpoint, console, sharding
+from aya_jax import axes, checkpoint, sharding
 from aya_jax.data import atomic, formatting
 from aya_jax.data import pairs as pp
 from aya_jax.data import records as records_lib
 from aya_jax.merging import pytree
 from aya_jax.models import lora
-from aya_jax.sampling import methods, sampler
-from aya_jax.train import common, dpo, policy_gradient, policy_merge
+from aya_jax.train import common, dpo, policy_gradient, policy_merge, rounds
 
 
 def online_block() -> ml_collections.ConfigDict:
@@ -85,7 +84,11 @@ def online_block() -> ml_collections.ConfigDict:
   c.temperature = 1.0
   c.top_p = 1.0
   c.max_new_tokens = 64
-  c.sample_batch = 64        # prompts per generate call
+  c.sample_batch = 64        # prompts per generate call (a killed pass resumes after the
+                             # last finished one)
+  c.prompts_per_language = 0  # prompts each round samples per language, drawn with the
+                              # round's seed (seed + i); 0 = every prompt
+  c.final_pass = True        # sample the final policy once more for the report
   c.kl_coef = 0.05           # rloo / grpo / dr_grpo: beta of the KL to dpo.reference_init
                              # (RLOO: in the reward, per sequence; GRPO: in the loss, per token)
   c.clip_eps = 0.2           # clipped ratio when a rollout serves several updates;
@@ -119,130 +122,6 @@ def make_scorer(config):
   raise ValueError(f"online.scorer={config.online.scorer!r}: 'verifier', or pass scorer= to run()")
 
 
-# ---------------------------------------------------------------- sampling
-
-
-@dataclasses.dataclass
-class Round:
-  """One round's samples: k per prompt, rows in prompt-major order."""
-  records: list             # CompletionRecords of the non-empty answers
-  texts: list               # [P*k] decoded answers ('' when empty)
-  scores: np.ndarray        # [P, k] for training (`group_scores`)
-  usable: np.ndarray        # [P] bool: every answer scored
-  empty: np.ndarray         # [P*k] bool
-  prompt_ids: list          # [P] token ids of the rendered prompts
-  completions: list         # [P*k] sampled token ids
-  lengths: np.ndarray       # [P*k]
-  stopped: np.ndarray       # [P*k] bool: ended with an end of turn
-
-
-def group_scores(raw_pk: np.ndarray, empty_pk: np.ndarray, empty_score=None):
-  """(scores [P, k], usable [P]) from the scorer's raw scores (NaN where it
-  could not score) and the empty-answer mask. An empty answer scores
-  `empty_score`, or None: the lowest score of the non-empty answers to its
-  prompt. A prompt is unusable when the scorer failed on one of its answers
-  or when it has no score at all (every answer empty, no empty_score)."""
-  raw = np.where(empty_pk, np.nan, np.asarray(raw_pk, np.float64))
-  failed = np.isnan(raw) & ~empty_pk
-  if empty_score is not None:
-    fill = np.full(raw.shape[0], float(empty_score))
-  else:
-    with warnings.catch_warnings():  # all-empty rows: no minimum (NaN), unusable below
-      warnings.simplefilter("ignore", RuntimeWarning)
-      fill = np.nanmin(raw, axis=1)
-  scores = np.where(empty_pk, fill[:, None], raw)
-  usable = ~failed.any(1) & np.isfinite(scores).all(1)
-  return scores.astype(np.float32), usable
-
-
-def sample_round(cfg, params, tok, prompts, scorer, oc, rng, mesh, preset, tag) -> Round:
-  """k samples per prompt from `params`, scored (empty answers are not sent
-  to the scorer)."""
-  stop = formatting.end_of_turn_ids(tok)
-  method = methods.from_config(oc.temperature, 0, oc.top_p)
-  prompt_ids = [formatting.tokenize_prompt(tok, p.messages) for p in prompts]
-  rows, lengths, stopped = [], [], []
-  progress = console.Progress(len(prompts), f"sampling {tag}", unit="prompt")
-  for s in range(0, len(prompts), oc.sample_batch):
-    res = sampler.generate(cfg, params, prompt_ids[s:s + oc.sample_batch],
-                           jax.random.fold_in(rng, s), method, oc.max_new_tokens, stop, oc.k,
-                           mesh=mesh, rules=preset)
-    rows += [res.completion(r) for r in range(res.tokens.shape[0])]
-    lengths.append(res.lengths)
-    stopped.append(res.stopped)
-    progress.update(len(prompt_ids[s:s + oc.sample_batch]))
-  progress.close()
-  texts = [formatting.decode_completion(tok, ids, stop) for ids in rows]
-  empty = np.asarray([not t.strip() for t in texts])
-  recs = []
-  for i, text in enumerate(texts):
-    prompt = prompts[i // oc.k]
-    if not empty[i]:  # an empty answer cannot be a record
-      recs.append(records_lib.CompletionRecord(
-          id=f"{prompt.id}#{tag}s{i % oc.k}", language=prompt.language, prompt=prompt.messages,
-          completion=text,
-          teacher=tag, score=None))
-  raw = np.full(len(texts), np.nan, np.float32)
-  if recs:
-    raw[~empty] = np.asarray(scorer.score(recs), np.float32)
-  scores, usable = group_scores(raw.reshape(len(prompts), oc.k),
-                                empty.reshape(len(prompts), oc.k), oc.empty_score)
-  recs = [records_lib.CompletionRecord(**{**r.to_dict(),
-                                          "score": float(v) if np.isfinite(v) else None})
-          for r, v in zip(recs, raw[~empty])]
-  return Round(recs, texts, scores, usable, empty, prompt_ids, rows, np.concatenate(lengths),
-               np.concatenate(stopped))
-
-
-def best_worst_pairs(prompts, texts, scores_pk, min_gap: float, tag: str,
-                     usable=None) -> list:
-  """PreferenceRecords: the best vs the worst non-empty answer per usable prompt."""
-  out, k = [], scores_pk.shape[1]
-  for p, prompt in enumerate(prompts):
-    cand = [j for j in range(k) if texts[p * k + j].strip()]
-    if len(cand) < 2 or (usable is not None and not usable[p]):
-      continue
-    best = max(cand, key=lambda j: scores_pk[p, j])
-    worst = min(cand, key=lambda j: scores_pk[p, j])
-    if (scores_pk[p, best] - scores_pk[p, worst] <= min_gap
-        or texts[p * k + best] == texts[p * k + worst]):  # one answer scored twice: no pair
-      continue
-    out.append(records_lib.PreferenceRecord(
-        id=f"{prompt.id}#{tag}", language=prompt.language, prompt=prompt.messages,
-        chosen=texts[p * k + best],
-        rejected=texts[p * k + worst], chosen_score=float(scores_pk[p, best]),
-        rejected_score=float(scores_pk[p, worst]), source=f"online_{tag}"))
-  return out
-
-
-def round_report(prompts, scores_pk, lengths, stopped, prev_scores=None, usable=None,
-                 empty=None) -> dict:
-  """Mean score (overall, per language) over the usable prompts, win rate vs
-  the previous round's scores (prompts usable in both), mean length, the
-  fraction without an end of turn, empty answers and dropped prompts."""
-  k = scores_pk.shape[1]
-  ok = np.ones(len(prompts), bool) if usable is None else np.asarray(usable, bool)
-  rows = np.repeat(ok, k)
-  langs = np.repeat([p.language for p in prompts], k)
-  flat = scores_pk.reshape(-1)
-  mean = lambda sel: float(flat[sel].mean()) if sel.any() else float("nan")
-  rep = {"mean_score": mean(rows), "mean_length": float(np.mean(lengths)),
-         "frac_no_stop": float(1.0 - np.mean(stopped)),
-         "frac_empty": float(np.mean(empty)) if empty is not None else 0.0,
-         "n_dropped_prompts": int((~ok).sum())}
-  for lang in sorted(set(langs)):
-    rep[f"mean_score/{lang}"] = mean(rows & (langs == lang))
-  if prev_scores is not None:
-    prev = prev_scores.reshape(-1)
-    both = rows & np.isfinite(prev)
-    win = (flat > prev) + 0.5 * (flat == prev)
-    rep["win_rate_vs_prev"] = float(win[both].mean()) if both.any() else float("nan")
-    for lang in sorted(set(langs)):
-      sel = both & (langs == lang)
-      rep[f"win_rate_vs_prev/{lang}"] = float(win[sel].mean()) if sel.any() else float("nan")
-  return rep
-
-
 # --------------------------------------------------------------------- run
 
 
@@ -257,22 +136,6 @@ def _iteration_config(config, i):
   return c
 
 
-def family_prompts(spec: str, prompts: list) -> dict:
-  """{family: its prompts} of online.families ('name:l1,l2;...'); {"": prompts} when ""."""
-  if not spec:
-    return {"": prompts}
-  out = {}
-  for part in [p for p in spec.split(";") if p.strip()]:
-    if ":" not in part:
-      raise ValueError(f"online.families: {part!r} is not 'name:lang,lang'")
-    name, langs = (x.strip() for x in part.split(":", 1))
-    keep = {x.strip() for x in langs.split(",") if x.strip()}
-    out[name] = [p for p in prompts if p.language in keep]
-    if not out[name]:
-      raise ValueError(f"online.families: family {name} ({sorted(keep)}) has no prompts")
-  return out
-
-
 def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, mesh, rules,
                   iteration: int, base_path: str = ""):
   """One iteration's training of `params` on its round `rd` -> (params, report extras);
@@ -284,8 +147,8 @@ def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, m
     return _load_trained(done, params), extra
   it_config = _iteration_config(config, iteration)
   if oc.algorithm == "dpo":
-    pairs = best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap, f"it{iteration}",
-                             rd.usable)
+    pairs = rounds.best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap,
+                                    f"it{iteration}", rd.usable)
     extra["n_pairs"] = len(pairs)
     if pairs:
       if jax.process_index() == 0:
@@ -366,9 +229,10 @@ def run(config, workdir: str, scorer=None):
                  if config.dpo.reference_init else init)
   extra_models = policy_merge.load_merge_inputs(mc, pshard)
   prompts = [p for path in config.data.prompts for p in records_lib.read_prompts(path)]
-  groups = family_prompts(oc.families, prompts)
-  reports, prev = [], None
-  for i in range(oc.iterations + 1):  # the last round only samples
+  rounds.family_prompts(oc.families, prompts)  # checked before the first round
+  reports, prev = [], {}  # prev: the last round's scores by prompt id (usable prompts)
+  # the last round only samples (the final policy, for the report), unless final_pass is off
+  for i in range(oc.iterations + int(bool(oc.final_pass))):
     d = os.path.join(workdir, f"iter_{i}")
     os.makedirs(d, exist_ok=True)
     # iteration i draws from seed + i: a pipeline running one iteration per call
@@ -379,18 +243,23 @@ def run(config, workdir: str, scorer=None):
     # pi_i for the merge, copied: training donates the params' buffers
     if not last and "previous" in policy_merge.merge_names(mc):
       start = lora.copy_trained(params)
-    for name, group in ({"": prompts} if last else groups).items():
+    sampled = rounds.round_prompts(prompts, oc.prompts_per_language, config.seed + i)
+    groups = rounds.family_prompts(oc.families, sampled)
+    for name, group in ({"": sampled} if last else groups).items():
       gd = os.path.join(d, name) if name else d
       os.makedirs(gd, exist_ok=True)
-      rd = sample_round(cfg, params, tok, group, scorer, oc, rng, mesh, config.mesh.rules,
-                        f"it{i}")
+      rd = rounds.sample_round(cfg, params, tok, group, scorer, oc, rng, mesh,
+                               config.mesh.rules, f"it{i}",
+                               cache_dir=os.path.join(gd, "sampling"))
       if jax.process_index() == 0 and rd.records:
         records_lib.write_jsonl(os.path.join(gd, "samples.jsonl"), rd.records)
-      group_rep = round_report(group, rd.scores, rd.lengths, rd.stopped,
-                               prev if not name else None, rd.usable, rd.empty)
+      before = (np.stack([prev.get(p.id, np.full(oc.k, np.nan)) for p in group])
+                if prev and not name else None)
+      group_rep = rounds.round_report(group, rd.scores, rd.lengths, rd.stopped, before,
+                                      rd.usable, rd.empty)
       if not name:
         rep.update(group_rep)
-        prev = np.where(rd.usable[:, None], rd.scores, np.nan)
+        prev = {p.id: rd.scores[j] for j, p in enumerate(group) if rd.usable[j]}
       else:
         rep.setdefault("families", {})[name] = group_rep
       if last:
