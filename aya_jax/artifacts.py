@@ -39,7 +39,8 @@ def _lead() -> bool:
   return jax.process_index() == 0
 
 
-def _sync(tag: str):
+def sync(tag: str):
+  """Every process waits here for the others (nothing on one process)."""
   import jax
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -139,7 +140,7 @@ class Runner:
           shutil.rmtree(d)
       os.makedirs(d, exist_ok=True)
       atomic.write_text(partial, h)
-    _sync(f"{self.label} step {name} {h}")
+    sync(f"{self.label} step {name} {h}")
     logging.info("%s: running %s (spec %s)", self.label, name, h)
     print(f"[{self.label}] {name} ...", flush=True)
     t0 = time.time()

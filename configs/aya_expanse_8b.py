@@ -48,7 +48,13 @@ from aya_jax.recipe import blocks
 from aya_jax.train import common, dpo
 from aya_jax.train import planner
 
-FAMILIES = "european:en,fr,es,de;slavic_turkic:en,ru,tr;asian_semitic:en,ar,hi,ja,zh"
+# Aya Expanse's 23 languages, in three families that each keep English
+LANGUAGES = ("ar", "cs", "de", "el", "en", "es", "fa", "fr", "he", "hi", "id", "it", "ja", "ko",
+             "nl", "pl", "pt", "ro", "ru", "tr", "uk", "vi", "zh")
+FAMILIES = ("european:en,fr,es,de,it,pt,nl,ro,el;slavic_turkic:en,ru,uk,pl,cs,tr;"
+            "asian_semitic:en,ar,he,fa,hi,ja,ko,zh,id,vi")
+# what the training blocks take from the plan's optimiser besides the schedule
+OPTIMISER = ("b1", "b2", "eps", "weight_decay", "max_grad_norm")
 
 
 def get_config(arg=None):
@@ -67,7 +73,7 @@ def get_config(arg=None):
   c.teachers = ("/data/models/teacher_a", "/data/models/teacher_b")  # local HF dirs
   c.reward_model = "/data/models/reward_model"    # aya_jax params/ or HF dir (value head)
   c.prompts = ("/data/prompts/train.jsonl",)      # {"id", "language", "messages"} per line
-  c.languages = ("ar", "de", "en", "es", "fr", "hi", "ja", "ru", "tr", "zh")
+  c.languages = LANGUAGES
   # --- model: the planner uses model.init's config.json when it exists, else the preset
   c.model = common.model_block()
   c.model.init = c.base
@@ -129,5 +135,7 @@ def pipeline_config(plan):
                               temperature=1.0))
   c.online.dpo.rpo_alpha = 0.0
   c.ablations.update(dict(mixed=True, rloo=False))
+  for block in (c.sft, c.sft_family, c.dpo, c.online):  # AdamW as planned (decay, b2 0.95)
+    block.optim.update({k: plan.optim[k] for k in OPTIMISER})
   c.eval.update(dict(max_new_tokens=1024, batch_size=64, n_boot=1000))
   return c

@@ -38,6 +38,14 @@ def test_32b_config_builds_on_the_8b_one():
   assert (p32.sft.data.batch_size, p32.dpo.data.batch_size, tuple(p32.mesh.shape)) == \
       (256, 256, (1, 256, 1))
   assert p32.inputs.teachers == p8.inputs.teachers and p32.online.to_dict() == p8.online.to_dict()
+  # every training block trains with the plan's AdamW (not the optimiser defaults)
+  for block in (p8.sft, p8.sft_family, p8.dpo, p8.online, p32.sft, p32.dpo):
+    assert (block.optim.weight_decay, block.optim.b2) == (0.01, 0.95)
+  assert (p8.sft.optim.lr, p8.dpo.optim.lr) == (1e-5, 5e-7)
+  # Aya's 23 languages, each in a family (English in all three)
+  families = [set(f.split(":")[1].split(",")) for f in p8.inputs.families.split(";")]
+  assert len(p8.inputs.languages) == 23 and set().union(*families) == set(p8.inputs.languages)
+  assert sum(len(f) for f in families) == 23 + 2 and all("en" in f for f in families)
   with pytest.raises(ValueError, match="variants are"):
     config_files.get_config(os.path.join(ROOT, "configs", "aya_expanse_32b.py:typo"))
 

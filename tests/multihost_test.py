@@ -10,7 +10,9 @@ One launch per topology runs, in each worker:
   policy and the step-0 params as the reference;
 - merge: the merge stage's call on every process, `merge_stream.merge_checkpoints` of the
   step-1 and final params with DARE-TIES against the step-0 params (the cooperatively
-  written checkpoints), into one shared params/ dir.
+  written checkpoints), into one shared params/ dir;
+- arbitrage scoring (`arbitrage.stage.score_completions`) on every process, run twice:
+  process 0 writes, each completion is scored once in scored.jsonl.
 The test compares losses, params, generated tokens (every process's and the single run's)
 and the merged params. Slow (~1-2 min on 2 cores): marked.
 
@@ -81,6 +83,27 @@ def _worker(pid: int, nproc: int, port: int, out: str):
 
   _rloo(out, cfg, st.params, mesh, rules, rs)
   _merge(out, os.path.join(out, "merged"))  # what the 'merge' stage runs on every host
+  _score(out)
+
+
+def _score(out: str):
+  """Arbitrage's scoring on every process (a scorer may be sharded), twice (the second
+  finds everything scored): one writer, each completion scored once in scored.jsonl."""
+  import jax
+  from aya_jax import artifacts, reward
+  from aya_jax.arbitrage import stage
+  from aya_jax.data import records
+  comps = [records.CompletionRecord(id=f"p{i}#t#0", language="en", completion="x" * (i + 1),
+                                    prompt=({"role": "user", "content": "q"},), teacher="t")
+           for i in range(5)]
+  path, scored = os.path.join(out, "completions.jsonl"), os.path.join(out, "scored.jsonl")
+  if jax.process_index() == 0:
+    records.write_jsonl(path, comps)
+  artifacts.sync("completions written")
+  scorer = reward.FunctionScorer(lambda recs: [float(len(r.completion)) for r in recs])
+  for _ in range(2):
+    got, _ = stage.score_completions(path, scored, scorer, chunk=2)
+    assert [r.score for r in got] == [1.0, 2.0, 3.0, 4.0, 5.0], got
 
 
 def _rloo(out, cfg, policy, mesh, rules, rs):
@@ -196,6 +219,11 @@ def test_two_processes_equal_one(tmp_path):
   _assert_same_params(os.path.join(multi, "merged"), here, rtol=0, atol=0)
   _assert_same_params(os.path.join(multi, "merged"), os.path.join(single, "merged"),
                       rtol=1e-4, atol=1e-5)
+  # arbitrage scores: one writer, each completion once (the strict reader refuses duplicates)
+  from aya_jax.data import records
+  for run in (multi, single):
+    got = records.read_jsonl(os.path.join(run, "scored.jsonl"), "completion")
+    assert [r.id for r in got] == [f"p{i}#t#0" for i in range(5)]
 
 
 if __name__ == "__main__":

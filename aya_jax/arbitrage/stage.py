@@ -50,7 +50,7 @@ from ml_collections import config_dict
 import numpy as np
 from absl import logging
 
-from aya_jax import sharding
+from aya_jax import artifacts, sharding
 from aya_jax.arbitrage import contrast as preference
 from aya_jax.arbitrage import routing
 from aya_jax.arbitrage import teachers as teachers_lib
@@ -201,12 +201,16 @@ def score_completions(path: str, scored_path: str, scorer, chunk: int = 64,
   """(scored CompletionRecords, problems); scores only what scored_path and
   its `.nan` sidecar do not hold yet, appending per chunk. `keep(completion
   id)` restricts to some completions (the routed teacher's)."""
+  import jax
+  writer = jax.process_index() == 0  # one writer; every process scores (a sharded scorer)
   comps = list(records_lib.iter_jsonl(path, "completion")) if os.path.exists(path) else []
   if keep is not None:
     comps = [c for c in comps if keep(c.id)]
   have = {}
   if os.path.exists(scored_path):
-    records_lib.drop_partial_line(scored_path)
+    if writer:
+      records_lib.drop_partial_line(scored_path)
+    artifacts.sync(f"score_completions {scored_path}")  # every process then reads the same lines
     if any(l.strip() for l in open(scored_path, encoding="utf-8")):
       have = {r.id: r for r in records_lib.iter_jsonl(scored_path, "completion")}
   nan_ids = set(_jsonl_ids(scored_path + ".nan"))
@@ -216,9 +220,9 @@ def score_completions(path: str, scored_path: str, scorer, chunk: int = 64,
     scores = np.asarray(scorer.score(part), np.float64)
     ok = [dataclasses.replace(c, score=float(v)) for c, v in zip(part, scores) if np.isfinite(v)]
     bad = [c.id for c, v in zip(part, scores) if not np.isfinite(v)]
-    if ok:
+    if ok and writer:
       records_lib.write_jsonl(scored_path, ok, append=True)
-    if bad:
+    if bad and writer:
       with open(scored_path + ".nan", "a", encoding="utf-8") as f:
         f.write("".join(b + "\n" for b in bad))
     have.update((c.id, c) for c in ok)
