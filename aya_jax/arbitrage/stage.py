@@ -206,14 +206,17 @@ def score_completions(path: str, scored_path: str, scorer, chunk: int = 64,
   comps = list(records_lib.iter_jsonl(path, "completion")) if os.path.exists(path) else []
   if keep is not None:
     comps = [c for c in comps if keep(c.id)]
+  # every process reads the same lines: none reads before the writer trimmed a torn last
+  # line, and the writer appends only after every process has read
+  artifacts.sync(f"score_completions {scored_path} start")
+  if writer and os.path.exists(scored_path):
+    records_lib.drop_partial_line(scored_path)
+  artifacts.sync(f"score_completions {scored_path} trimmed")
   have = {}
-  if os.path.exists(scored_path):
-    if writer:
-      records_lib.drop_partial_line(scored_path)
-    artifacts.sync(f"score_completions {scored_path}")  # every process then reads the same lines
-    if any(l.strip() for l in open(scored_path, encoding="utf-8")):
-      have = {r.id: r for r in records_lib.iter_jsonl(scored_path, "completion")}
+  if os.path.exists(scored_path) and any(l.strip() for l in open(scored_path, encoding="utf-8")):
+    have = {r.id: r for r in records_lib.iter_jsonl(scored_path, "completion")}
   nan_ids = set(_jsonl_ids(scored_path + ".nan"))
+  artifacts.sync(f"score_completions {scored_path} read")
   todo = [c for c in comps if c.id not in have and c.id not in nan_ids]
   for s in range(0, len(todo), chunk):
     part = todo[s:s + chunk]

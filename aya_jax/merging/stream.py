@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from aya_jax import checkpoint, params_stream
+from aya_jax import artifacts, checkpoint, params_stream
 from aya_jax.merging import methods as merging
 from aya_jax.merging import parameters
 from aya_jax.models import hf
@@ -86,10 +86,9 @@ def merge_checkpoints(inputs: Sequence[str], method: str,
   kwargs = dict(model_merge_parameters=model_merge_parameters, include=include, seed=seed,
                 dtype=dtype, max_shard_bytes=max_shard_bytes)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     if jax.process_index() == 0:
       _merge_checkpoints(inputs, method, merge_parameters, out, base, out_hf, **kwargs)
-    multihost_utils.sync_global_devices(f"merge_checkpoints {out}")
+    artifacts.sync(f"merge_checkpoints {out}")
     return out
   return _merge_checkpoints(inputs, method, merge_parameters, out, base, out_hf, **kwargs)
 

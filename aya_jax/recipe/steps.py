@@ -17,12 +17,12 @@ import os
 import jax
 from absl import logging
 
-from aya_jax import checkpoint, evaluation, reward, sharding
+from aya_jax import evaluation, reward, sharding
 from aya_jax.arbitrage import contrast
 from aya_jax.arbitrage import stage as arbitrage
 from aya_jax.arbitrage import teachers
 from aya_jax.data import atomic, records
-from aya_jax.merging import pytree
+from aya_jax.merging import stream as merge_stream
 from aya_jax.recipe import blocks
 from aya_jax.recipe.inputs import VERIFIER, Inputs
 from aya_jax.sampling import methods
@@ -48,13 +48,12 @@ def filter_languages(path: str, out: str, languages, required: bool = True):
 
 
 def merge(directory: str, inputs: list) -> str:
-  """Linear merge with equal weights (Aya Expanse's most consistent method)."""
-  models = [checkpoint.load_model(p) for p in inputs]
-  cfg = models[0][0]
-  merged = pytree.merge("linear", [jax.device_get(p) for _, p in models],
-                        parameters={"normalize": True},
-                        model_parameters=[{"weight": 1.0} for _ in models])
-  return checkpoint.save_params(os.path.join(directory, "params"), cfg, merged)
+  """Linear merge with equal weights (Aya Expanse's most consistent method), streamed one
+  tensor at a time from the checkpoints (LoRA ones merged with their base) to params/: no
+  model is ever whole in memory; on several hosts process 0 merges."""
+  return merge_stream.merge_checkpoints(
+      list(inputs), "linear", {"normalize": True}, out=os.path.join(directory, "params"),
+      model_merge_parameters=[{"weight": 1.0} for _ in inputs])
 
 
 def _mesh(inputs: Inputs, config):
