@@ -12,7 +12,9 @@ One launch per topology runs, in each worker:
   step-1 and final params with DARE-TIES against the step-0 params (the cooperatively
   written checkpoints), into one shared params/ dir;
 - arbitrage scoring (`arbitrage.stage.score_completions`) on every process, run twice:
-  process 0 writes, each completion is scored once in scored.jsonl.
+  process 0 writes, each completion is scored once in scored.jsonl;
+- preemption (2 processes only): process 1 alone gets SIGTERM; both stop at the same step
+  and the resumed run ends with an uninterrupted run's params.
 The test compares losses, params, generated tokens (every process's and the single run's)
 and the merged params. Slow (~1-2 min on 2 cores): marked.
 
@@ -84,6 +86,79 @@ def _worker(pid: int, nproc: int, port: int, out: str):
   _rloo(out, cfg, st.params, mesh, rules, rs)
   _merge(out, os.path.join(out, "merged"))  # what the 'merge' stage runs on every host
   _score(out)
+  if nproc > 1:
+    _preempt(out, cfg, mesh, rules, batches, bsh)
+
+
+class _Batches:
+  """This process's half of the fixed batches, in turn; checkpointable."""
+
+  def __init__(self, batches):
+    import jax
+    self.batches, self.position = batches, 0
+    local = ROWS // jax.process_count()
+    self.lo, self.n = jax.process_index() * local, local
+
+  def __next__(self):
+    b = self.batches[self.position % len(self.batches)]
+    self.position += 1
+    return {k: v[self.lo:self.lo + self.n] for k, v in b.items()}
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = int(state["position"])
+
+
+def _preempt(out, cfg, mesh, rules, batches, bsh):
+  """Process 1 alone gets SIGTERM during step 1: both processes stop at step 2 (the first
+  log step) with one checkpoint; resumed, they end with an uninterrupted run's params."""
+  import signal
+  import jax
+  from aya_jax import checkpoint, optim, sharding
+  from aya_jax.train import loop as loop_lib
+  from aya_jax.train import state as state_lib
+  from aya_jax.train import steps
+
+  def fresh():
+    params = sharding.init_params_sharded(cfg, jax.random.key(0), mesh, rules)
+    tx = optim.make_optimizer(optim.default_optim_config(), params)
+    st = state_lib.create_state(params, tx, jax.tree.map(lambda x: x.sharding, params))
+    train_step = steps.make_train_step(steps.sft_loss_fn(cfg), tx, steps.loss_token_count)
+    step = steps.jit_step(train_step, state_lib.state_shardings(st), bsh, mesh)
+    return st, step
+
+  lc = loop_lib.default_loop_config()
+  lc.num_steps, lc.log_every, lc.checkpoint_every = 6, 2, 100
+  calls = []
+
+  def step_once_then_sigterm(state, batch, rng):
+    calls.append(1)
+    if len(calls) == 1 and jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return step(state, batch, rng)
+
+  def run(name, step_fn, st):
+    with sharding.activation_rules(mesh, rules):
+      return loop_lib.train_loop(st, step_fn, _Batches(batches), lc, os.path.join(out, name),
+                                 mesh)
+
+  st, step = fresh()
+  whole = run("whole", step, st)
+  st, step = fresh()
+  stopped = None
+  try:
+    run("preempted", step_once_then_sigterm, st)
+  except loop_lib.Preempted as e:
+    stopped = str(e)
+  st, step = fresh()
+  resumed = run("preempted", step, st)
+  checkpoint.save_params(os.path.join(out, "whole_params"), cfg, whole.params)
+  checkpoint.save_params(os.path.join(out, "resumed_params"), cfg, resumed.params)
+  latest = checkpoint.Checkpointer(os.path.join(out, "preempted")).latest_step()
+  with open(os.path.join(out, f"preempt_{jax.process_index()}.json"), "w") as f:
+    json.dump(dict(stopped=stopped, latest=latest, steps=int(resumed.step)), f)
 
 
 def _score(out: str):
@@ -224,6 +299,14 @@ def test_two_processes_equal_one(tmp_path):
   for run in (multi, single):
     got = records.read_jsonl(os.path.join(run, "scored.jsonl"), "completion")
     assert [r.id for r in got] == [f"p{i}#t#0" for i in range(5)]
+  # preemption: one process's SIGTERM stops both at the same step; the resumed run ends
+  # where an uninterrupted one does
+  for i in range(2):
+    got = json.load(open(os.path.join(multi, f"preempt_{i}.json")))
+    assert got["stopped"] == "stopped at step 2; resume by running the same command", got
+    assert got["steps"] == 6 and got["latest"] == 6
+  _assert_same_params(os.path.join(multi, "whole_params"), os.path.join(multi, "resumed_params"),
+                      rtol=0, atol=0)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def test_token_logps_cover_every_row_once_with_a_wrapped_last_batch():
   rows = policy_gradient.sample_rows([list(rng.integers(3, 64, 4)) for _ in range(5)],
                           [list(rng.integers(3, 64, 3)) for _ in range(5)], 1, 8, 0)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  got = policy_gradient.token_logps(policy_gradient.masked_token_logps_fn(cfg, mesh), params, rows, 2, mesh)
+  fn = policy_gradient.masked_token_logps_fn(cfg, mesh)
+  got = policy_gradient.token_logps(fn, params, rows, 2, mesh)
   ref = np.asarray(steps.token_logps_fn(cfg)(params, rows)) * rows["loss_mask"]
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
   assert (got[rows["loss_mask"] == 0] == 0).all()
@@ -61,7 +62,8 @@ def test_advantages_of_each_algorithm_by_hand():
   """RLOO: the KL-shaped reward, leave-one-out; GRPO: the score, group-normalised;
   Dr. GRPO: the score, centred."""
   scores = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
-  pol, ref = np.array([-1.0, -2.0, -3.0, -1.0, -1.0, -1.0]), np.array([-1.5, -2.0, -2.0] + [-1.0] * 3)
+  pol = np.array([-1.0, -2.0, -3.0, -1.0, -1.0, -1.0])
+  ref = np.array([-1.5, -2.0, -2.0, -1.0, -1.0, -1.0])
   rewards, adv = policy_gradient.advantages("rloo", scores, pol, ref, 0.2)
   np.testing.assert_allclose(rewards, [0.9, 0.0, 0.2, 0.5, 0.5, 0.5], rtol=1e-6)
   np.testing.assert_allclose(adv, [0.9 - 0.1, 0.0 - 0.55, 0.2 - 0.45, 0, 0, 0], atol=1e-6)

@@ -182,7 +182,8 @@ def build_report(prompts, scored, decisions, pairs, skipped, teachers, mode: str
       per[lang]["contrast_pairs"] = contrast["per_language"][lang]
   kinds = collections.Counter(p["problem"].split(":")[0] for p in problems)
   return dict(mode=mode, teachers=list(teachers), n_prompts=len(prompts),
-              n_sft=len(decisions) - sum(map(_sft, skipped)), n_pairs=len(pairs), languages=per, router=router_eval,
+              n_sft=len(decisions) - sum(map(_sft, skipped)), n_pairs=len(pairs),
+              languages=per, router=router_eval,
               compute=compute or {}, problems=problems, problem_counts=dict(kinds),
               skipped_pairs=skipped, contrast=contrast)
 

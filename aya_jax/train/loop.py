@@ -17,7 +17,9 @@
 - Checkpoints every `checkpoint_every` steps and at the end, never of
   non-finite params (FloatingPointError instead); SIGTERM (a preempted VM, a
   killed job) saves a checkpoint at the next step boundary and stops with
-  `Preempted`; a second SIGTERM exits at once (a run stuck outside a step).
+  `Preempted` (on several processes at the next log or checkpoint step, the same step
+  for all: any process's SIGTERM stops them all); a second SIGTERM exits at once (a
+  run stuck outside a step).
 - One run per workdir (`resume.WorkdirLock`), and a resume must have the
   training config of the run that wrote the checkpoints (`resume.check_config`,
   given `run_config`).
@@ -32,6 +34,7 @@ from typing import Callable, Iterator, Optional
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from aya_jax import accelerators, console
@@ -157,7 +160,8 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
         ev = {f"eval_{k}": v for k, v in eval_fn(state).items()}
         writer.write(step, ev)
         logging.info("step %d eval %s", step, ev)
-      stopping = flag.raised or (stop_after is not None and step - start >= stop_after)
+      stopping = _stop_requested(flag.raised, step, done, cfg) or (
+          stop_after is not None and step - start >= stop_after)
       if done or stopping or step % cfg.checkpoint_every == 0:
         guard.check()
         if not finite(state.params):  # a checkpoint is only ever of usable weights
@@ -174,6 +178,18 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
   writer.close()
   ckpt.close()
   return state
+
+
+def _stop_requested(raised: bool, step: int, done: bool, cfg) -> bool:
+  """Whether to stop after `step` for a SIGTERM. One process: as soon as it came. Several:
+  all stop at the same step (checkpoints are written by all of them together), decided at
+  the log and checkpoint steps by whether any process got one (a host sync there anyway)."""
+  if jax.process_count() == 1:
+    return raised
+  if not (done or step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0):
+    return False
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(raised))).any())
 
 
 class _NonFiniteGuard:

@@ -160,9 +160,10 @@ def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, m
       logging.warning("iteration %d: no pairs (all ties?); policy unchanged", iteration)
   else:
     pad_id = cfg.pad_id if cfg.pad_id is not None else 0
-    rows = policy_gradient.sample_rows(rd.prompt_ids, rd.completions, oc.k, config.data.seq_len, pad_id)
+    rows = policy_gradient.sample_rows(rd.prompt_ids, rd.completions, oc.k, config.data.seq_len,
+                                       pad_id)
     params, more = policy_gradient.train(it_config, directory, cfg, params, reference, rows,
-                                   rd.scores, rd.usable, mesh, rules)
+                                         rd.scores, rd.usable, mesh, rules)
     extra.update(more)
   if cfg.lora is not None and base_path:  # the adapters, naming the base
     checkpoint.save_adapters(done, cfg, params, base_path)
