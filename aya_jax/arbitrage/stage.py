@@ -46,9 +46,9 @@ import os
 from typing import Callable, Optional, Sequence
 
 import ml_collections
-from ml_collections import config_dict
 import numpy as np
 from absl import logging
+from ml_collections import config_dict
 
 from aya_jax import artifacts, sharding
 from aya_jax.arbitrage import contrast as preference

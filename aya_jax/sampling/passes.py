@@ -42,13 +42,15 @@ def _save(path: str, rows: list, lengths: np.ndarray, stopped: np.ndarray):
 
 
 def _load(path: str):
+  """A finished batch (rows, lengths, stopped), or None: no file, or a torn one (the batch
+  is generated again)."""
   try:
     with np.load(path) as z:
       flat, sizes = z["flat"], z["sizes"]
       rows = np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
       return list(rows), z["lengths"], z["stopped"]
-  except (OSError, ValueError, KeyError) as e:  # a torn file: generate the batch again
-    raise ValueError(f"{path}: not a finished sampling batch ({e})") from e
+  except (OSError, ValueError, KeyError):
+    return None
 
 
 def generate_batches(cfg, params, prompt_ids: Sequence[np.ndarray], rng, method,
@@ -67,12 +69,7 @@ def generate_batches(cfg, params, prompt_ids: Sequence[np.ndarray], rng, method,
   progress = console.Progress(len(prompt_ids), label, unit="prompt")
   for s in range(0, len(prompt_ids), batch):
     path = os.path.join(directory, f"batch_{s}.{jax.process_index()}.npz") if directory else ""
-    got = None
-    if path and os.path.exists(path):
-      try:
-        got = _load(path)
-      except ValueError:
-        got = None
+    got = _load(path) if path else None
     if got is None:
       res = generate(cfg, params, list(prompt_ids[s:s + batch]), jax.random.fold_in(rng, s),
                      method, max_new_tokens, stop_ids, n, mesh=mesh, rules=rules)

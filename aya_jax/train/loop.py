@@ -160,7 +160,7 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
         ev = {f"eval_{k}": v for k, v in eval_fn(state).items()}
         writer.write(step, ev)
         logging.info("step %d eval %s", step, ev)
-      stopping = _stop_requested(flag.raised, step, done, cfg) or (
+      stopping = _stop_requested(flag.raised, step, cfg) or (
           stop_after is not None and step - start >= stop_after)
       if done or stopping or step % cfg.checkpoint_every == 0:
         guard.check()
@@ -180,13 +180,13 @@ def _train_loop(state, step_fn, batches, cfg, workdir, mesh, stop_after, on_log,
   return state
 
 
-def _stop_requested(raised: bool, step: int, done: bool, cfg) -> bool:
+def _stop_requested(raised: bool, step: int, cfg) -> bool:
   """Whether to stop after `step` for a SIGTERM. One process: as soon as it came. Several:
   all stop at the same step (checkpoints are written by all of them together), decided at
   the log and checkpoint steps by whether any process got one (a host sync there anyway)."""
   if jax.process_count() == 1:
     return raised
-  if not (done or step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0):
+  if step % cfg.log_every and step % cfg.checkpoint_every:
     return False
   from jax.experimental import multihost_utils
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(raised))).any())
