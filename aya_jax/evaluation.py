@@ -46,15 +46,19 @@ class Model:
 
   def __init__(self, name: str, path=None, tokenizer=None, method=methods_lib.Greedy(),
                max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0,
-               model: Optional[tuple] = None, mesh=None, rules: str = "fsdp"):
+               model: Optional[tuple] = None, mesh=None, rules: str = "fsdp",
+               revisions: int = 0, revision_request: str = formatting.REVISION_REQUEST):
     """path: params/ or HF dir; or `model=(cfg, params)` in memory.
     tokenizer: a directory (default: `path` when it holds tokenizer files).
     mesh: params sharded over it (`rules` rules) and sampled on it; None: one device.
-    Loaded as a teacher is (`sampler.load_for_sampling`: the same checks and stop ids)."""
+    Loaded as a teacher is (`sampler.load_for_sampling`: the same checks and stop ids).
+    revisions: the answer is the model's own draft revised that many times (SRPO's
+    self-revision: `formatting.revision_messages`, the draft then `revision_request`)."""
     self.name, self.path = name, path
     self.method, self.max_new_tokens = method, max_new_tokens
     self.batch_size, self.seed = batch_size, seed
     self.mesh, self.rules = mesh, rules
+    self.revisions, self.revision_request = revisions, revision_request
     if tokenizer is None and path is None:
       raise ValueError(f"model {name}: no tokenizer directory")
     if model is None and path is None:
@@ -66,6 +70,16 @@ class Model:
     self.stop, self.pad = loaded.stop_ids, loaded.pad_id
 
   def answer(self, prompts: Prompts) -> list[str]:
+    out = self._answer(prompts)
+    for _ in range(self.revisions):  # an empty draft stays empty: nothing to revise
+      revise = [records.PromptRecord(p.id, p.language, tuple(formatting.revision_messages(
+          p.messages, draft, self.revision_request))) for p, draft in zip(prompts, out)]
+      new = self._answer([r for r, d in zip(revise, out) if d])
+      it = iter(new)
+      out = [next(it) if d else d for d in out]
+    return out
+
+  def _answer(self, prompts: Prompts) -> list[str]:
     toks = [formatting.tokenize_prompt(self.tokenizer, p.messages) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(toks[i]))
     out = [""] * len(prompts)

@@ -99,7 +99,7 @@ def chunked_token_logprobs(hidden_btd: Array, unembed_dv: Array,
   return picked_bt - (jnp.log(s_bt) + m_bt)
 
 
-def _nonzero(normalizer) -> Array:
+def nonzero(normalizer) -> Array:
   """The normalizer as float32, with 0 replaced by 1 (empty batch -> 0)."""
   n = jnp.asarray(normalizer, jnp.float32)
   return jnp.where(n > 0, n, 1.0)
@@ -115,7 +115,7 @@ def masked_mean_nll(logp_bt: Array, mask_bt: Array,
   nll_sum = -jnp.sum(logp_bt.astype(jnp.float32) * mask)
   if normalizer is None:
     normalizer = jnp.sum(mask)
-  normalizer = _nonzero(normalizer)
+  normalizer = nonzero(normalizer)
   return nll_sum / normalizer, nll_sum
 
 
@@ -132,7 +132,7 @@ def z_loss(logits_btv: Array, mask_bt: Array, coefficient: float,
   lse = _logsumexp(logits_btv)
   if normalizer is None:
     normalizer = jnp.sum(mask)
-  normalizer = _nonzero(normalizer)
+  normalizer = nonzero(normalizer)
   return coefficient * jnp.sum(mask * lse**2) / normalizer
 
 
@@ -163,7 +163,7 @@ def sft_loss(logits_btv: Array, targets_bt: Array, mask_bt: Array,
   loss, nll_sum = masked_mean_nll(picked - lse_bt, mask, normalizer)
   zl = jnp.zeros((), jnp.float32)
   if z_loss_coef:
-    norm = _nonzero(normalizer)
+    norm = nonzero(normalizer)
     zl = z_loss_coef * jnp.sum(mask * lse_bt**2) / norm
     loss = loss + zl
   n_tokens = jnp.sum(mask)
@@ -234,7 +234,7 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array,
   if normalizer is None:
     normalizer = jnp.sum(w)
   per_pair = bt + center_coef * center if center_coef else bt
-  loss = jnp.sum(w * per_pair) / _nonzero(normalizer)
+  loss = jnp.sum(w * per_pair) / nonzero(normalizer)
   sg = jax.lax.stop_gradient
   aux = {
       "n_pairs": sg(jnp.sum(w)),
@@ -255,7 +255,7 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array,
 # "logit" is delta = (pi_c - ref_c) - (pi_r - ref_r); rewards are
 # beta * (pi - ref) of the summed log-probs, whatever the loss type.
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "copg")
 # Loss types that always use per-token averaged log-ratios (as TRL does).
 _AVERAGED_TYPES = ("ipo", "sigmoid_norm")
 
@@ -272,7 +272,8 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array,
              rejected_lengths: Optional[Array] = None, *,
              loss_type: str = "sigmoid", beta: float = 0.1,
              label_smoothing: float = 0.0,
-             average_logps: bool = False) -> tuple[Array, dict]:
+             average_logps: bool = False,
+             score_margins: Optional[Array] = None) -> tuple[Array, dict]:
   """Per-pair DPO-family losses [B] and per-pair statistics.
 
   All log-probs are [B] sums over completion tokens; lengths are the token
@@ -288,6 +289,17 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array,
     robust        [-(1-eps) logsig(beta delta) + eps logsig(-beta delta)]
                   / (1 - 2 eps)                            (rDPO)
     sigmoid_norm  -logsig(beta delta) on per-token averages
+    copg          (m - beta delta)^2, m = score_margins = R(y_c) - R(y_r): CoPG,
+                  "Contrastive Policy Gradient" (Flet-Berliac et al. 2024), on a pair
+                  of answers with their scalar rewards, = (R_b(y_c) - R_b(y_r))^2 with
+                  R_b(y) = R(y) - beta log(pi(y)/pi_ref(y)). Its gradient,
+                  -2 beta (R_b(y_c) - R_b(y_r)) grad(log pi(y_c) - log pi(y_r)), is the
+                  paper's off-policy policy gradient with the other answer as baseline
+                  (no importance weights); its minimum, beta delta = m, is the
+                  KL-regularised optimum's log-ratio (pi* ~ pi_ref exp(R / beta)). IPO is
+                  the case m = 1/2 (up to the factor beta^2). With k answers to a prompt,
+                  the loss over all their pairs is Command A's (Cohere 2025) k-sample CoPG
+                  loss, 1/(k-1) sum_{i<j} (R_b(y_i) - R_b(y_j))^2, times 2/k.
 
   Returns (loss_b, aux) with aux: chosen_rewards, rejected_rewards
   (beta * summed log-ratio, no gradient), margins, accuracies (1.0 where
@@ -303,6 +315,8 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array,
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   chosen_ratio = f32(chosen_logps) - f32(ref_chosen_logps)
   rejected_ratio = f32(rejected_logps) - f32(ref_rejected_logps)
+  if loss_type == "copg" and score_margins is None:
+    raise ValueError("dpo loss_type='copg' needs score_margins (chosen_score - rejected_score)")
   if loss_type in _AVERAGED_TYPES or average_logps:
     if chosen_lengths is None or rejected_lengths is None:
       raise ValueError(f"dpo loss_type={loss_type!r} / average_logps needs the lengths")
@@ -318,6 +332,8 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array,
       loss = loss - eps * jax.nn.log_sigmoid(-beta * delta)
   elif loss_type == "ipo":
     loss = (delta - 1.0 / (2.0 * beta)) ** 2
+  elif loss_type == "copg":
+    loss = (f32(score_margins) - beta * delta) ** 2
   elif loss_type == "hinge":
     loss = jax.nn.relu(1.0 - beta * delta)
   else:  # robust
@@ -328,6 +344,56 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array,
   aux = dict(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
              margins=chosen_rewards - rejected_rewards,
              accuracies=(chosen_rewards > rejected_rewards).astype(jnp.float32))
+  return loss, aux
+
+
+SRPO_ROWS = ("chosen", "rejected", "rejected->chosen", "rejected->rejected", "chosen->chosen")
+
+
+def srpo_loss(policy_logps: Array, ref_logps: Array, lengths: Optional[Array] = None, *,
+              beta: float = 0.1, alpha: float = 0.5,
+              average_logps: bool = False) -> tuple[Array, dict]:
+  """SRPO, "Self-Improving Robust Preference Optimization" (Choi et al. 2024): per-pair
+  losses [B] of one model that both answers (pi(y|x)) and revises a draft (pi(y'|y, x),
+  the prompt `formatting.revision_messages`), and per-pair statistics (`dpo_loss`'s).
+
+  Inputs are [B, 5] summed log-probs of the rows SRPO_ROWS: y_w and y_l answered, then
+  y_l revised into y_w, y_l into itself, y_w into itself; h = log pi - log pi_ref of each
+  (divided by its length with `average_logps`). The min-max game
+  min_pi max_pi+ E[P(y2 > y1) - beta KL(pi+ || pi_ref | y1) + beta KL(pi || pi_ref)] has the
+  closed forms pi+*(y2|y1) ~ pi_ref(y2|y1) exp(P(y2 > y1) / beta) and
+  pi*(y) ~ pi_ref(y) / Z*(y), Z*(y) = sum_y' pi_ref(y'|y) exp(P(y' > y) / beta). With the
+  pair's preference P(y_w > y_l) = 1 and P(y > y) = 1/2 they give two regressions that
+  vanish at the optimum, both with IPO's target 1/(2 beta):
+
+    self-improvement  r_i = h(y_w|y_l) - h(y_l|y_l) - 1/(2 beta)
+    robust generation r_g = h(y_w) - h(y_l) + h(y_w|y_l) - h(y_w|y_w) - 1/(2 beta)
+    loss = alpha r_i^2 + (1 - alpha) r_g^2
+
+  (r_g: beta log(pi*/pi_ref)(y) = beta h+*(y'|y) - P(y' > y) + const for any y', taken at
+  y' = y_w for y = y_l and y = y_w.) alpha = 1 trains the reviser alone; without the
+  revision terms r_g is IPO's residual.
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  pol, ref = f32(policy_logps), f32(ref_logps)
+  if pol.shape[-1] != len(SRPO_ROWS) or ref.shape != pol.shape:
+    raise ValueError(f"srpo_loss needs [B, {len(SRPO_ROWS)}] log-probs {SRPO_ROWS}; got "
+                     f"policy {pol.shape}, reference {ref.shape}")
+  h = pol - ref
+  if average_logps:
+    if lengths is None:
+      raise ValueError("srpo_loss with average_logps needs the lengths")
+    h = h / jnp.maximum(f32(lengths), 1.0)
+  target = 1.0 / (2.0 * beta)
+  improve = h[:, 2] - h[:, 3] - target
+  robust = h[:, 0] - h[:, 1] + h[:, 2] - h[:, 4] - target
+  loss = alpha * improve ** 2 + (1.0 - alpha) * robust ** 2
+  chosen_rewards = jax.lax.stop_gradient(beta * (pol[:, 0] - ref[:, 0]))
+  rejected_rewards = jax.lax.stop_gradient(beta * (pol[:, 1] - ref[:, 1]))
+  aux = dict(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+             margins=chosen_rewards - rejected_rewards,
+             accuracies=(chosen_rewards > rejected_rewards).astype(jnp.float32),
+             revision_margins=jax.lax.stop_gradient(beta * (h[:, 2] - h[:, 3])))
   return loss, aux
 
 
@@ -350,7 +416,7 @@ def dpo_metric_sums(aux: dict, chosen_logps: Array, rejected_logps: Array,
       aux["chosen_rewards"], aux["rejected_rewards"], aux["margins"],
       aux["accuracies"], jax.lax.stop_gradient(chosen_logps),
       jax.lax.stop_gradient(rejected_logps))))
-  norm = _nonzero(normalizer)
+  norm = nonzero(normalizer)
   out = {k: jnp.sum(w * v.astype(jnp.float32)) / norm for k, v in values.items()}
   if languages:
     onehot = jax.nn.one_hot(language_b, len(languages), dtype=jnp.float32) * w[:, None]
@@ -372,117 +438,3 @@ def per_language_means(sums: dict) -> dict:
     if count:
       out[f"{name}/{lang}"] = float(value) / float(count)
   return out
-
-
-def rloo_advantages(rewards_pk: Array) -> Array:
-  """REINFORCE leave-one-out advantages for [P, k] rewards (k >= 2).
-
-  A_i = r_i - mean_{j != i} r_j = k / (k - 1) * (r_i - mean_j r_j)
-  ("Back to Basics", Ahmadian et al. 2024, eq. 5).
-  """
-  r = jnp.asarray(rewards_pk, jnp.float32)
-  k = r.shape[-1]
-  if k < 2:
-    raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
-  others = (jnp.sum(r, -1, keepdims=True) - r) / (k - 1)
-  return r - others
-
-
-def sequence_kl(policy_logps: Array, ref_logps: Array) -> Array:
-  """Per-sequence KL estimate log pi(y|x) - log pi_ref(y|x) (summed log-probs)."""
-  return jnp.asarray(policy_logps, jnp.float32) - jnp.asarray(ref_logps, jnp.float32)
-
-
-def rloo_rewards(scores: Array, policy_logps: Array, ref_logps: Array,
-                 kl_coef: float) -> Array:
-  """Score minus kl_coef * sequence KL (no gradient: rewards are data)."""
-  kl = sequence_kl(policy_logps, ref_logps)
-  return jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32) - kl_coef * kl)
-
-
-def reinforce_loss(seq_logps: Array, advantages: Array, weights: Array,
-                   normalizer) -> Array:
-  """-sum(w * A * log pi(y|x)) / normalizer (normalizer: samples in the batch)."""
-  a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
-  w = jnp.asarray(weights, jnp.float32)
-  return -jnp.sum(w * a * seq_logps.astype(jnp.float32)) / _nonzero(normalizer)
-
-
-def clipped_reinforce_loss(token_logps: Array, old_token_logps: Array, mask: Array,
-                           advantages: Array, weights: Array, clip_eps: float,
-                           normalizer) -> Array:
-  """REINFORCE with PPO's clipped per-token ratio, for a rollout that serves
-  several updates:
-
-    -sum_i w_i sum_t m_it min(r_it A_i, clip(r_it, 1 - eps, 1 + eps) A_i) / normalizer,
-    r_it = exp(log pi(y_it) - log pi_old(y_it)).
-
-  At pi = pi_old (r = 1) its gradient equals `reinforce_loss`'s on the summed
-  log-prob, A_i * grad sum_t log pi(y_it); a token whose ratio left the clip
-  range in the advantage's direction gets no gradient.
-  """
-  a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]
-  ratio = jnp.exp(token_logps.astype(jnp.float32) -
-                  jax.lax.stop_gradient(jnp.asarray(old_token_logps, jnp.float32)))
-  per_token = jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a)
-  per_seq = jnp.sum(per_token * jnp.asarray(mask, jnp.float32), -1)
-  return -jnp.sum(jnp.asarray(weights, jnp.float32) * per_seq) / _nonzero(normalizer)
-
-
-def grpo_advantages(rewards_pk: Array, scale: bool = True, eps: float = 1e-4) -> Array:
-  """Group-relative advantages for [P, k] rewards (k >= 2 samples of each prompt).
-
-  GRPO (DeepSeekMath, Shao et al. 2024, section 4.1.2):
-    A_i = (r_i - mean_j r_j) / (std_j r_j + eps), std with Bessel's correction;
-  Dr. GRPO ("Understanding R1-Zero-Like Training", Liu et al. 2025) drops the std
-  (scale=False): A_i = r_i - mean_j r_j, no bias toward groups of equal rewards.
-  """
-  r = jnp.asarray(rewards_pk, jnp.float32)
-  k = r.shape[-1]
-  if k < 2:
-    raise ValueError(f"GRPO needs k >= 2 samples per prompt, got {k}")
-  centred = r - jnp.mean(r, -1, keepdims=True)
-  if not scale:
-    return centred
-  std = jnp.sqrt(jnp.sum(centred ** 2, -1, keepdims=True) / (k - 1))
-  return centred / (std + eps)
-
-
-def k3_kl(token_logps: Array, ref_token_logps: Array) -> Array:
-  """Per-token KL(pi || pi_ref) estimate exp(q - p) - (q - p) - 1 with p, q the policy's
-  and reference's log-probs of the sampled token (Schulman's k3; GRPO eq. 4): >= 0, and
-  unbiased for samples of pi."""
-  d = jnp.asarray(ref_token_logps, jnp.float32) - token_logps.astype(jnp.float32)
-  return jnp.exp(d) - d - 1.0
-
-
-def grpo_loss(token_logps: Array, old_token_logps: Array, ref_token_logps: Array,
-              mask: Array, advantages: Array, weights: Array, clip_eps: float,
-              beta: float, normalizer, dr_grpo: bool = False,
-              max_completion_length: int = 1) -> Array:
-  """GRPO's objective (DeepSeekMath eq. 3), negated, per token t of sample i:
-
-    l_it = -min(r_it A_i, clip(r_it, 1 - eps, 1 + eps) A_i) + beta * KL_k3(pi || pi_ref)_it,
-    r_it = exp(log pi(y_it) - log pi_old(y_it));
-
-  GRPO averages l over each sample's tokens, then over samples:
-    sum_i w_i (sum_t m_it l_it / |y_i|) / normalizer.
-  Dr. GRPO (dr_grpo=True) divides the token sum by a constant instead of |y_i|, so a long
-  wrong answer is not penalised less per token than a short one:
-    sum_i w_i sum_t m_it l_it / (normalizer * max_completion_length).
-  `normalizer`: the samples in the whole batch (microbatches included); the reductions
-  equal TRL's GRPOTrainer loss_type 'grpo' and 'dr_grpo'.
-  """
-  a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]
-  lp = token_logps.astype(jnp.float32)
-  ratio = jnp.exp(lp - jax.lax.stop_gradient(jnp.asarray(old_token_logps, jnp.float32)))
-  per_token = -jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a)
-  if beta:
-    per_token = per_token + beta * k3_kl(lp, jax.lax.stop_gradient(ref_token_logps))
-  m = jnp.asarray(mask, jnp.float32)
-  per_seq = jnp.sum(per_token * m, -1)
-  if dr_grpo:
-    per_seq = per_seq / max_completion_length
-  else:
-    per_seq = per_seq / jnp.maximum(jnp.sum(m, -1), 1.0)
-  return jnp.sum(jnp.asarray(weights, jnp.float32) * per_seq) / _nonzero(normalizer)

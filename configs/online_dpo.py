@@ -1,5 +1,5 @@
-r"""Online iterative DPO (Aya Expanse: 3 rounds), or RLOO with
---config.online.algorithm=rloo.
+r"""Online iterative DPO (Aya Expanse: 3 rounds), or another objective on the same rounds
+with --config.online.algorithm=copg|rloo|grpo|dr_grpo (train/online.py).
 
     python -m aya_jax.main --config=configs/online_dpo.py --workdir=runs/online \
       --config.tokenizer=/path/to/tokenizer_dir \

@@ -32,10 +32,17 @@ optim.total_steps with it.
                 arbitrage pairs + translation-contrast pairs)
   dpo_merged    linear merge of the family DPO models
   online        online DPO from dpo_merged: sample online.k, rank with the
-                arbiter, best/worst, DPO; online.iterations rounds (each
+                arbiter (online.reward='verifier': the world's verifier, the
+                oracle reward), best/worst, DPO; online.iterations rounds (each
                 round per family then merged when per_family)
   rloo          ablation: RLOO instead of online DPO, same rounds and scorer
   grpo, dr_grpo ablations (off by default): GRPO / Dr. GRPO, the same way
+  copg          ablation (off by default): online CoPG (every pair of the k answers)
+  copg_<family>, copg_merged (ablations.copg_offline, off by default): offline CoPG
+                on the dpo steps' pairs and block, with the arbiter's scores
+  srpo_<family>, srpo_merged (ablations.srpo, off by default): offline SRPO on the
+                same pairs and block; evaluated as is and after each of
+                ablations.srpo_revisions self-revisions (srpo_rev<n>)
   eval          every stage against sft_single on held-out test prompts under
                 the world's verifier (never used for training, routing or
                 tuning)
@@ -169,7 +176,7 @@ def get_config(arg=None):
   # on purpose: at lr 3e-4 / beta 0.1 the policy games the learned arbiter (its
   # reward rises, the verifier's score on validation prompts falls)
   c.online = blocks.training_block(
-      online.default_config(), 30, 1e-4, 16, 96, per_family=False,
+      online.default_config(), 30, 1e-4, 16, 96, per_family=False, reward="arbiter",
       owned=("data.prompts", "dpo.reference_init", "online.algorithm", "online.families",
              "online.scorer"))
   c.online.online.update(dict(iterations=3, k=4, betas=(0.3,), max_new_tokens=32,
@@ -177,7 +184,8 @@ def get_config(arg=None):
   c.online.dpo.rpo_alpha = 0.5
   # the same online rounds with another objective (train/policy_gradient.py), each a stage
   c.ablations = ml_collections.ConfigDict(dict(mixed=True, rloo=True, grpo=False,
-                                               dr_grpo=False))
+                                               dr_grpo=False, copg=False, copg_offline=False,
+                                               srpo=False, srpo_revisions=(1, 3)))
   # the eval stage: greedy answers to the world's n_per_language held-out test
   # prompts per language, every model against sft_single
   c.eval = blocks.block(evaluate.default_config(), owned=blocks.EVAL_OWNED)

@@ -1,4 +1,4 @@
-"""The DPO family, its metrics and RLOO against hand-computed values and
+"""The DPO family and its metrics against hand-computed values and
 against TRL 1.16's formulas (trl/trainer/dpo_trainer.py, DPOTrainer.
 _compute_loss, the `for loss_type ...` block; re-derived here in torch)."""
 
@@ -155,22 +155,83 @@ def test_metric_sums_trl_names_and_per_language():
   assert float(sums["pairs@fr"]) == 1.0
 
 
-def test_rloo_advantages_by_hand():
-  r = np.array([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]], np.float32)
-  a = np.asarray(losses.rloo_advantages(r))
-  # 1 - mean(0, .5, .5) = 2/3; 0 - mean(1, .5, .5) = -2/3; .5 - mean(1, 0, .5) = 0
-  np.testing.assert_allclose(a[0], [2 / 3, -2 / 3, 0.0, 0.0], atol=1e-6)
-  np.testing.assert_allclose(a[1], 0.0)
-  np.testing.assert_allclose(a.sum(-1), 0.0, atol=1e-6)
-  with pytest.raises(ValueError, match="k >= 2"):
-    losses.rloo_advantages(r[:, :1])
+def test_copg_by_hand_its_optimum_and_its_gradient_is_rloos():
+  """CoPG (Flet-Berliac et al. 2024) on pairs: (m - beta delta)^2 written out; zero loss
+  and gradient at the KL-regularised optimum beta delta = m; and over all pairs of k
+  answers its gradient on each answer's log-prob is -(4 beta / k) times RLOO's
+  leave-one-out advantage of the KL-regularised reward R - beta log(pi / pi_ref)
+  (Command A's remark: on-policy CoPG is RLOO)."""
+  import jax
+  from aya_jax import reward_losses
+  m = np.array([1.0, 0.5, -0.25, 0.0], np.float32)
+  loss, aux = _loss(loss_type="copg", score_margins=m)
+  delta = (PC - RC) - (PR - RR)
+  np.testing.assert_allclose(loss, (m - BETA * delta) ** 2, rtol=1e-6)
+  assert aux["margins"] == pytest.approx(BETA * delta)
+  with pytest.raises(ValueError, match="score_margins"):
+    _loss(loss_type="copg")
+  # at the optimum: loss and gradient 0
+  at = lambda pc: losses.dpo_loss(pc, PR, RC, RR, loss_type="copg", beta=BETA,
+                                  score_margins=BETA * delta)[0].sum()
+  assert float(at(jnp.asarray(PC))) == pytest.approx(0.0, abs=1e-9)
+  np.testing.assert_allclose(np.asarray(jax.grad(at)(jnp.asarray(PC))), 0.0, atol=1e-6)
+  # k = 4 answers to one prompt, every pair (higher reward as chosen), mean over pairs
+  r = np.array([1.0, 0.0, 0.5, 0.25], np.float32)
+  ref = np.array([-5.0, -3.0, -4.0, -6.0], np.float32)
+  lp0 = jnp.asarray([-4.5, -3.5, -4.0, -5.0], jnp.float32)
+  hi, lo = zip(*[(i, j) if r[i] >= r[j] else (j, i) for i in range(4) for j in range(i + 1, 4)])
+  hi, lo = np.asarray(hi), np.asarray(lo)
+
+  def pair_mean(lp):
+    per, _ = losses.dpo_loss(lp[hi], lp[lo], ref[hi], ref[lo], loss_type="copg", beta=BETA,
+                             score_margins=r[hi] - r[lo])
+    return per.mean()
+
+  rb = r - BETA * (np.asarray(lp0) - ref)
+  by_hand = sum((rb[i] - rb[j]) ** 2 for i, j in zip(hi, lo)) / 6
+  assert float(pair_mean(lp0)) == pytest.approx(by_hand, rel=1e-5)
+  rloo = reward_losses.rloo_advantages(reward_losses.rloo_rewards(r, lp0, ref, BETA)[None])[0]
+  np.testing.assert_allclose(np.asarray(jax.grad(pair_mean)(lp0)),
+                             -(4 * BETA / 4) * np.asarray(rloo), rtol=1e-5, atol=1e-7)
 
 
-def test_rloo_kl_term_zero_when_policy_is_reference_and_reward_by_hand():
-  scores = np.array([1.0, 0.0], np.float32)
-  lp = np.array([-3.0, -5.0], np.float32)
-  np.testing.assert_allclose(losses.rloo_rewards(scores, lp, lp, 0.5), scores)
-  np.testing.assert_allclose(losses.rloo_rewards(scores, lp, lp - 1.0, 0.5), scores - 0.5)
-  # REINFORCE: -sum(w A logp) / n
-  loss = losses.reinforce_loss(jnp.asarray(lp), jnp.asarray([1.0, -1.0]), jnp.ones(2), 2.0)
-  assert float(loss) == pytest.approx(-(-3.0 + 5.0) / 2)
+def test_srpo_vanishes_at_the_papers_closed_form_optimum_and_by_hand():
+  """SRPO on a 3-answer bandit: the min-max game's closed forms (Choi et al. 2024),
+  pi+*(y'|y) ~ pi_ref(y'|y) exp(P(y' > y) / beta) and pi*(y) ~ pi_ref(y) / Z*(y), zero
+  both regressions on every pair (whatever alpha); any other policy has a positive loss;
+  values and gradient by hand."""
+  import jax
+  beta = 0.5
+  pref = np.array([[0.5, 1, 1], [0, 0.5, 1], [0, 0, 0.5]])  # P(i > j): 0 > 1 > 2
+  ref_y = np.array([0.2, 0.5, 0.3])
+  ref_rev = np.random.default_rng(0).uniform(0.2, 1.0, (3, 3))  # pi_ref(y' | y) per row y
+  ref_rev /= ref_rev.sum(1, keepdims=True)
+  tilt = ref_rev * np.exp(pref.T / beta)  # [y, y']: pi_ref(y'|y) exp(P(y' > y) / beta)
+  z = tilt.sum(1)
+  rev_opt, gen_opt = tilt / z[:, None], ref_y / z / (ref_y / z).sum()
+
+  def rows(gen, rev, w, l):
+    return [np.log(gen[w]), np.log(gen[l]), np.log(rev[l, w]), np.log(rev[l, l]),
+            np.log(rev[w, w])]
+
+  pairs = [(0, 1), (0, 2), (1, 2)]
+  ref = np.array([rows(ref_y, ref_rev, w, l) for w, l in pairs], np.float32)
+  opt = np.array([rows(gen_opt, rev_opt, w, l) for w, l in pairs], np.float32)
+  for alpha in (0.0, 0.5, 1.0):
+    loss, aux = losses.srpo_loss(opt, ref, beta=beta, alpha=alpha)
+    np.testing.assert_allclose(np.asarray(loss), 0.0, atol=1e-9)
+  other = np.array([rows(np.array([0.3, 0.3, 0.4]), rev_opt, w, l) for w, l in pairs],
+                   np.float32)
+  assert float(losses.srpo_loss(other, ref, beta=beta, alpha=0.5)[0].sum()) > 1e-3
+  # by hand on arbitrary log-probs, and the gradient
+  pol = jnp.asarray([[-3.0, -4.0, -2.0, -5.0, -1.5]])
+  refr = np.array([[-3.5, -3.5, -2.5, -4.0, -2.0]], np.float32)
+  h = np.asarray(pol)[0] - refr[0]
+  ri, rg = h[2] - h[3] - 1.0, h[0] - h[1] + h[2] - h[4] - 1.0
+  f = lambda p: losses.srpo_loss(p, refr, beta=beta, alpha=0.25)[0].sum()
+  assert float(f(pol)) == pytest.approx(0.25 * ri ** 2 + 0.75 * rg ** 2, rel=1e-6)
+  want = np.array([1.5 * rg, -1.5 * rg, 0.5 * ri + 1.5 * rg, -0.5 * ri, -1.5 * rg])
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(pol))[0], want, rtol=1e-6)
+  assert aux["margins"].shape == (3,)
+  with pytest.raises(ValueError, match=r"\[B, 5\]"):
+    losses.srpo_loss(pol[:, :2], refr[:, :2])

@@ -16,11 +16,12 @@ from aya_jax.data import formatting
 from aya_jax.data import pairs as pp
 from aya_jax.data import records
 from aya_jax.metrics import read_metrics
-from aya_jax.train import common, dpo
+from aya_jax.train import common, dpo, pair_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = ["red", "blue", "green", "yellow", "purple", "orange"]
 BAD = ["cat", "dog", "fish", "horse", "mouse", "bird"]
+REQUEST = "name a thing"  # SRPO's revision request, in the toy tokenizer's words
 
 
 def _pairs(lo, hi, lang):
@@ -48,8 +49,8 @@ def toy(tmp_path_factory):
   return d
 
 
-def _config(d, steps=30):
-  mod = config_files.load_module(os.path.join(ROOT, "configs/dpo.py"))
+def _config(d, steps=30, name="dpo.py"):
+  mod = config_files.load_module(os.path.join(ROOT, "configs", name))
   c = mod.get_config()
   c.tokenizer = str(d / "tok")
   c.data.train, c.data.eval = (str(d / "train.jsonl"),), (str(d / "eval.jsonl"),)
@@ -97,6 +98,72 @@ def test_dpo_stage_learns_held_out_preferences(toy, tmp_path):
   del ref, params
 
 
+def test_copg_stage_regresses_the_log_ratio_margin_onto_the_score_gap(toy, tmp_path):
+  """CoPG's optimum is beta * delta = chosen_score - rejected_score (here 1): the first
+  loss is that gap squared (policy == reference), the held-out reward margin ends near 1
+  (where sigmoid DPO's keeps growing), and a pair without scores is an error naming it."""
+  c = _config(toy, steps=40, name="copg.py")
+  assert c.dpo.loss_type == "copg"
+  dpo.run(c, str(tmp_path / "copg"))
+  assert read_metrics(str(tmp_path / "copg"))[0]["dpo_loss"] == pytest.approx(1.0, abs=1e-5)
+  ev = json.load(open(tmp_path / "copg" / "eval_metrics.json"))
+  print("copg eval", {k: round(v, 3) for k, v in ev.items()})
+  assert ev["rewards/accuracies"] > 0.9 and 0.6 < ev["rewards/margins"] < 1.4
+  rec = _pairs(0, 2, "en")
+  rec[1] = records.PreferenceRecord(**{**rec[1].to_dict(), "chosen_score": None})
+  records.write_jsonl(tmp_path / "unscored.jsonl", rec)
+  c.data.train, c.data.eval = (str(tmp_path / "unscored.jsonl"),), ()
+  with pytest.raises(ValueError, match=r"1 train pair\(s\) without .*'en1'"):
+    dpo.run(c, str(tmp_path / "unscored"))
+
+
+def test_srpo_stage_trains_the_answer_and_the_revision(toy, tmp_path):
+  """SRPO: 5 rows per pair (answers and revisions); at policy == reference both
+  regressions sit at -1/(2 beta), so the first loss is (1/(2 beta))^2 = 1; training
+  brings the held-out loss down; the model revises a wrong draft into a right answer."""
+  from aya_jax import evaluation
+  c = _config(toy, steps=40, name="srpo.py")
+  assert c.dpo.loss_type == "srpo"
+  c.data.seq_len = 64
+  c.dpo.revision_request = REQUEST
+  dpo.run(c, str(tmp_path))
+  assert read_metrics(str(tmp_path))[0]["dpo_loss"] == pytest.approx(1.0, abs=1e-5)
+  ev = json.load(open(tmp_path / "eval_metrics.json"))
+  assert ev["loss"] < 0.3 and ev["rewards/accuracies"] > 0.9
+  assert sorted(np.load(f)["logps"].shape for f in (tmp_path / "ref_logps").glob("*.npz")) \
+      == [(24, 5), (48, 5)]  # held-out and train pairs, 5 rows each
+  # the reviser prefers turning the rejected draft into the chosen answer over keeping it
+  cfg, params = checkpoint.load_model(str(tmp_path / "params"))
+  _, _, ref_params, _, mesh, rules = _setup(toy, n_dev=1)
+  tok = formatting.load_tokenizer(str(toy / "tok"))
+  held, _ = pp.tokenize_pairs(_pairs(40, 52, "en"), tok, 64, revision_request=REQUEST)
+  kw = dict(seq_len=64, batch_size=8, pad_id=0, mesh=mesh, rules=rules)
+  pol = pair_logps.compute_pair_logps(cfg, params, held, ("en",), **kw)[0]
+  ref = pair_logps.compute_pair_logps(cfg, ref_params, held, ("en",), **kw)[0]
+  h = pol - ref
+  assert np.mean(h[:, 2] - h[:, 3] > 0) > 0.9
+  # revisions=1 answers = the model's answers to the revision prompt of its own drafts
+  prompts = [records.PromptRecord(p.id, p.language, p.prompt) for p in _pairs(40, 44, "en")]
+  model = evaluation.Model("srpo", tmp_path / "params", toy / "tok", max_new_tokens=6)
+  drafts = model.answer(prompts)
+  by_hand = model.answer([records.PromptRecord(p.id, p.language, tuple(
+      formatting.revision_messages(p.messages, d, REQUEST))) for p, d in zip(prompts, drafts)])
+  again = evaluation.Model("srpo", tmp_path / "params", toy / "tok", max_new_tokens=6,
+                           revisions=1, revision_request=REQUEST)
+  assert again.answer(prompts) == [b if d else d for b, d in zip(by_hand, drafts)]
+  with pytest.raises(ValueError, match="revision rows"):
+    c.dpo.loss_type = "sigmoid"
+    dpo.train_dpo(c, str(tmp_path / "x"), *_setup_srpo(toy))
+
+
+def _setup_srpo(toy):
+  """(cfg, params, SRPO-tokenised pairs, mesh, rules) of the toy model."""
+  _, cfg, params, _, mesh, rules = _setup(toy, n_dev=1)
+  tok = formatting.load_tokenizer(str(toy / "tok"))
+  pairs, _ = pp.tokenize_pairs(_pairs(0, 4, "en"), tok, 64, revision_request=REQUEST)
+  return cfg, params, pairs, mesh, rules
+
+
 def _setup(toy, n_dev=8, **over):
   c = _config(toy, steps=4)
   for k, v in over.items():
@@ -115,15 +182,15 @@ def test_reference_cache_reused_and_invalidated(toy, tmp_path):
   kw = dict(seq_len=40, batch_size=8, pad_id=0, mesh=mesh, rules=rules, vocab_chunk=0,
             cache_dir=str(tmp_path))
   langs = ("en", "fr")
-  a, path_a, hit = dpo.cached_reference_logps(cfg, params, pairs, langs, **kw)
+  a, path_a, hit = pair_logps.cached_reference_logps(cfg, params, pairs, langs, **kw)
   assert not hit
-  b, path_b, hit = dpo.cached_reference_logps(cfg, params, pairs, langs, **kw)
+  b, path_b, hit = pair_logps.cached_reference_logps(cfg, params, pairs, langs, **kw)
   assert hit and path_b == path_a
   np.testing.assert_array_equal(a, b)
-  _, path_c, hit = dpo.cached_reference_logps(cfg, params, pairs[:-1], langs, **kw)  # data
+  _, path_c, hit = pair_logps.cached_reference_logps(cfg, params, pairs[:-1], langs, **kw)  # data
   assert not hit and path_c != path_a
   other = jax.tree.map(lambda x: x * 1.001, params)  # reference
-  _, path_d, hit = dpo.cached_reference_logps(cfg, other, pairs, langs, **kw)
+  _, path_d, hit = pair_logps.cached_reference_logps(cfg, other, pairs, langs, **kw)
   assert not hit and path_d not in (path_a, path_c)
   assert len(os.listdir(tmp_path)) == 3
 
@@ -163,8 +230,8 @@ def test_rpo_term_and_chunked_logps(toy, tmp_path):
   assert m[0]["loss"] == pytest.approx(m[0]["dpo_loss"] + m[0]["nll_loss"], rel=1e-5)
   c, cfg, params, pairs, mesh, rules = _setup(toy, 1)
   kw = dict(seq_len=40, batch_size=8, pad_id=0, mesh=mesh, rules=rules)
-  full = dpo.compute_pair_logps(cfg, params, pairs[:8], ("en", "fr"), **kw)
-  chunked = dpo.compute_pair_logps(cfg, params, pairs[:8], ("en", "fr"), vocab_chunk=64, **kw)
+  full = pair_logps.compute_pair_logps(cfg, params, pairs[:8], ("en", "fr"), **kw)
+  chunked = pair_logps.compute_pair_logps(cfg, params, pairs[:8], ("en", "fr"), vocab_chunk=64, **kw)
   np.testing.assert_allclose(full[0], chunked[0], rtol=1e-5)
   np.testing.assert_array_equal(full[1], chunked[1])
 
@@ -226,7 +293,7 @@ def test_lora_dpo_reference_is_the_base_with_adapters_off(toy, tmp_path):
   batch = pp.pair_batch(pairs[:8], 40, 0, ("en", "fr"))
   batch.pop("index")
   mb = jax.tree.map(jnp.asarray, batch)
-  fn = dpo.pair_logps_fn(lcfg)
+  fn = pair_logps.pair_logps_fn(lcfg)
   # the reference pass (adapters off) is the base's log-probs
   np.testing.assert_array_equal(fn(lora.without_adapters(out), mb)[0], fn(base, mb)[0])
   assert np.abs(np.asarray(fn(out, mb)[0] - fn(base, mb)[0])).max() > 0.1

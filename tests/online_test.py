@@ -1,4 +1,4 @@
-"""Online iterative DPO and RLOO: a scorer that prefers answers containing
+"""Online iterative DPO, CoPG, RLOO, GRPO and Dr. GRPO: a scorer that prefers answers containing
 'red' makes a policy that says 'red' or 'cat' (50/50 after SFT) say 'red'
 more often, round after round; per-iteration artefacts; resume; the merge
 step between iterations (reference: `pytree.merge` and the linear formula
@@ -66,7 +66,7 @@ def _config(d, algorithm):
   return c
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "rloo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "copg", "rloo", "grpo", "dr_grpo"])
 def test_online_rounds_raise_the_preferred_property(sft_model, tmp_path, algorithm):
   c = _config(sft_model, algorithm)
   _, reports = online.run(c, str(tmp_path), scorer=LikesRed())
@@ -86,6 +86,12 @@ def test_online_rounds_raise_the_preferred_property(sft_model, tmp_path, algorit
   if algorithm == "dpo":
     pairs = records.read_jsonl(tmp_path / "iter_0" / "pairs.jsonl", "preference")
     assert all("red" in p.chosen and "red" not in p.rejected for p in pairs)
+  if algorithm == "copg":  # every pair of distinct answers, the higher score chosen
+    pairs = records.read_jsonl(tmp_path / "iter_0" / "pairs.jsonl", "preference")
+    ids = [p.id.split("#")[0] for p in pairs]
+    assert max(ids.count(i) for i in ids) <= 6 and any(ids.count(i) > 1 for i in ids)
+    assert all(p.chosen_score >= p.rejected_score and p.chosen != p.rejected for p in pairs)
+    assert all("red" in p.chosen for p in pairs if p.chosen_score > p.rejected_score)
   # a second run finds every iteration done: same final report, no training
   _, again = online.run(c, str(tmp_path), scorer=LikesRed())
   assert again[-1]["mean_score"] == pytest.approx(reports[-1]["mean_score"])

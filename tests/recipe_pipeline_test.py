@@ -79,16 +79,30 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
                             "preference") is not None
   # 3. a second run does nothing
   assert recipe.run(c, work)["ran"] == []
-  # 4. a changed block re-runs that step and those after it, nothing before
+  # 4. a changed block re-runs that step and those after it, nothing before; the offline
+  # CoPG and SRPO ablations train on the same pairs with the same block
   with c.unlocked():
     c.dpo.dpo.beta = 0.2
-  ran = recipe.run(c, work)["ran"]
-  assert ran == ["dpo_european", "dpo_slavic_turkic", "dpo_merged", "online", "rloo", "eval"]
+    c.ablations.update(dict(copg_offline=True, srpo=True, srpo_revisions=(1,)))
+  rep = recipe.run(c, work)
+  assert rep["ran"] == ["dpo_european", "dpo_slavic_turkic", "dpo_merged", "copg_european",
+                        "copg_slavic_turkic", "copg_merged", "srpo_european",
+                        "srpo_slavic_turkic", "srpo_merged", "online", "rloo", "eval"]
+  assert rep["stages"][4:7] == ["copg_offline", "srpo", "srpo_rev1"]
+  claims = [v["claim"] for v in rep["verdicts"]]
+  assert [c for c in claims if "CoPG" in c or "SRPO" in c] == [
+      "offline CoPG beats offline DPO (same pairs)", "offline SRPO beats offline DPO (same "
+      "pairs)", "SRPO's one self-revision improves its answer"]
+  for step, loss_type in (("copg_european", "copg"), ("srpo_slavic_turkic", "srpo")):
+    with open(os.path.join(work, step, "run_config.json")) as f:
+      assert json.load(f)["dpo.loss_type"] == loss_type
+  answers = json.load(open(os.path.join(work, "eval", "answers.json")))
+  assert answers["srpo_rev1"] != answers["srpo"]  # the revised answers are other answers
   # 5. a copy (cp -a) with a changed value trains from the copy's files, not the original's
   copy = str(tmp_path / "copy")
   shutil.copytree(work, copy)
   seen = []
-  def stop(c, d, tok, init, arb, fam):
+  def stop(c, d, tok, init, arb, fam, loss_type=""):
     seen.append((init, arb["pairs"]))
     raise Killed("stop")
   monkeypatch.setattr(recipe.steps, "run_dpo", stop)
@@ -114,6 +128,8 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
     ("mesh.rules", "fsdp_pt", r"config\.mesh\.rules='fsdp_pt': .* not one of \['', 'dp', 'fsdp', "
      r"'fsdp_tp'\]"),
     ("model.remat", "ful", r"config\.model\.remat='ful'"),
+    ("online.reward", "oracle", r"config\.online\.reward='oracle': 'oracle' is not one of "
+     r"\['arbiter', 'verifier'\]"),
     ("model.dtype", "bf16", r"config\.model\.dtype='bf16'"),
     ("world.languages", ("en", "xx"), r"config\.world\.languages=\('en', 'xx'\): 'xx' is not"),
     ("world.tasks", ("next_day", "nextday"), r"config\.world\.tasks=.*'nextday' is not"),

@@ -5,7 +5,7 @@ prompts a capped round draws."""
 import numpy as np
 import pytest
 
-from aya_jax import losses
+from aya_jax import reward_losses
 from aya_jax.data import records
 from aya_jax.train import rounds
 
@@ -40,7 +40,7 @@ def test_group_scores_empty_answers_and_unscorable_prompts_by_hand():
   np.testing.assert_allclose(scores[3], [-5.0, -5.0, -5.0])
   assert usable.tolist() == [True, True, False, True]
   # RLOO: an empty answer never gets a positive advantage
-  adv = np.asarray(losses.rloo_advantages(rounds.group_scores(raw, empty)[0][:2]))
+  adv = np.asarray(reward_losses.rloo_advantages(rounds.group_scores(raw, empty)[0][:2]))
   assert adv[0, 1] <= 0 and adv[1, 0] <= 0
 
 

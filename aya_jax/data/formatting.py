@@ -364,6 +364,17 @@ def tokenize_prompt_completion(
   return np.asarray(prompt, np.int32), np.asarray(answer, np.int32)
 
 
+REVISION_REQUEST = "Improve your answer."
+
+
+def revision_messages(prompt_messages: Messages, draft: str,
+                      request: str = REVISION_REQUEST) -> list[dict[str, str]]:
+  """SRPO's self-revision prompt: the conversation, the draft as the assistant's turn,
+  then `request` as the user's; the model's next turn is the revised answer."""
+  return list(prompt_messages) + [{'role': 'assistant', 'content': draft},
+                                  {'role': 'user', 'content': request}]
+
+
 # ----------------------------------------------------------------- decoding
 
 

@@ -1,4 +1,5 @@
-"""Preference pairs -> [B, 2, L] batches (row 0 chosen, row 1 rejected).
+"""Preference pairs -> [B, 2, L] batches (row 0 chosen, row 1 rejected; SRPO: [B, 5, L]
+with the revision rows 2-4, `rows_of`).
 
     pairs, stats = tokenize_pairs(records, tokenizer, seq_len)
     it = PairIterator(pairs, global_batch_size=16, seq_len=256, seed=0,
@@ -13,8 +14,9 @@ positions), every array [B, 2, L], plus
 
   pair_mask  [B]     1 for a real pair, 0 for padding (a short last batch)
   language   [B]     index into `languages`
+  score_margin [B]   chosen_score - rejected_score (NaN for an unscored pair; CoPG's)
   index      [B]     the pair's index in `pairs` (-1 on padding)
-  ref_logps  [B, 2]  summed reference log-probs of chosen / rejected (only
+  ref_logps  [B, R]  summed reference log-probs of each row (only
                      when the iterator was given cached ones)
 
 `PairIterator` is checkpointable (`get_state`/`set_state`: the position in
@@ -43,6 +45,15 @@ class Pair(NamedTuple):
   rejected: np.ndarray
   language: str
   id: str
+  score_margin: float = float("nan")  # chosen_score - rejected_score (NaN: unscored)
+  # SRPO's self-revision rows, (prompt, answer) each: the rejected answer revised into the
+  # chosen, into itself, and the chosen into itself (`tokenize_pairs(revision_request=)`)
+  revisions: tuple = ()
+
+
+def rows_of(p: Pair) -> list:
+  """The (prompt, answer) token rows of a pair: chosen, rejected, then its revisions."""
+  return [(p.prompt, p.chosen), (p.prompt, p.rejected)] + list(p.revisions)
 
 
 class _Row(NamedTuple):
@@ -67,11 +78,13 @@ def read_pairs(paths: Sequence[str], skip_invalid: bool = False) -> list:
   return out
 
 
-def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int,
-                   skip_invalid: bool = False) -> tuple[list, PairStats]:
+def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int, skip_invalid: bool = False,
+                   revision_request: Optional[str] = None) -> tuple[list, PairStats]:
   """Tokenised pairs; an answer that does not fit at all, or a pair whose two
   answers are the same tokens within seq_len (nothing to prefer), raises
-  naming the pair (or is skipped and counted with `skip_invalid`)."""
+  naming the pair (or is skipped and counted with `skip_invalid`). With a
+  `revision_request` (SRPO) each pair also gets its three revision rows
+  (`formatting.revision_messages`), which must fit seq_len whole."""
   stats, out = PairStats(), []
   for rec in recs:
     if not isinstance(rec, records_lib.PreferenceRecord):
@@ -90,6 +103,9 @@ def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int,
     elif np.array_equal(chosen, rejected):
       msg = (f"pair {rec.id!r}: chosen and rejected are the same {len(chosen)} tokens within "
              f"seq_len {seq_len} (they differ only after the cut)")
+    revisions = ()
+    if msg is None and revision_request is not None:
+      revisions, msg = _revision_rows(tokenizer, rec, revision_request, seq_len)
     if msg is not None:
       if not skip_invalid:
         raise ValueError(msg + " (raise seq_len or pass skip_invalid)")
@@ -97,47 +113,71 @@ def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int,
       logging.log_first_n(logging.WARNING, "skipping %s", 5, msg)
       continue
     stats.n_truncated += int(len(chosen) < len(full_c) or len(rejected) < len(full_r))
-    out.append(Pair(prompt, chosen, rejected, rec.language, rec.id))
+    margin = (float("nan") if rec.chosen_score is None or rec.rejected_score is None
+              else rec.chosen_score - rec.rejected_score)
+    out.append(Pair(prompt, chosen, rejected, rec.language, rec.id, margin, revisions))
   stats.n_pairs = len(out)
   if not out:
     raise ValueError("no preference pairs left after tokenisation")
   return out, stats
 
 
+def _revision_rows(tokenizer, rec, request: str, seq_len: int):
+  """((prompt, answer) rows: rejected -> chosen, rejected -> rejected, chosen -> chosen),
+  or an error message when one does not fit seq_len whole."""
+  rows = []
+  for draft, answer in ((rec.rejected, rec.chosen), (rec.rejected, rec.rejected),
+                        (rec.chosen, rec.chosen)):
+    msgs = formatting.revision_messages(rec.prompt, draft, request)
+    prompt, ans = formatting.tokenize_prompt_completion(tokenizer, msgs, answer,
+                                                        example_id=rec.id)
+    if len(prompt) + len(ans) > seq_len:
+      return (), (f"pair {rec.id!r}: its revision row (prompt with the draft, {len(prompt)} "
+                  f"tokens, + answer, {len(ans)}) exceeds seq_len {seq_len}")
+    rows.append((prompt, ans))
+  return tuple(rows), None
+
+
 def fingerprint(pairs: Sequence[Pair], seq_len: int) -> str:
   """sha256 over the pairs' tokens in order (what the reference scores)."""
   h = hashlib.sha256(f"seq_len={seq_len};n={len(pairs)};".encode())
   for p in pairs:
-    for part in (p.prompt, p.chosen, p.rejected):
-      h.update(np.asarray(part, np.int32).tobytes())
-      h.update(b"|")
+    for row in rows_of(p):
+      for part in row:
+        h.update(np.asarray(part, np.int32).tobytes())
+        h.update(b"|")
+    h.update(b"#")
   return h.hexdigest()
 
 
 def pair_batch(pairs: Sequence[Optional[Pair]], seq_len: int, pad_id: int,
                languages: Sequence[str], indices: Optional[Sequence[int]] = None,
-               ref_logps: Optional[np.ndarray] = None) -> dict:
-  """The [B, 2, L] batch of `pairs` (None = a padding pair)."""
+               ref_logps: Optional[np.ndarray] = None, n_rows: int = 0) -> dict:
+  """The [B, R, L] batch of `pairs` (None = a padding pair); R = 2, or 5 with SRPO's
+  revision rows (`n_rows` gives it when every pair is padding)."""
   lang_index = {l: i for i, l in enumerate(languages)}
+  r = n_rows or next((len(rows_of(p)) for p in pairs if p is not None), 2)
   rows = []
   for p in pairs:
     if p is None:
-      rows += [[], []]
+      rows += [[] for _ in range(r)]
       continue
-    zeros = np.zeros(len(p.prompt), np.int32)
-    for answer in (p.chosen, p.rejected):
-      rows.append([_Row(np.concatenate([p.prompt, answer]).astype(np.int32),
-                        np.concatenate([zeros, np.ones(len(answer), np.int32)]))])
+    for prompt, answer in rows_of(p):
+      rows.append([_Row(np.concatenate([prompt, answer]).astype(np.int32),
+                        np.concatenate([np.zeros(len(prompt), np.int32),
+                                        np.ones(len(answer), np.int32)]))])
   flat = pipeline.build_batch(rows, seq_len, pad_id)
   b = len(pairs)
-  batch = {k: v.reshape(b, 2, seq_len) for k, v in flat.items()}
+  batch = {k: v.reshape(b, r, seq_len) for k, v in flat.items()}
   batch["pair_mask"] = np.asarray([p is not None for p in pairs], np.int32)
   batch["language"] = np.asarray([lang_index[p.language] if p is not None else 0
                                   for p in pairs], np.int32)
+  batch["score_margin"] = np.asarray([p.score_margin if p is not None else 0.0
+                                      for p in pairs], np.float32)
   idx = np.asarray([-1] * b if indices is None else indices, np.int32)
   batch["index"] = idx
   if ref_logps is not None:
-    ref = np.zeros((b, 2), np.float32)
+    ref = np.zeros((b, r), np.float32)
     ref[idx >= 0] = ref_logps[idx[idx >= 0]]
     batch["ref_logps"] = ref
   return batch
@@ -201,7 +241,7 @@ class PairIterator:
     self.position += self.global_batch
     chosen = [self.pairs[i] if i >= 0 else None for i in indices]
     return pair_batch(chosen, self.seq_len, self.pad_id, self.languages, indices,
-                      self.ref_logps)
+                      self.ref_logps, n_rows=len(rows_of(self.pairs[0])))
 
   def get_state(self) -> dict:
     return {"position": int(self.position)}

@@ -21,7 +21,7 @@ from aya_jax.models import config as model_config
 from aya_jax.recipe import headlines
 from aya_jax.recipe import inputs as recipe_inputs
 from aya_jax.recipe import steps
-from aya_jax.train import policy_gradient
+from aya_jax.train import online
 from aya_jax.world import bootstrap as world
 from aya_jax.world import tasks as synthetic
 
@@ -32,6 +32,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "sft_family.warm_start": ("base", "mixed"),
+    "online.reward": ("arbiter", "verifier"),
 }
 WORLD_CHOICES = {  # only without real inputs
     "world.model.family": model_config.FAMILIES,
@@ -146,21 +147,30 @@ def run(config, workdir: str) -> dict:
       lambda *_: headlines.merged(len(family_sft)))
   models["sft_merged"] = merged_sft["params"]
 
-  family_dpo, family_dpo_hashes = {}, []
-  for name, family_languages in families.items():
-    spec = dict(init=merged_sft_hash, arb=arbitrage_hash, dpo=_cfg_dict(config.dpo),
-                fam=family_languages)
-    out, spec_hash = runner.step(
-        f"dpo_{name}", spec, lambda d, fl=family_languages: steps.run_dpo(
-            config, d, tokenizer, merged_sft["params"], arbitraged, fl),
-        lambda _, d: headlines.final_loss(d))
-    family_dpo[name] = out["params"]
-    family_dpo_hashes.append(spec_hash)
-  merged_dpo, merged_dpo_hash = runner.step(
-      "dpo_merged", dict(inputs=family_dpo_hashes),
-      lambda d: dict(params=steps.merge(d, list(family_dpo.values()))),
-      lambda *_: headlines.merged(len(family_dpo)))
+  def offline_steps(prefix, loss_type=""):
+    """Offline preference training per family from sft_merged, then their merge."""
+    family, hashes = {}, []
+    for name, family_languages in families.items():
+      spec = dict(init=merged_sft_hash, arb=arbitrage_hash, dpo=_cfg_dict(config.dpo),
+                  fam=family_languages, **({"loss": loss_type} if loss_type else {}))
+      out, spec_hash = runner.step(
+          f"{prefix}_{name}", spec, lambda d, fl=family_languages: steps.run_dpo(
+              config, d, tokenizer, merged_sft["params"], arbitraged, fl, loss_type),
+          lambda _, d: headlines.final_loss(d))
+      family[name] = out["params"]
+      hashes.append(spec_hash)
+    return runner.step(f"{prefix}_merged", dict(inputs=hashes),
+                       lambda d: dict(params=steps.merge(d, list(family.values()))),
+                       lambda *_: headlines.merged(len(family)))
+
+  merged_dpo, merged_dpo_hash = offline_steps("dpo")
   models["dpo_merged"] = merged_dpo["params"]
+  if config.ablations.copg_offline:  # CoPG on the same pairs with their arbiter scores
+    models["copg_offline"] = offline_steps("copg", "copg")[0]["params"]
+  if config.ablations.srpo:  # SRPO on the same pairs; evaluated with 0 and n self-revisions
+    models["srpo"] = offline_steps("srpo", "srpo")[0]["params"]
+    for n in config.ablations.srpo_revisions:
+      models[f"srpo_rev{n}"] = (models["srpo"], int(n))
 
   def online_step(name, algorithm):
     spec = dict(init=merged_dpo_hash, rm=arbiter_hash, on=_cfg_dict(config.online),
@@ -171,7 +181,7 @@ def run(config, workdir: str) -> dict:
 
   for i, params in enumerate(online_step("online", "dpo")["rounds"], 1):
     models[f"online_{i}"] = params
-  for algorithm in policy_gradient.ALGORITHMS:  # ablations: the same rounds, another objective
+  for algorithm in [a for a in online.ALGORITHMS if a != "dpo"]:  # ablations: the same rounds, another objective
     if config.ablations.get(algorithm):
       models[algorithm] = online_step(algorithm, algorithm)["rounds"][-1]
 

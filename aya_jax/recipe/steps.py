@@ -235,9 +235,15 @@ def run_sft(config, directory, tokenizer, init, data, name="sft"):
   return dict(params=sft.run(stage_config, directory))
 
 
-def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages):
+def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages,
+            loss_type: str = ""):
+  """The dpo stage (block config.dpo) on the family's arbitrage and contrast pairs;
+  `loss_type` replaces the block's (the offline CoPG ablation: the same pairs and block)."""
   stage_config = blocks.training_stage(dpo.default_config(), config.dpo, "dpo", config,
                                        tokenizer, init)
+  if loss_type:  # CoPG: only the scored pairs; SRPO: only those whose revision rows fit
+    stage_config.dpo.loss_type = loss_type
+    stage_config.data.skip_invalid = loss_type in ("copg", "srpo")
   if not arbitraged["pairs"]:
     raise ValueError("arbitrage kept no best/worst pair (every score gap below "
                      "config.arbitrage.routing.min_gap? see arbitrage/report.md)")
@@ -254,11 +260,12 @@ def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages):
 def run_online(config, directory, inputs: Inputs, init, arbiter, arbitraged, languages,
                algorithm):
   """`online.online.iterations` rounds of the online stage from `init` on the
-  arbitrage prompts, ranked by the arbiter (per family then merged when
-  online.per_family); the policy of every round."""
+  arbitrage prompts, ranked by the arbiter, or by the world's verifier with
+  online.reward='verifier' (the oracle reward), per family then merged when
+  online.per_family; the policy of every round."""
   block = config.online
   stage_config = blocks.training_stage(online.default_config(), block, "online", config,
-                                       inputs.tokenizer, init, ("per_family",))
+                                       inputs.tokenizer, init, ("per_family", "reward"))
   # one fixed reference for every round (RLOO's KL): the stage's start
   stage_config.dpo.reference_init = init
   stage_config.online.algorithm = algorithm
@@ -267,7 +274,9 @@ def run_online(config, directory, inputs: Inputs, init, arbiter, arbitraged, lan
         f"{name}:{','.join(langs)}" for name, langs in inputs.families.items())
   stage_config.data.prompts = (filter_languages(
       arbitraged["sft"], os.path.join(directory, "prompts_sft.jsonl"), languages),)
-  online.run(stage_config, directory, scorer=scorer(inputs, config, arbiter))
+  reward = (verifier.verifier_scorer() if block.reward == "verifier"
+            else scorer(inputs, config, arbiter))
+  online.run(stage_config, directory, scorer=reward)
   return dict(rounds=[os.path.join(directory, f"iter_{i}", "params")
                       for i in range(block.online.iterations)])
 
@@ -281,10 +290,18 @@ def _eval_prompts(path: str, languages) -> list:
   return prompts
 
 
+def _revised(item):
+  """(name, (path, revisions)) of a `models` entry: a params path, or (path, revisions)
+  for a model that revises its own answer (SRPO)."""
+  name, value = item
+  return name, (value if isinstance(value, tuple) else (value, 0))
+
+
 def run_eval(config, directory, inputs: Inputs, models: dict, languages, arbiter=None):
   """Every model against sft_single on held-out prompts: the world's test split under
   its verifier (on the world, or inputs.eval_prompts='world'), or inputs.eval_prompts
-  under the judge reward model."""
+  under the judge reward model. A model given as (path, n) answers, then revises its
+  answer n times (`evaluation.Model(revisions=n)`)."""
   block = config.eval
   if not inputs.world_eval:
     prompts = _eval_prompts(inputs.eval_prompts, languages)
@@ -300,8 +317,8 @@ def run_eval(config, directory, inputs: Inputs, models: dict, languages, arbiter
   answering = {name: evaluation.Model(name, path, inputs.tokenizer, method,
                                       max_new_tokens=block.max_new_tokens,
                                       batch_size=block.batch_size, seed=config.seed, mesh=mesh,
-                                      rules=_rules(config))
-               for name, path in models.items()}
+                                      rules=_rules(config), revisions=revisions)
+               for name, (path, revisions) in map(_revised, models.items())}
   answers, results = {}, {}
   baseline = answering["sft_single"]
   for name, model in answering.items():

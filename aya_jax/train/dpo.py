@@ -1,4 +1,5 @@
-r"""Offline DPO stage: `python -m aya_jax.main --config=configs/dpo.py`.
+r"""Offline DPO stage: `python -m aya_jax.main --config=configs/dpo.py`; the DPO family,
+CoPG on scored pairs and SRPO (`dpo.loss_type`, LOSS_TYPES).
 
 Preference records -> [B, 2, L] batches (`data.preference_pipeline`) ->
 the one train step (`steps.make_train_step`) with a DPO-family loss
@@ -27,7 +28,6 @@ workdir/metrics_language.jsonl as '<name>/<language>'.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, NamedTuple
@@ -38,26 +38,28 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aya_jax import axes, checkpoint, losses, optim, sharding
 from aya_jax.data import atomic, formatting
 from aya_jax.data import pairs as pp
 from aya_jax.models import lora
-from aya_jax.train import common
+from aya_jax.train import common, pair_logps
 from aya_jax.train import loop as loop_lib
 from aya_jax.train import state as state_lib
 from aya_jax.train import steps
 
 # dpo_loss_fn's reference when it is the policy's LoRA base (adapters switched off)
 ADAPTERS_OFF = "adapters-off"
-MODEL_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+LOSS_TYPES = losses.DPO_LOSS_TYPES + ("srpo",)
 
 
 def dpo_block() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.beta = 0.1
-  c.loss_type = "sigmoid"      # losses.DPO_LOSS_TYPES
+  c.loss_type = "sigmoid"      # LOSS_TYPES: losses.DPO_LOSS_TYPES ('copg' learns from the
+                               # pairs' scores) or 'srpo' (losses.srpo_loss)
+  c.srpo_alpha = 0.5           # srpo: weight of the self-improvement regression
+  c.revision_request = formatting.REVISION_REQUEST  # srpo: the user turn asking to revise
   c.label_smoothing = 0.0      # sigmoid (cDPO) and robust
   c.average_logps = False      # length-normalised log-ratios for every type
   c.rpo_alpha = 0.0            # > 0: + rpo_alpha * per-token NLL of chosen
@@ -82,20 +84,18 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-# ------------------------------------------------------------------ log-probs
+# ------------------------------------------------------------------- losses
 
 
-def pair_logps_fn(cfg, vocab_chunk: int = 0):
-  """(params, batch [b, 2, L]) -> (summed log-probs [b, 2], lengths [b, 2])."""
-  token_logps = steps.token_logps_fn(cfg, vocab_chunk)
-
-  def fn(params, mb, rng=None):
-    b, _, length = mb["tokens"].shape
-    flat = {k: mb[k].reshape(2 * b, length) for k in MODEL_KEYS}
-    s, n = losses.sequence_logps(token_logps(params, flat, rng), flat["loss_mask"])
-    return s.reshape(b, 2), n.reshape(b, 2)
-
-  return fn
+def pair_losses(dcfg, pol, ref, lengths, score_margins):
+  """Per-pair losses [b] and statistics of dpo.loss_type on log-probs [b, R]."""
+  if dcfg.loss_type == "srpo":
+    return losses.srpo_loss(pol, ref, lengths, beta=dcfg.beta, alpha=dcfg.srpo_alpha,
+                            average_logps=dcfg.average_logps)
+  return losses.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], lengths[:, 0],
+                         lengths[:, 1], loss_type=dcfg.loss_type, beta=dcfg.beta,
+                         label_smoothing=dcfg.label_smoothing,
+                         average_logps=dcfg.average_logps, score_margins=score_margins)
 
 
 def pair_normalizer(batch):
@@ -109,7 +109,7 @@ def dpo_loss_fn(cfg, dcfg, languages=(), vocab_chunk: int = 0, ref_params=None):
 
   With `ref_params` None the batch must carry `ref_logps` [b, 2] (cached); ADAPTERS_OFF:
   the reference is the policy's own base, its LoRA adapters switched off."""
-  logps = pair_logps_fn(cfg, vocab_chunk)
+  logps = pair_logps.pair_logps_fn(cfg, vocab_chunk)
 
   def loss_fn(params, mb, normalizer, rng):
     pol, n = logps(params, mb, rng)
@@ -119,10 +119,7 @@ def dpo_loss_fn(cfg, dcfg, languages=(), vocab_chunk: int = 0, ref_params=None):
       ref = jax.lax.stop_gradient(logps(lora.without_adapters(params), mb)[0])
     else:
       ref = jax.lax.stop_gradient(logps(ref_params, mb)[0])
-    per_pair, aux = losses.dpo_loss(
-        pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], n[:, 0], n[:, 1],
-        loss_type=dcfg.loss_type, beta=dcfg.beta, label_smoothing=dcfg.label_smoothing,
-        average_logps=dcfg.average_logps)
+    per_pair, aux = pair_losses(dcfg, pol, ref, n, mb["score_margin"])
     w = mb["pair_mask"].astype(jnp.float32)
     loss = jnp.sum(w * per_pair) / jnp.maximum(normalizer["pairs"], 1.0)
     sums = losses.dpo_metric_sums(aux, pol[:, 0], pol[:, 1], w, normalizer["pairs"],
@@ -211,82 +208,12 @@ def make_dpo_step(config, cfg, params, mesh, languages, example_batch, ref_param
   return st, steps.jit_step(lambda s, b, r: step(s, b, r, off), ssh, bsh, mesh)
 
 
-# ----------------------------------------------------- reference log-probs
-
-
-def params_fingerprint(cfg, params) -> str:
-  """sha256 of the model config and, per leaf, path, shape, dtype and three
-  on-device reductions (sum, sum |x|, sum x sin(0.1 i)): cheap for sharded
-  multi-GB trees, and any change of the weights changes it."""
-  stats = jax.jit(lambda t: jax.tree.map(lambda x: jnp.stack([
-      jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.abs(x.astype(jnp.float32))),
-      jnp.sum(x.astype(jnp.float32) * jnp.sin(0.1 * jnp.arange(x.size, dtype=jnp.float32)
-                                              ).reshape(x.shape))]), t))(params)
-  h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    h.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype};".encode())
-  for s in jax.tree.leaves(jax.device_get(stats)):
-    h.update(np.asarray(s, np.float32).tobytes())
-  return h.hexdigest()
-
-
-def compute_pair_logps(cfg, params, pairs, languages, *, seq_len, batch_size, pad_id, mesh,
-                       rules, vocab_chunk=0):
-  """(logps [N, 2], lengths [N, 2]) of every pair under `params`, in order."""
-  fn = jax.jit(pair_logps_fn(cfg, vocab_chunk), out_shardings=NamedSharding(mesh, P()))
-  it = pp.PairIterator(pairs, global_batch_size=batch_size, seq_len=seq_len, pad_id=pad_id,
-                       languages=languages, shuffle=False, num_epochs=1)
-  n = len(pairs)
-  out_s, out_n = np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32)
-  start = 0
-  with sharding.activation_rules(mesh, rules):
-    for batch in it:
-      gb = sharding.global_batch({k: batch[k] for k in MODEL_KEYS}, mesh)
-      s, c = jax.device_get(fn(params, gb))
-      m = min(batch_size, n - start)
-      out_s[start:start + m], out_n[start:start + m] = s[:m], c[:m]
-      start += batch_size
-  return out_s, out_n
-
-
-def cached_reference_logps(cfg, ref_params, pairs, languages, *, seq_len, batch_size, pad_id,
-                           mesh, rules, vocab_chunk, cache_dir):
-  """Reference log-probs [N, 2] from `cache_dir` or computed and stored there.
-
-  Returns (logps, path, hit)."""
-  key = hashlib.sha256("|".join([
-      pp.fingerprint(pairs, seq_len), params_fingerprint(cfg, ref_params),
-      f"vocab_chunk={vocab_chunk}"]).encode()).hexdigest()
-  path = os.path.join(cache_dir, f"ref_logps_{key[:32]}.npz")
-  if os.path.exists(path):
-    with np.load(path) as f:
-      logps = f["logps"]
-    if logps.shape == (len(pairs), 2):
-      logging.info("reference log-probs: cache hit %s", path)
-      return logps, path, True
-    logging.warning("reference cache %s has shape %s for %d pairs: recomputing", path,
-                    logps.shape, len(pairs))
-  logps, lengths = compute_pair_logps(cfg, ref_params, pairs, languages, seq_len=seq_len,
-                                      batch_size=batch_size, pad_id=pad_id, mesh=mesh,
-                                      rules=rules, vocab_chunk=vocab_chunk)
-  if jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, logps=logps, lengths=lengths)
-    os.replace(tmp, path)
-  logging.info("reference log-probs: computed %d pairs -> %s", len(pairs), path)
-  return logps, path, False
-
-
 def evaluate_pairs(cfg, params, ref_logps, pairs, languages, dcfg, **kw) -> dict:
   """TRL-named DPO metrics of `params` on pairs, overall and per language,
   plus 'logps/margin' (mean chosen - rejected summed log-prob; the
   reference's is 'ref_logps/margin')."""
-  pol, n = compute_pair_logps(cfg, params, pairs, languages, **kw)
-  per, aux = losses.dpo_loss(pol[:, 0], pol[:, 1], ref_logps[:, 0], ref_logps[:, 1], n[:, 0],
-                             n[:, 1], loss_type=dcfg.loss_type, beta=dcfg.beta,
-                             label_smoothing=dcfg.label_smoothing,
-                             average_logps=dcfg.average_logps)
+  pol, n = pair_logps.compute_pair_logps(cfg, params, pairs, languages, **kw)
+  per, aux = pair_losses(dcfg, pol, ref_logps, n, np.asarray([p.score_margin for p in pairs]))
   lang = np.asarray([languages.index(p.language) for p in pairs])
   sums = jax.device_get(losses.dpo_metric_sums(aux, jnp.asarray(pol[:, 0]),
                                                jnp.asarray(pol[:, 1]), jnp.ones(len(pairs)),
@@ -331,6 +258,15 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
   cache_dir = dcfg.ref_cache_dir or os.path.join(workdir, "ref_logps")
   if dcfg.reference not in ("cached", "live"):
     raise ValueError(f"dpo.reference={dcfg.reference!r}: expected 'cached' or 'live'")
+  if dcfg.loss_type not in LOSS_TYPES:
+    raise ValueError(f"dpo.loss_type={dcfg.loss_type!r}: expected one of {LOSS_TYPES}")
+  if dcfg.loss_type == "copg":
+    check_scored(pairs, "train")
+    check_scored(eval_pairs, "eval")
+  if (dcfg.loss_type == "srpo") != bool(pairs[0].revisions):
+    raise ValueError(f"dpo.loss_type={dcfg.loss_type!r} with pairs "
+                     f"{'with' if pairs[0].revisions else 'without'} revision rows: tokenize "
+                     f"them with revision_request exactly when the loss is 'srpo'")
   adapters = lora.has_adapters(params)
   if ref_params is None and adapters:  # LoRA: the initial policy, sharing the base
     if lora.adapters_are_fresh(params):  # it is the base: adapters off, nothing copied
@@ -341,16 +277,17 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
     ref_params = params if dcfg.reference == "cached" else jax.tree.map(jnp.copy, params)
   ref_train = eval_ref = None
   if dcfg.reference == "cached":
-    ref_train, _, _ = cached_reference_logps(cfg, ref_params, pairs, languages,
+    ref_train, _, _ = pair_logps.cached_reference_logps(cfg, ref_params, pairs, languages,
                                              cache_dir=cache_dir, **kw)
   if eval_pairs:
-    eval_ref, _, _ = cached_reference_logps(cfg, _base_if_off(ref_params, params), eval_pairs,
+    eval_ref, _, _ = pair_logps.cached_reference_logps(cfg, _base_if_off(ref_params, params), eval_pairs,
                                             languages, cache_dir=cache_dir, **kw)
   batches = pp.PairIterator(pairs, global_batch_size=config.data.batch_size,
                             seq_len=config.data.seq_len, pad_id=pad_id, seed=config.seed,
                             languages=languages, ref_logps=ref_train)
   example = pp.pair_batch([None] * (config.data.batch_size // jax.process_count()),
-                          config.data.seq_len, pad_id, languages, ref_logps=ref_train)
+                          config.data.seq_len, pad_id, languages, ref_logps=ref_train,
+                          n_rows=len(pp.rows_of(pairs[0])))
   example.pop("index")
   st, step = make_dpo_step(config, cfg, params, mesh, languages, example,
                            None if dcfg.reference == "cached" else ref_params)
@@ -371,6 +308,23 @@ def train_dpo(config, workdir, cfg, params, pairs, mesh, rules, *, ref_params=No
       atomic.write_json(os.path.join(workdir, "eval_metrics.json"), metrics, indent=1)
     logging.info("eval: %s", metrics)
   return st.model_params(), metrics
+
+
+def check_scored(pairs, split: str):
+  """CoPG learns from the scores: every pair must have chosen_score and rejected_score."""
+  unscored = [p.id for p in pairs if not np.isfinite(p.score_margin)]
+  if unscored:
+    raise ValueError(f"dpo.loss_type='copg': {len(unscored)} {split} pair(s) without "
+                     f"chosen_score / rejected_score, first {unscored[:3]} (score them, or "
+                     f"drop them with data.skip_invalid)")
+
+
+def _scored(pairs, split: str) -> list:
+  kept = [p for p in pairs if np.isfinite(p.score_margin)]
+  if len(kept) < len(pairs):
+    logging.warning("dpo.loss_type='copg': skipping %d unscored %s pair(s)",
+                    len(pairs) - len(kept), split)
+  return kept
 
 
 def _base_if_off(ref_params, params):
@@ -417,13 +371,16 @@ def run(config, workdir: str):
         config.dpo.reference_init, sharding.param_shardings(cfg, mesh, rules),
         language_model=True)
   seq_len, skip = config.data.seq_len, config.data.skip_invalid
+  revise = config.dpo.revision_request if config.dpo.loss_type == "srpo" else None
   pairs, stats = pp.tokenize_pairs(pp.read_pairs(list(config.data.train), skip), tok, seq_len,
-                                   skip)
+                                   skip, revise)
   logging.info("train pairs: %s", stats)
   eval_pairs = []
   if config.data.eval:
     eval_pairs, _ = pp.tokenize_pairs(pp.read_pairs(list(config.data.eval), skip), tok, seq_len,
-                                      skip)
+                                      skip, revise)
+  if config.dpo.loss_type == "copg" and skip:  # CoPG needs the scores: drop unscored pairs
+    pairs, eval_pairs = _scored(pairs, "train"), _scored(eval_pairs, "eval")
   params, _ = train_dpo(config, workdir, cfg, params, pairs, mesh, rules, ref_params=ref_params,
                         eval_pairs=eval_pairs)
   return common.finish(workdir, cfg, params, config.export_hf, base=config.model.init)

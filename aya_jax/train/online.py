@@ -1,5 +1,5 @@
-r"""Online preference optimisation: iterative DPO (Aya Expanse: 3 rounds), RLOO ("Back
-to Basics", Ahmadian et al. 2024), GRPO and Dr. GRPO.
+r"""Online preference optimisation: iterative DPO (Aya Expanse: 3 rounds), CoPG, RLOO
+("Back to Basics", Ahmadian et al. 2024), GRPO and Dr. GRPO.
 
     python -m aya_jax.main --config=configs/online_dpo.py --workdir=runs/online
 
@@ -17,6 +17,10 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
   3. dpo:  best vs worst non-empty answer per prompt (skipping gaps <=
            min_gap) -> pairs.jsonl -> `dpo.train_dpo` with betas[i]; the
            reference is pi_i (reset_reference) or the fixed reference;
+     copg: every pair of distinct non-empty answers per prompt, with their scores ->
+           pairs.jsonl -> `dpo.train_dpo` with loss_type 'copg' (CoPG, Flet-Berliac et
+           al. 2024; `losses.dpo_loss`): beta = kl_coef, the fixed reference, no NLL term;
+           on-policy its gradient is RLOO's with the KL in the reward;
      rloo, grpo, dr_grpo: `train.policy_gradient`: RLOO's reward = score -
            kl_coef * KL to the fixed reference with leave-one-out advantages over
            the k samples; GRPO's group-normalised advantages (Dr. GRPO: centred
@@ -72,10 +76,13 @@ from aya_jax.merging import pytree
 from aya_jax.models import lora
 from aya_jax.train import common, dpo, policy_gradient, policy_merge, rounds
 
+# trained on preference pairs by train/dpo.py; the others by train/policy_gradient.py
+PAIR_ALGORITHMS = ("dpo", "copg")
+ALGORITHMS = PAIR_ALGORITHMS + policy_gradient.ALGORITHMS
 
 def online_block() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.algorithm = "dpo"        # dpo | rloo | grpo | dr_grpo
+  c.algorithm = "dpo"        # dpo | copg | rloo | grpo | dr_grpo (ALGORITHMS)
   c.iterations = 3
   c.k = 4                    # samples per prompt
   c.betas = (0.1,)           # DPO beta per iteration (the last one repeats)
@@ -89,8 +96,9 @@ def online_block() -> ml_collections.ConfigDict:
   c.prompts_per_language = 0  # prompts each round samples per language, drawn with the
                               # round's seed (seed + i); 0 = every prompt
   c.final_pass = True        # sample the final policy once more for the report
-  c.kl_coef = 0.05           # rloo / grpo / dr_grpo: beta of the KL to dpo.reference_init
-                             # (RLOO: in the reward, per sequence; GRPO: in the loss, per token)
+  c.kl_coef = 0.05           # rloo / grpo / dr_grpo / copg: beta of the KL to
+                             # dpo.reference_init (RLOO, CoPG: in the reward, per sequence;
+                             # GRPO: in the loss, per token)
   c.clip_eps = 0.2           # clipped ratio when a rollout serves several updates;
                              # RLOO with 0 = plain REINFORCE (one update per rollout)
   c.empty_score = config_dict.placeholder(float)  # None: the lowest score of its group
@@ -131,6 +139,9 @@ def _iteration_config(config, i):
   with c.unlocked():
     betas = tuple(config.online.betas)
     c.dpo.beta = float(betas[min(i, len(betas) - 1)])
+    if config.online.algorithm == "copg":  # the KL's beta; the paper's loss, no NLL term
+      c.dpo.update(dict(loss_type="copg", beta=float(config.online.kl_coef), rpo_alpha=0.0,
+                        average_logps=False))
     c.dpo.ref_cache_dir = ""
     c.seed = config.seed + i
   return c
@@ -146,16 +157,20 @@ def _train_policy(config, directory, cfg, params, tok, prompts, rd, reference, m
   if checkpoint.is_params_dir(done):  # finished before: reuse, do not retrain
     return _load_trained(done, params), extra
   it_config = _iteration_config(config, iteration)
-  if oc.algorithm == "dpo":
-    pairs = rounds.best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap,
-                                    f"it{iteration}", rd.usable)
+  if oc.algorithm in PAIR_ALGORITHMS:
+    if oc.algorithm == "dpo":
+      pairs = rounds.best_worst_pairs(prompts, rd.texts, rd.scores, oc.min_gap,
+                                      f"it{iteration}", rd.usable)
+    else:  # copg: every pair of the k answers, against the fixed reference
+      pairs = rounds.all_pairs(prompts, rd.texts, rd.scores, f"it{iteration}", rd.usable)
     extra["n_pairs"] = len(pairs)
     if pairs:
       if jax.process_index() == 0:
         records_lib.write_jsonl(os.path.join(directory, "pairs.jsonl"), pairs)
       tok_pairs, _ = pp.tokenize_pairs(pairs, tok, config.data.seq_len, skip_invalid=True)
+      fixed = oc.algorithm == "copg" or not oc.reset_reference
       params, _ = dpo.train_dpo(it_config, directory, cfg, params, tok_pairs, mesh, rules,
-                                ref_params=None if oc.reset_reference else reference)
+                                ref_params=reference if fixed else None)
     else:
       logging.warning("iteration %d: no pairs (all ties?); policy unchanged", iteration)
   else:
@@ -200,9 +215,8 @@ def _dense(cfg, params):
 def run(config, workdir: str, scorer=None):
   os.makedirs(workdir, exist_ok=True)
   oc = config.online
-  if oc.algorithm not in ("dpo",) + policy_gradient.ALGORITHMS:
-    raise ValueError(f"online.algorithm={oc.algorithm!r}: expected 'dpo' or one of "
-                     f"{policy_gradient.ALGORITHMS}")
+  if oc.algorithm not in ALGORITHMS:
+    raise ValueError(f"online.algorithm={oc.algorithm!r}: expected one of {ALGORITHMS}")
   if oc.k < 2:
     raise ValueError(f"online.k={oc.k}: ranking answers needs at least 2 samples per prompt")
   if not config.tokenizer or not config.data.prompts:
@@ -219,7 +233,7 @@ def run(config, workdir: str, scorer=None):
   base_path = config.model.init if cfg.lora is not None else ""
   mc = oc.merge
   # copies: training donates the params' buffers
-  fixed_ref = oc.algorithm != "dpo" or not oc.reset_reference
+  fixed_ref = oc.algorithm != "dpo" or not oc.reset_reference  # copg: fixed as well
   keep_init = ("initial" in policy_merge.merge_names(mc)
                or (fixed_ref and not config.dpo.reference_init))
   init = lora.copy_trained(params) if keep_init else None

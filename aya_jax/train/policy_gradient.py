@@ -24,7 +24,7 @@ GRPO (DeepSeekMath, Shao et al. 2024) and Dr. GRPO (Liu et al. 2025):
   loss        = the clipped ratio per token plus kl_coef * the per-token k3 KL to
                 pi_ref (in the loss, not the reward), averaged over each answer's
                 tokens (GRPO) or summed and divided by online.max_new_tokens
-                (Dr. GRPO), then over samples (`losses.grpo_loss`; TRL's GRPOTrainer
+                (Dr. GRPO), then over samples (`reward_losses.grpo_loss`; TRL's GRPOTrainer
                 loss_type 'grpo' / 'dr_grpo', scale_rewards 'group' / 'none').
 Every log-prob is recomputed by the training forward pass (not taken from
 the sampler). Prompts that `usable` marks False (a score the scorer could not
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from aya_jax import losses, sharding
+from aya_jax import losses, reward_losses, sharding
 from aya_jax.data import pipeline
 from aya_jax.train import common, steps
 from aya_jax.train import loop as loop_lib
@@ -120,16 +120,16 @@ def loss_fn(cfg, algorithm: str = "rloo", vocab_chunk: int = 0, clip_eps: float 
     lp = token_fn(params, mb, rng)
     w = mb["sample_mask"].astype(jnp.float32)
     if algorithm != "rloo":
-      loss = losses.grpo_loss(lp, mb["old_logps"], mb["ref_logps"], mb["loss_mask"],
+      loss = reward_losses.grpo_loss(lp, mb["old_logps"], mb["ref_logps"], mb["loss_mask"],
                               mb["advantage"], w, clip_eps, kl_coef, normalizer,
                               dr_grpo=algorithm == "dr_grpo",
                               max_completion_length=max_completion_length)
     elif clip_eps > 0:
-      loss = losses.clipped_reinforce_loss(lp, mb["old_logps"], mb["loss_mask"], mb["advantage"],
+      loss = reward_losses.clipped_reinforce_loss(lp, mb["old_logps"], mb["loss_mask"], mb["advantage"],
                                            w, clip_eps, normalizer)
     else:
       s = losses.sequence_logps(lp, mb["loss_mask"])[0]
-      loss = losses.reinforce_loss(s, mb["advantage"], w, normalizer)
+      loss = reward_losses.reinforce_loss(s, mb["advantage"], w, normalizer)
     seq = jnp.sum(lp * mb["loss_mask"], -1)
     return loss, dict(n_samples=jnp.sum(w), logps=jax.lax.stop_gradient(jnp.sum(w * seq)) /
                       jnp.maximum(normalizer, 1.0))
@@ -142,12 +142,12 @@ def advantages(algorithm: str, scores_pk: np.ndarray, policy_logps: np.ndarray,
   """(rewards [P*k], advantages [P*k]) of one round's scores [P, k] and the samples'
   summed log-probs under pi_old and pi_ref (RLOO's reward carries the KL; GRPO's not)."""
   if algorithm == "rloo":
-    rewards = np.asarray(losses.rloo_rewards(scores_pk.reshape(-1), policy_logps, ref_logps,
+    rewards = np.asarray(reward_losses.rloo_rewards(scores_pk.reshape(-1), policy_logps, ref_logps,
                                              kl_coef))
-    adv = losses.rloo_advantages(rewards.reshape(scores_pk.shape))
+    adv = reward_losses.rloo_advantages(rewards.reshape(scores_pk.shape))
   else:
     rewards = scores_pk.reshape(-1).astype(np.float32)
-    adv = losses.grpo_advantages(scores_pk, scale=algorithm == "grpo")
+    adv = reward_losses.grpo_advantages(scores_pk, scale=algorithm == "grpo")
   return rewards, np.asarray(adv).reshape(-1)
 
 

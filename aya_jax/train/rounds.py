@@ -117,6 +117,28 @@ def best_worst_pairs(prompts, texts, scores_pk, min_gap: float, tag: str,
   return out
 
 
+def all_pairs(prompts, texts, scores_pk, tag: str, usable=None) -> list:
+  """PreferenceRecords: every pair of distinct non-empty answers per usable prompt, the
+  higher score as chosen (CoPG's k-sample loss; ties kept: their log-ratios are pulled
+  together). Ids '<prompt id>#<tag>#<i>-<j>'."""
+  out, k = [], scores_pk.shape[1]
+  for p, prompt in enumerate(prompts):
+    if usable is not None and not usable[p]:
+      continue
+    cand = [j for j in range(k) if texts[p * k + j].strip()]
+    for a, i in enumerate(cand):
+      for j in cand[a + 1:]:
+        if texts[p * k + i] == texts[p * k + j]:  # the same answer twice: zero loss
+          continue
+        hi, lo = (i, j) if scores_pk[p, i] >= scores_pk[p, j] else (j, i)
+        out.append(records_lib.PreferenceRecord(
+            id=f"{prompt.id}#{tag}#{i}-{j}", language=prompt.language,
+            prompt=prompt.messages, chosen=texts[p * k + hi], rejected=texts[p * k + lo],
+            chosen_score=float(scores_pk[p, hi]), rejected_score=float(scores_pk[p, lo]),
+            source=f"online_{tag}"))
+  return out
+
+
 def round_report(prompts, scores_pk, lengths, stopped, prev_scores=None, usable=None,
                  empty=None) -> dict:
   """Mean score (overall, per language) over the usable prompts, win rate vs
