@@ -68,8 +68,16 @@ def prompt_and_completion(record) -> tuple[tuple, str]:
 def encode(tokenizer, prompt, completion: str, max_len: int, example_id=None):
   """(tokens int32 [n], n_cut): prompt + completion tokens, cut to max_len;
   n_cut = -1 when nothing of the completion is left."""
-  p, c = formatting.tokenize_prompt_completion(tokenizer, list(prompt), completion,
-                                               example_id=example_id)
+  return encode_many(tokenizer, [(prompt, completion, example_id)], max_len)[0]
+
+
+def encode_many(tokenizer, items, max_len: int) -> list:
+  """`encode` of many (prompt, completion, example_id) items, encoded in one batch call."""
+  pcs = formatting.tokenize_prompt_completions(tokenizer, [(list(p), c, i) for p, c, i in items])
+  return [_cut(p, c, max_len) for p, c in pcs]
+
+
+def _cut(p, c, max_len: int):
   full = np.concatenate([p, c]).astype(np.int32)
   if len(full) <= max_len:
     return full, 0
@@ -160,11 +168,13 @@ class RewardModelScorer:
     return cls(cfg, params, tok, **kw)
 
   def encode_all(self, records) -> tuple[list, np.ndarray]:
-    toks, cut = [], np.zeros(len(records), bool)
+    items = []
     for i, r in enumerate(records):
       prompt, completion = prompt_and_completion(r)
-      rid = r.get("id") if isinstance(r, Mapping) else getattr(r, "id", i)
-      t, n_cut = encode(self.tokenizer, prompt, completion, self.max_len, rid)
+      items.append((prompt, completion,
+                    r.get("id") if isinstance(r, Mapping) else getattr(r, "id", i)))
+    toks, cut = [], np.zeros(len(records), bool)
+    for i, (t, n_cut) in enumerate(encode_many(self.tokenizer, items, self.max_len)):
       toks.append(t)
       cut[i] = n_cut < 0
       self.stats.n_truncated += int(n_cut > 0)

@@ -39,7 +39,9 @@ optim.total_steps with it.
   grpo, dr_grpo ablations (off by default): GRPO / Dr. GRPO, the same way
   copg          ablation (off by default): online CoPG (every pair of the k answers)
   copg_<family>, copg_merged (ablations.copg_offline, off by default): offline CoPG
-                on the dpo steps' pairs and block, with the arbiter's scores
+                on the dpo steps' pairs and block, with the arbiter's scores and its
+                own beta (ablations.copg_beta, in score units: a pair settles at a
+                log-ratio margin of score gap / beta; the arbiter's gaps are ~10)
   srpo_<family>, srpo_merged (ablations.srpo, off by default): offline SRPO on the
                 same pairs and block; evaluated as is and after each of
                 ablations.srpo_revisions self-revisions (srpo_rev<n>)
@@ -185,7 +187,8 @@ def get_config(arg=None):
   # the same online rounds with another objective (train/policy_gradient.py), each a stage
   c.ablations = ml_collections.ConfigDict(dict(mixed=True, rloo=True, grpo=False,
                                                dr_grpo=False, copg=False, copg_offline=False,
-                                               srpo=False, srpo_revisions=(1, 3)))
+                                               copg_beta=1.0, srpo=False,
+                                               srpo_revisions=(1, 3)))
   # the eval stage: greedy answers to the world's n_per_language held-out test
   # prompts per language, every model against sft_single
   c.eval = blocks.block(evaluate.default_config(), owned=blocks.EVAL_OWNED)

@@ -151,6 +151,11 @@ def test_srpo_stage_trains_the_answer_and_the_revision(toy, tmp_path):
   again = evaluation.Model("srpo", tmp_path / "params", toy / "tok", max_new_tokens=6,
                            revisions=1, revision_request=REQUEST)
   assert again.answer(prompts) == [b if d else d for b, d in zip(by_hand, drafts)]
+  # the RPO term's tokens: the chosen answer, answered and revised from the rejected draft
+  srpo_pairs = _setup_srpo(toy)[2]
+  norm = dpo.pair_normalizer(pp.pair_batch(srpo_pairs, 64, 0, ("en",)))
+  assert float(norm["chosen_tokens"]) == sum(len(p.chosen) + len(p.revisions[0][1])
+                                             for p in srpo_pairs)
   with pytest.raises(ValueError, match="revision rows"):
     c.dpo.loss_type = "sigmoid"
     dpo.train_dpo(c, str(tmp_path / "x"), *_setup_srpo(toy))

@@ -275,6 +275,33 @@ def test_prompt_completion_boundary(tok, completion):
   assert _decode(tok, c) == completion + '<|end|>'
 
 
+def test_many_prompt_completions_in_one_encode_call(tok, monkeypatch):
+  """The batched tokenisation (pairs, reward scorer) gives tokenize_chat's tokens for every
+  item, from one encode call; tokenize_pairs makes one call per TOKENIZE_CHUNK pairs."""
+  calls = []
+  encode_batch = F._encode_batch
+  monkeypatch.setattr(F, '_encode_batch', lambda t, texts: calls.append(len(texts)) or
+                      encode_batch(t, texts))
+  completions = ['Seven.', ' leading space', 'Семь яблок.', '七个', '']
+  items = [(MULTI_TURN[:2 * (i % 2 + 1)], c, i) for i, c in enumerate(completions)]
+  out = F.tokenize_prompt_completions(tok, items)
+  assert calls == [2 * len(items)]
+  for (p, c), (messages, completion, _) in zip(out, items):
+    full = F.tokenize_chat(tok, list(messages) + [{'role': 'assistant', 'content': completion}])
+    np.testing.assert_array_equal(np.concatenate([p, c]), full.tokens)
+  from aya_jax.data import pairs as pp
+  from aya_jax.data import records
+  monkeypatch.setattr(pp, 'TOKENIZE_CHUNK', 2)
+  recs = [records.PreferenceRecord(id=f'p{i}', language='en', prompt=tuple(MULTI_TURN[:2]),
+                                   chosen=f'yes {i}', rejected=f'no {i}') for i in range(5)]
+  calls.clear()
+  got, stats = pp.tokenize_pairs(recs, tok, 256)
+  assert calls == [8, 8, 4] and stats.n_pairs == 5
+  p, c = F.tokenize_prompt_completion(tok, recs[4].prompt, recs[4].rejected)
+  np.testing.assert_array_equal(got[4].prompt, p)
+  np.testing.assert_array_equal(got[4].rejected, c)
+
+
 def test_pad_batch(tok):
   a = F.tokenize_chat(tok, MULTI_TURN[1:3])
   b = F.tokenize_chat(tok, MULTI_TURN)

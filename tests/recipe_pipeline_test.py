@@ -93,16 +93,18 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
   assert [c for c in claims if "CoPG" in c or "SRPO" in c] == [
       "offline CoPG beats offline DPO (same pairs)", "offline SRPO beats offline DPO (same "
       "pairs)", "SRPO's one self-revision improves its answer"]
-  for step, loss_type in (("copg_european", "copg"), ("srpo_slavic_turkic", "srpo")):
+  for step, loss_type, beta in (("copg_european", "copg", c.ablations.copg_beta),
+                                ("srpo_slavic_turkic", "srpo", 0.2)):
     with open(os.path.join(work, step, "run_config.json")) as f:
-      assert json.load(f)["dpo.loss_type"] == loss_type
+      run_config = json.load(f)
+    assert (run_config["dpo.loss_type"], run_config["dpo.beta"]) == (loss_type, beta)
   answers = json.load(open(os.path.join(work, "eval", "answers.json")))
   assert answers["srpo_rev1"] != answers["srpo"]  # the revised answers are other answers
   # 5. a copy (cp -a) with a changed value trains from the copy's files, not the original's
   copy = str(tmp_path / "copy")
   shutil.copytree(work, copy)
   seen = []
-  def stop(c, d, tok, init, arb, fam, loss_type=""):
+  def stop(c, d, tok, init, arb, fam, overrides=None):
     seen.append((init, arb["pairs"]))
     raise Killed("stop")
   monkeypatch.setattr(recipe.steps, "run_dpo", stop)

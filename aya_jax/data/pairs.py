@@ -6,7 +6,7 @@ with the revision rows 2-4, `rows_of`).
                       languages=languages, ref_logps=cached)   # or None
     batch = next(it)
 
-Each pair is tokenised with `formatting.tokenize_prompt_completion`, so the
+Each pair is tokenised with `formatting.tokenize_prompt_completions`, so the
 prompt/answer boundary is exactly the one SFT trains on: prompt + answer +
 end-of-turn, one padded example per row. A batch is the pipeline contract
 (`pipeline.build_batch`: tokens, targets, loss_mask, segment_ids,
@@ -78,22 +78,51 @@ def read_pairs(paths: Sequence[str], skip_invalid: bool = False) -> list:
   return out
 
 
+TOKENIZE_CHUNK = 4096  # pairs rendered and encoded per batch call
+
+
 def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int, skip_invalid: bool = False,
                    revision_request: Optional[str] = None) -> tuple[list, PairStats]:
   """Tokenised pairs; an answer that does not fit at all, or a pair whose two
   answers are the same tokens within seq_len (nothing to prefer), raises
   naming the pair (or is skipped and counted with `skip_invalid`). With a
   `revision_request` (SRPO) each pair also gets its three revision rows
-  (`formatting.revision_messages`), which must fit seq_len whole."""
-  stats, out = PairStats(), []
+  (`formatting.revision_messages`), which must fit seq_len whole. Pairs are
+  encoded TOKENIZE_CHUNK at a time (`formatting.tokenize_prompt_completions`)."""
+  stats, out, chunk = PairStats(), [], []
   for rec in recs:
     if not isinstance(rec, records_lib.PreferenceRecord):
       rec = records_lib.PreferenceRecord.from_dict(rec)
     stats.n_records += 1
-    prompt, full_c = formatting.tokenize_prompt_completion(tokenizer, rec.prompt, rec.chosen,
-                                                           example_id=rec.id)
-    _, full_r = formatting.tokenize_prompt_completion(tokenizer, rec.prompt, rec.rejected,
-                                                      example_id=rec.id)
+    chunk.append(rec)
+    if len(chunk) == TOKENIZE_CHUNK:
+      out += _tokenize_chunk(chunk, tokenizer, seq_len, skip_invalid, revision_request, stats)
+      chunk = []
+  out += _tokenize_chunk(chunk, tokenizer, seq_len, skip_invalid, revision_request, stats)
+  stats.n_pairs = len(out)
+  if not out:
+    raise ValueError("no preference pairs left after tokenisation")
+  return out, stats
+
+
+def _items(rec, revision_request):
+  """(messages, answer, id) to tokenise for a pair: chosen, rejected, then the revision rows
+  (the rejected draft revised into the chosen and into itself, the chosen into itself)."""
+  out = [(rec.prompt, rec.chosen, rec.id), (rec.prompt, rec.rejected, rec.id)]
+  if revision_request is not None:
+    out += [(formatting.revision_messages(rec.prompt, draft, revision_request), answer, rec.id)
+            for draft, answer in ((rec.rejected, rec.chosen), (rec.rejected, rec.rejected),
+                                  (rec.chosen, rec.chosen))]
+  return out
+
+
+def _tokenize_chunk(recs, tokenizer, seq_len, skip_invalid, revision_request, stats) -> list:
+  items = [_items(rec, revision_request) for rec in recs]
+  flat = formatting.tokenize_prompt_completions(tokenizer, [i for its in items for i in its])
+  out, at = [], 0
+  for rec, its in zip(recs, items):
+    rows, at = flat[at:at + len(its)], at + len(its)
+    (prompt, full_c), (_, full_r) = rows[:2]
     room = max(0, seq_len - len(prompt))  # as tokenize_prompt_completion(max_len=seq_len)
     prompt, chosen, rejected = prompt[:seq_len], full_c[:room], full_r[:room]
     msg = None
@@ -103,9 +132,10 @@ def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int, skip_invalid: bool =
     elif np.array_equal(chosen, rejected):
       msg = (f"pair {rec.id!r}: chosen and rejected are the same {len(chosen)} tokens within "
              f"seq_len {seq_len} (they differ only after the cut)")
-    revisions = ()
-    if msg is None and revision_request is not None:
-      revisions, msg = _revision_rows(tokenizer, rec, revision_request, seq_len)
+    else:
+      msg = next((f"pair {rec.id!r}: its revision row (prompt with the draft, {len(p)} "
+                  f"tokens, + answer, {len(a)}) exceeds seq_len {seq_len}"
+                  for p, a in rows[2:] if len(p) + len(a) > seq_len), None)
     if msg is not None:
       if not skip_invalid:
         raise ValueError(msg + " (raise seq_len or pass skip_invalid)")
@@ -115,27 +145,8 @@ def tokenize_pairs(recs: Iterable, tokenizer, seq_len: int, skip_invalid: bool =
     stats.n_truncated += int(len(chosen) < len(full_c) or len(rejected) < len(full_r))
     margin = (float("nan") if rec.chosen_score is None or rec.rejected_score is None
               else rec.chosen_score - rec.rejected_score)
-    out.append(Pair(prompt, chosen, rejected, rec.language, rec.id, margin, revisions))
-  stats.n_pairs = len(out)
-  if not out:
-    raise ValueError("no preference pairs left after tokenisation")
-  return out, stats
-
-
-def _revision_rows(tokenizer, rec, request: str, seq_len: int):
-  """((prompt, answer) rows: rejected -> chosen, rejected -> rejected, chosen -> chosen),
-  or an error message when one does not fit seq_len whole."""
-  rows = []
-  for draft, answer in ((rec.rejected, rec.chosen), (rec.rejected, rec.rejected),
-                        (rec.chosen, rec.chosen)):
-    msgs = formatting.revision_messages(rec.prompt, draft, request)
-    prompt, ans = formatting.tokenize_prompt_completion(tokenizer, msgs, answer,
-                                                        example_id=rec.id)
-    if len(prompt) + len(ans) > seq_len:
-      return (), (f"pair {rec.id!r}: its revision row (prompt with the draft, {len(prompt)} "
-                  f"tokens, + answer, {len(ans)}) exceeds seq_len {seq_len}")
-    rows.append((prompt, ans))
-  return tuple(rows), None
+    out.append(Pair(prompt, chosen, rejected, rec.language, rec.id, margin, tuple(rows[2:])))
+  return out
 
 
 def fingerprint(pairs: Sequence[Pair], seq_len: int) -> str:

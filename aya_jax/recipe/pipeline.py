@@ -147,15 +147,16 @@ def run(config, workdir: str) -> dict:
       lambda *_: headlines.merged(len(family_sft)))
   models["sft_merged"] = merged_sft["params"]
 
-  def offline_steps(prefix, loss_type=""):
-    """Offline preference training per family from sft_merged, then their merge."""
+  def offline_steps(prefix, **overrides):
+    """Offline preference training per family from sft_merged (the dpo block, its dpo
+    fields `overrides` replaced), then their merge."""
     family, hashes = {}, []
     for name, family_languages in families.items():
       spec = dict(init=merged_sft_hash, arb=arbitrage_hash, dpo=_cfg_dict(config.dpo),
-                  fam=family_languages, **({"loss": loss_type} if loss_type else {}))
+                  fam=family_languages, **({"over": overrides} if overrides else {}))
       out, spec_hash = runner.step(
           f"{prefix}_{name}", spec, lambda d, fl=family_languages: steps.run_dpo(
-              config, d, tokenizer, merged_sft["params"], arbitraged, fl, loss_type),
+              config, d, tokenizer, merged_sft["params"], arbitraged, fl, overrides),
           lambda _, d: headlines.final_loss(d))
       family[name] = out["params"]
       hashes.append(spec_hash)
@@ -166,9 +167,10 @@ def run(config, workdir: str) -> dict:
   merged_dpo, merged_dpo_hash = offline_steps("dpo")
   models["dpo_merged"] = merged_dpo["params"]
   if config.ablations.copg_offline:  # CoPG on the same pairs with their arbiter scores
-    models["copg_offline"] = offline_steps("copg", "copg")[0]["params"]
+    models["copg_offline"] = offline_steps(
+        "copg", loss_type="copg", beta=config.ablations.copg_beta)[0]["params"]
   if config.ablations.srpo:  # SRPO on the same pairs; evaluated with 0 and n self-revisions
-    models["srpo"] = offline_steps("srpo", "srpo")[0]["params"]
+    models["srpo"] = offline_steps("srpo", loss_type="srpo")[0]["params"]
     for n in config.ablations.srpo_revisions:
       models[f"srpo_rev{n}"] = (models["srpo"], int(n))
 

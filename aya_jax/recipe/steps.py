@@ -236,14 +236,15 @@ def run_sft(config, directory, tokenizer, init, data, name="sft"):
 
 
 def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages,
-            loss_type: str = ""):
+            overrides=None):
   """The dpo stage (block config.dpo) on the family's arbitrage and contrast pairs;
-  `loss_type` replaces the block's (the offline CoPG ablation: the same pairs and block)."""
+  `overrides` replace fields of the block's dpo part (the CoPG and SRPO ablations: the
+  same pairs and block, another loss_type, CoPG's own beta)."""
   stage_config = blocks.training_stage(dpo.default_config(), config.dpo, "dpo", config,
                                        tokenizer, init)
-  if loss_type:  # CoPG: only the scored pairs; SRPO: only those whose revision rows fit
-    stage_config.dpo.loss_type = loss_type
-    stage_config.data.skip_invalid = loss_type in ("copg", "srpo")
+  if overrides:  # CoPG: only the scored pairs; SRPO: only those whose revision rows fit
+    stage_config.dpo.update(overrides)
+    stage_config.data.skip_invalid = stage_config.dpo.loss_type in ("copg", "srpo")
   if not arbitraged["pairs"]:
     raise ValueError("arbitrage kept no best/worst pair (every score gap below "
                      "config.arbitrage.routing.min_gap? see arbitrage/report.md)")

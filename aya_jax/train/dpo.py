@@ -62,7 +62,8 @@ def dpo_block() -> ml_collections.ConfigDict:
   c.revision_request = formatting.REVISION_REQUEST  # srpo: the user turn asking to revise
   c.label_smoothing = 0.0      # sigmoid (cDPO) and robust
   c.average_logps = False      # length-normalised log-ratios for every type
-  c.rpo_alpha = 0.0            # > 0: + rpo_alpha * per-token NLL of chosen
+  c.rpo_alpha = 0.0            # > 0: + rpo_alpha * per-token NLL of chosen (srpo: also of
+                               # the rejected draft revised into the chosen)
   c.reference = "cached"       # cached | live
   c.reference_init = ""        # params/ or HF dir; "" = the initial policy
   c.ref_cache_dir = ""         # "" = workdir/ref_logps
@@ -98,10 +99,17 @@ def pair_losses(dcfg, pol, ref, lengths, score_margins):
                          average_logps=dcfg.average_logps, score_margins=score_margins)
 
 
+def chosen_rows(n_rows: int) -> tuple:
+  """The rows whose answer is the chosen one, the RPO term's targets: the answer, and with
+  SRPO's revision rows also the rejected draft revised into the chosen (row 2)."""
+  return (0, 2) if n_rows == len(losses.SRPO_ROWS) else (0,)
+
+
 def pair_normalizer(batch):
   w = batch["pair_mask"].astype(jnp.float32)
-  return dict(pairs=jnp.sum(w),
-              chosen_tokens=jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32) * w[:, None]))
+  rows = list(chosen_rows(batch["loss_mask"].shape[1]))
+  mask = batch["loss_mask"][:, rows].astype(jnp.float32)
+  return dict(pairs=jnp.sum(w), chosen_tokens=jnp.sum(mask * w[:, None, None]))
 
 
 def dpo_loss_fn(cfg, dcfg, languages=(), vocab_chunk: int = 0, ref_params=None):
@@ -126,7 +134,8 @@ def dpo_loss_fn(cfg, dcfg, languages=(), vocab_chunk: int = 0, ref_params=None):
                                   mb["language"], tuple(languages))
     sums["dpo_loss"] = jax.lax.stop_gradient(loss)
     if dcfg.rpo_alpha:
-      nll = -jnp.sum(w * pol[:, 0]) / jnp.maximum(normalizer["chosen_tokens"], 1.0)
+      chosen = jnp.sum(pol[:, list(chosen_rows(pol.shape[1]))], -1)
+      nll = -jnp.sum(w * chosen) / jnp.maximum(normalizer["chosen_tokens"], 1.0)
       loss = loss + dcfg.rpo_alpha * nll
       sums["nll_loss"] = jax.lax.stop_gradient(nll)
     sums["n_pairs"] = jnp.sum(w)
