@@ -298,8 +298,8 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array,
                   (no importance weights); its minimum, beta delta = m, is the
                   KL-regularised optimum's log-ratio (pi* ~ pi_ref exp(R / beta)). IPO is
                   the case m = 1/2 (up to the factor beta^2). With k answers to a prompt,
-                  the loss over all their pairs is Command A's (Cohere 2025) k-sample CoPG
-                  loss, 1/(k-1) sum_{i<j} (R_b(y_i) - R_b(y_j))^2, times 2/k.
+                  its mean over all their pairs is 2/k times Command A's (Cohere 2025)
+                  k-sample CoPG loss, 1/(k-1) sum_{i<j} (R_b(y_i) - R_b(y_j))^2.
 
   Returns (loss_b, aux) with aux: chosen_rewards, rejected_rewards
   (beta * summed log-ratio, no gradient), margins, accuracies (1.0 where

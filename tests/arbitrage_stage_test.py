@@ -178,6 +178,33 @@ def test_killed_run_resumes_without_regenerating(tmp_path):
   assert third.generated == 0 and calls == []
 
 
+def test_cached_answers_and_scores_outlive_a_changed_routing(tmp_path):
+  """With cache.dir the answers and scores live outside the workdir, keyed by what they
+  depend on: a run with another min_gap in a new workdir generates and scores nothing;
+  another scores key scores again, another completions key generates again."""
+  cache = dict(dir=str(tmp_path / "cache"), completions_key="c1", scores_key="s1")
+  c = _config(**{"synthetic.n_per_language": 6, "routing.min_gap": 0.1})
+  c.cache.update(cache)
+  first = A.run(c, str(tmp_path / "a"), pool=_pool())
+  calls = []
+  scorer = reward.FunctionScorer(lambda recs: calls.append(len(recs)) or
+                                 verifier.Verifier().score(recs))
+  c.routing.min_gap, again = 2.0, _pool()
+  second = A.run(c, str(tmp_path / "b"), pool=again, scorer=scorer)
+  assert again.generated == 0 and calls == []
+  assert first["languages"] != second["languages"]  # no pair clears a gap of 2
+  assert not (tmp_path / "b" / "completions.jsonl").exists()
+  c.cache.scores_key = "s2"
+  A.run(c, str(tmp_path / "c"), pool=_pool(), scorer=scorer)
+  assert calls and sum(calls) == 48
+  c.cache.completions_key, fresh = "c2", _pool()
+  A.run(c, str(tmp_path / "d"), pool=fresh)
+  assert fresh.generated == 48
+  c.cache.scores_key = ""
+  with pytest.raises(ValueError, match="cache.completions_key and cache.scores_key"):
+    A.run(c, str(tmp_path / "e"), pool=_pool())
+
+
 def test_bad_input_is_reported_per_record(tmp_path):
   recs = synthetic.make_split("train", 3, languages=("fr", "zh"))
   path = tmp_path / "prompts.jsonl"

@@ -43,14 +43,27 @@ def test_setup_model_loads_a_checkpoint_with_the_blocks_execution_fields(tmp_pat
 
 
 def test_finish_writes_params_and_optionally_an_hf_directory(tmp_path):
+  """params/ exactly; hf/ streamed from params/, bf16 by default (each weight rounded to
+  bf16, as ml_dtypes rounds it), float32 on request (exactly)."""
+  import ml_dtypes
+  from aya_jax.models import hf
   cfg = tiny("llama")
   params = random_params(cfg, 2)
   common.finish(str(tmp_path / "w"), cfg, params, export_hf=True)
   loaded_cfg, loaded = checkpoint.load_model(str(tmp_path / "w" / "params"))
   assert loaded_cfg == cfg
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, params)
+  reader = hf.Reader(str(tmp_path / "w" / "hf"))
+  assert {str(reader.dtype(p)) for p in reader.leaves} == {"bfloat16"}
   _, from_hf = checkpoint.load_model(str(tmp_path / "w" / "hf"))
-  for tree in (loaded, from_hf):
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tree, params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b).astype(ml_dtypes.bfloat16).astype(np.float32)),
+      from_hf, params)
+  common.finish(str(tmp_path / "f"), cfg, params, export_hf=True, export_dtype="float32")
+  _, from_hf = checkpoint.load_model(str(tmp_path / "f" / "hf"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), from_hf, params)
+  with pytest.raises(ValueError, match="export_hf_dtype='fp8'"):
+    common.finish(str(tmp_path / "x"), cfg, params, export_hf=True, export_dtype="fp8")
 
 
 def test_set_schedule_maps_a_small_block_onto_the_stage_fields():

@@ -72,6 +72,8 @@ def _worker(pid: int, nproc: int, port: int, out: str):
       st, m = step(st, gb, jax.random.fold_in(jax.random.key(1), i))
       losses.append(float(jax.device_get(m["loss"])))
   checkpoint.save_params(os.path.join(out, "params"), cfg, st.params)
+  from aya_jax.train import common  # the stages' end: params/ and the HF export (bf16)
+  common.finish(os.path.join(out, "finished"), cfg, st.params, export_hf=True)
   if jax.process_index() == 0:
     with open(os.path.join(out, "losses.json"), "w") as f:
       json.dump(losses, f)
@@ -270,6 +272,16 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(json.load(f), json.load(g), rtol=1e-5)
   _assert_same_params(os.path.join(multi, "params"), os.path.join(single, "params"),
                       rtol=1e-5, atol=1e-6)
+  # HF export on 2 processes (it used to gather the params to one host and fail): the
+  # trained params rounded to bf16, written once
+  import jax
+  import ml_dtypes
+  from aya_jax import checkpoint
+  _, exported = checkpoint.load_model(os.path.join(multi, "finished", "hf"))
+  _, trained = checkpoint.load_model(os.path.join(multi, "params"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b).astype(ml_dtypes.bfloat16).astype(np.float32)),
+      exported, trained)
   # sampling: both processes got every row, the single run's tokens
   runs = [np.load(os.path.join(multi, f"samples_{i}.npz")) for i in range(2)]
   runs.append(np.load(os.path.join(single, "samples_0.npz")))

@@ -10,14 +10,21 @@ from aya_jax.models.config import tiny
 from aya_jax.train import pair_logps
 
 
-def _by_hand(cfg, params, prompt, answer):
-  tokens = np.concatenate([prompt, answer])[None]
-  logits = np.asarray(Transformer(cfg).apply({"params": params}, tokens)[0][0], np.float64)
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                                                                              keepdims=True))
-  logp -= logits.max(-1, keepdims=True)
-  n = len(prompt)
-  return sum(logp[n - 1 + t, answer[t]] for t in range(len(answer))), len(answer)
+def _by_hand(cfg, params, rows, width=24):
+  """Each (prompt, answer) row's summed answer log-prob from one causal forward of the row
+  (right-padded to `width`: padding after the answer cannot change its logits)."""
+  tokens = np.zeros((len(rows), width), np.int32)
+  for i, (prompt, answer) in enumerate(rows):
+    tokens[i, :len(prompt) + len(answer)] = np.concatenate([prompt, answer])
+  logits = np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, tokens)[0],
+                      np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  out = []
+  for i, (prompt, answer) in enumerate(rows):
+    n = len(prompt)
+    out.append((sum(logp[i, n - 1 + t, answer[t]] for t in range(len(answer))), len(answer)))
+  return out
 
 
 def test_rows_summed_log_probs_match_the_model_by_hand():
@@ -34,8 +41,8 @@ def test_rows_summed_log_probs_match_the_model_by_hand():
     s, n = fn(params, {k: batch[k] for k in pair_logps.MODEL_KEYS})
     r = len(pp.rows_of(items[0]))
     assert s.shape == n.shape == (2, r)
-    for i, p in enumerate(items):
-      for j, (prompt, answer) in enumerate(pp.rows_of(p)):
-        want, count = _by_hand(cfg, params, prompt, answer)
-        np.testing.assert_allclose(float(s[i, j]), want, rtol=1e-5, atol=1e-4)
-        assert int(n[i, j]) == count
+    rows = [row for p in items for row in pp.rows_of(p)]
+    for (want, count), got, got_n in zip(_by_hand(cfg, params, rows), np.ravel(s),
+                                          np.ravel(n)):
+      np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-4)
+      assert int(got_n) == count

@@ -16,7 +16,7 @@ PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         "configs", "pipeline.py")
 STAGES = {"reward_model": reward_model, "sft": sft, "sft_family": sft, "dpo": dpo,
           "online": online, "arbitrage": arbitrage, "eval": evaluate}
-EXTRAS = {"reward_model": {"samples"}, "sft_family": {"warm_start"}, "online": {"per_family"},
+EXTRAS = {"reward_model": {"samples"}, "sft_family": {"warm_start"}, "online": {"per_family", "reward"},
           "arbitrage": {"baseline_teacher"}}
 
 

@@ -1,6 +1,7 @@
 """The whole recipe (smoke variant) end to end: artefacts, resume, re-run on change;
 and on real inputs (local HF teachers and base, a reward model, prompt files)."""
 
+import glob
 import json
 import os
 import shutil
@@ -79,6 +80,9 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
                             "preference") is not None
   # 3. a second run does nothing
   assert recipe.run(c, work)["ran"] == []
+  ref_files = {f: os.path.getmtime(f) for f in glob.glob(
+      os.path.join(work, "cache", "ref_logps", "*.npz"))}
+  assert len(ref_files) == 2  # one per family (no held-out pairs)
   # 4. a changed block re-runs that step and those after it, nothing before; the offline
   # CoPG and SRPO ablations train on the same pairs with the same block
   with c.unlocked():
@@ -100,6 +104,10 @@ def test_smoke_pipeline_artefacts_resume_and_rerun_on_change(tmp_path, monkeypat
     assert (run_config["dpo.loss_type"], run_config["dpo.beta"]) == (loss_type, beta)
   answers = json.load(open(os.path.join(work, "eval", "answers.json")))
   assert answers["srpo_rev1"] != answers["srpo"]  # the revised answers are other answers
+  # the re-run DPO steps read the reference log-probs the first ones cached (another beta,
+  # the same pairs and reference); SRPO's 5 rows are other files
+  assert {f: os.path.getmtime(f) for f in ref_files} == ref_files
+  assert len(glob.glob(os.path.join(work, "cache", "ref_logps", "*.npz"))) > 2
   # 5. a copy (cp -a) with a changed value trains from the copy's files, not the original's
   copy = str(tmp_path / "copy")
   shutil.copytree(work, copy)
@@ -266,7 +274,10 @@ def test_real_inputs_pipeline_without_the_world(real_dirs, tmp_path, monkeypatch
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   prompts = records.read_prompts(os.path.join(work, "arbitrage", "prompts_only.jsonl"))
   assert len(prompts) == 12 and {p.language for p in prompts} == set(LANGS)  # de dropped
-  comp = records.read_jsonl(os.path.join(work, "arbitrage", "completions.jsonl"), "completion")
+  # the teachers' answers and scores live in cache/arbitrage/, keyed by what they depend on
+  comp_path, = glob.glob(os.path.join(work, "cache", "arbitrage", "completions_*",
+                                      "completions.jsonl"))
+  comp = records.read_jsonl(comp_path, "completion")
   assert {r.teacher for r in comp} == {"a", "b"}
   assert not os.path.exists(os.path.join(work, "arbitrage", "pairs_contrast.jsonl"))
   for d in ("sft_single", "sft_merged", "dpo_merged"):
@@ -289,6 +300,7 @@ def test_real_inputs_pipeline_without_the_world(real_dirs, tmp_path, monkeypatch
   base2 = str(tmp_path / "base_copy")
   shutil.copytree(real_dirs["base"], base2)
   c.inputs.base = base2
+  real_arbitrage = recipe.steps.run_arbitrage
   monkeypatch.setattr(recipe.steps, "run_arbitrage", stop("arbitrage"))
   monkeypatch.setattr(recipe.steps, "run_sft", stop("sft"))
   with pytest.raises(Stop, match="sft"):
@@ -301,3 +313,17 @@ def test_real_inputs_pipeline_without_the_world(real_dirs, tmp_path, monkeypatch
   with pytest.raises(Stop, match="arbitrage"):
     recipe.run(c, work)
   assert calls == ["sft_single", "arbitrage"]
+  # back to the first arbiter with another min_gap: arbitrage runs again (a new step
+  # directory) but generates nothing and scores nothing; it reads the cached answers
+  monkeypatch.setattr(recipe.steps, "run_arbitrage", real_arbitrage)
+  monkeypatch.setattr(recipe.steps.reward.RewardModelScorer, "score",
+                      lambda *a: pytest.fail("scored again"))
+  c.inputs.reward_model = real_dirs["rm"]
+  c.arbitrage.routing.min_gap = 0.05
+  before = {p: open(p, "rb").read() for p in glob.glob(
+      os.path.join(work, "cache", "arbitrage", "*", "*.jsonl"))}
+  with pytest.raises(Stop, match="sft"):
+    recipe.run(c, work)
+  assert calls == ["sft_single", "arbitrage", "sft_single"]
+  assert {p: open(p, "rb").read() for p in before} == before
+  assert records.read_jsonl(os.path.join(work, "arbitrage", "sft.jsonl"), "sft")

@@ -56,7 +56,7 @@ def _small(c, data, tok, steps=30):
 def test_sft_stage_learns_and_exports(sft_data, tmp_path):
   data, tok = sft_data
   c = _small(_config(), data, tok, steps=60)
-  c.export_hf = True
+  c.export_hf, c.export_hf_dtype = True, "float32"  # parity: the exact weights
   main.run_stage(c, str(tmp_path))
   logged = read_metrics(str(tmp_path))
   assert logged[0]["loss"] > 2 * logged[-1]["loss"], logged
@@ -209,7 +209,7 @@ def hf_base(sft_data, tmp_path_factory):
   data, tok = sft_data
   d = tmp_path_factory.mktemp("base")
   c = _small(_config(), data, tok, steps=10)
-  c.export_hf = True
+  c.export_hf, c.export_hf_dtype = True, "float32"  # parity: the exact weights
   main.run_stage(c, str(d))
   return str(d / "hf")
 
@@ -238,7 +238,7 @@ def test_lora_sft_saves_adapters_naming_the_base_and_exports(sft_data, hf_base, 
   base = str(tmp_path / "base")
   shutil.copytree(hf_base, base)
   c = _lora(_small(_config(), data, tok), base)
-  c.export_hf = True
+  c.export_hf, c.export_hf_dtype = True, "float32"  # parity: the exact weights
   main.run_stage(c, str(tmp_path / "run"))
   logged = read_metrics(str(tmp_path / "run"))
   assert logged[-1]["loss"] < logged[0]["loss"] - 0.2, logged

@@ -26,7 +26,9 @@ reused from completions.jsonl when there; rejected: the weak teacher's
 English answer, translated by the world's lexicon or a prompted teacher).
 
 Resumable: completions.jsonl (appended by the pool, per batch) and
-scored.jsonl (appended per scoring chunk) are reused; a rerun generates only
+scored.jsonl (appended per scoring chunk; both under `cache.dir` when set, keyed by
+what they depend on, so a changed routing setting reuses them) are reused; a rerun
+generates only
 the (prompt, teacher, sample) ids that are missing and scores only the
 unscored. Problems are reported per record, never dropped: invalid prompt
 lines (e.g. no language), empty answers (the pool's `.empty` sidecar), NaN
@@ -354,6 +356,23 @@ def _prompts_source(config, workdir):
   return path
 
 
+def cached_paths(cache, workdir: str) -> tuple[str, str]:
+  """(completions.jsonl, scored.jsonl): in the workdir, or with `cache.dir` under
+  cache.dir/completions_<cache.completions_key>/ and cache.dir/scores_<cache.scores_key>/,
+  so a run whose routing or output settings changed (a new workdir) reuses the teachers'
+  answers and their scores; the keys name what those depend on (the caller's hashes)."""
+  if not cache.dir:
+    return os.path.join(workdir, "completions.jsonl"), os.path.join(workdir, "scored.jsonl")
+  if not cache.completions_key or not cache.scores_key:
+    raise ValueError(f"config.cache.dir={cache.dir!r} needs cache.completions_key and "
+                     "cache.scores_key (hashes of what the answers and scores depend on)")
+  comp_dir = os.path.join(cache.dir, f"completions_{cache.completions_key}")
+  scores_dir = os.path.join(cache.dir, f"scores_{cache.scores_key}")
+  for d in (comp_dir, scores_dir):
+    os.makedirs(d, exist_ok=True)
+  return os.path.join(comp_dir, "completions.jsonl"), os.path.join(scores_dir, "scored.jsonl")
+
+
 def run(config, workdir: str, pool=None, scorer=None) -> dict:
   """The arbitrage stage; `pool` / `scorer` override the config's (tests)."""
   os.makedirs(workdir, exist_ok=True)
@@ -362,8 +381,7 @@ def run(config, workdir: str, pool=None, scorer=None) -> dict:
   scorer = scorer if scorer is not None else make_scorer(config)
   names = list(pool.teachers)
   n = {t: pool.teachers[t].n for t in names}
-  comp, scored_path = os.path.join(workdir, "completions.jsonl"), os.path.join(workdir,
-                                                                               "scored.jsonl")
+  comp, scored_path = cached_paths(config.cache, workdir)
   mode, routes = config.mode, None
   if mode == "fixed":
     routes, more = routing.fixed_routes(prompts, routing.parse_table(config.routing.table),
@@ -477,4 +495,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.contrast.translator_teacher = ""  # prompted: the translating teacher ("" = strong)
   c.contrast.untranslated_rate = 0.1  # lexicon: chance a word stays in English
   c.contrast.min_gap = 0.0          # drop scored pairs with chosen - rejected < min_gap
+  # completions and scores outside the workdir, keyed by what they depend on (the
+  # pipeline's hashes): "" = in the workdir (`cached_paths`)
+  c.cache = ml_collections.ConfigDict(dict(dir="", completions_key="", scores_key=""))
   return c

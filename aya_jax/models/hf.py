@@ -382,6 +382,21 @@ def assemble(reader, dtype=np.float32, shardings=None) -> dict:
   return params
 
 
+def save_from_reader(reader, path, dtype=np.float32, max_shard_bytes=5 * 2**30):
+  """Writes the model a per-tensor reader holds (`checkpoint.open_reader`: a params/ dir,
+  an adapter checkpoint read as its merged model, an HF or GGUF file) as `save` does, one
+  tensor (one layer of it) in memory at a time: on one process, whatever the mesh the
+  params were trained on."""
+  cfg = reader.cfg
+  order = [("/".join(leaf), i) for leaf, _, _, _, is_layer in entries(cfg)
+           for i in (range(cfg.n_layers) if is_layer else [None])]
+  writer = Writer(path, cfg, order, {leaf: np.dtype(dtype) for leaf, _ in order},
+                  max_shard_bytes)
+  for leaf, i in order:
+    writer.write(leaf, i, np.asarray(reader.read(leaf, i)).astype(dtype))
+  writer.close()
+
+
 def save(cfg: ModelConfig, params, path, dtype=np.float32, max_shard_bytes=5 * 2**30):
   """Writes config.json, generation_config.json and safetensors (sharded with an
   index above `max_shard_bytes`) that transformers' from_pretrained loads."""

@@ -28,7 +28,7 @@ ARBITRAGE_OWNED = ("stage", "seed", "mode", "prompts", "mesh", "teachers",
                    "synthetic.languages", "synthetic.n", "synthetic.teachers", "scorer.kind",
                    "scorer.path", "scorer.tokenizer", "routing.table", "routing.default",
                    "router.path", "contrast.strong", "contrast.weak", "contrast.translator",
-                   "contrast.translator_teacher")
+                   "contrast.translator_teacher", "cache")
 # the eval stage's: what is judged, against what, in which languages
 EVAL_OWNED = ("stage", "seed", "prompts", "languages", "tasks", "models", "baseline",
               "tokenizer")

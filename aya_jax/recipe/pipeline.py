@@ -110,10 +110,20 @@ def run(config, workdir: str) -> dict:
         lambda _, d: headlines.reward_model(d))
   tokenizer, families, languages = inputs.tokenizer, inputs.families, inputs.languages
 
+  # the teachers' answers and the arbiter's scores outlive a changed arbitrage block:
+  # kept under cache/arbitrage/, keyed by what they depend on
+  arb = config.arbitrage
+  completions_key = artifacts.spec_hash(dict(
+      **inputs_spec("pool", "prompts"), seed=config.seed, sampling=_cfg_dict(arb.sampling),
+      batch=arb.batch_size, prompts=_cfg_dict(arb.synthetic)))
+  cache = dict(dir=os.path.join(runner.workdir, "cache", "arbitrage"),
+               completions_key=completions_key, scores_key=artifacts.spec_hash(dict(
+                   completions=completions_key, rm=arbiter_hash,
+                   max_len=arb.scorer.max_len)))
   arbitraged, arbitrage_hash = runner.step(
       "arbitrage", dict(**inputs_spec("pool", "prompts"), rm=arbiter_hash,
                         arb=_cfg_dict(config.arbitrage)),
-      lambda d: steps.run_arbitrage(config, d, inputs, arbiter),
+      lambda d: steps.run_arbitrage(config, d, inputs, arbiter, cache),
       lambda _, d: headlines.arbitrage(d))
 
   def sft_step(name, data_fn, block="sft", init=inputs.base, init_hash=None, **family):

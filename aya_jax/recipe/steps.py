@@ -171,10 +171,11 @@ def _prompt_records(recs) -> list:
           for r in recs]
 
 
-def run_arbitrage(config, directory, inputs: Inputs, arbiter: dict):
+def run_arbitrage(config, directory, inputs: Inputs, arbiter: dict, cache=None):
   """Reward routing with the arbiter, translation-contrast pairs (the world:
   lexicon; real inputs: prompted `inputs.translator`, only when set) and the
-  single-teacher baseline's data."""
+  single-teacher baseline's data; `cache` (the stage's cache block: dir and keys) keeps
+  the teachers' answers and their scores outside the step's directory."""
   block = config.arbitrage
   stage_config = blocks.stage_config(arbitrage.default_config(), block, "arbitrage",
                                      ("baseline_teacher",))
@@ -192,6 +193,8 @@ def run_arbitrage(config, directory, inputs: Inputs, arbiter: dict):
       stage_config.contrast.translator = "prompted"
       stage_config.contrast.translator_teacher = inputs.translator
     stage_config.prompts = _prompt_file(config, directory, inputs)
+    if cache:
+      stage_config.cache.update(cache)
   s = block.sampling
   members = pool(inputs, s.n, s.temperature, s.max_new_tokens, block.batch_size, config.seed,
                  config, s.top_k, s.top_p)
@@ -200,7 +203,8 @@ def run_arbitrage(config, directory, inputs: Inputs, arbiter: dict):
   baseline = block.baseline_teacher or names[0]
   if baseline not in names:
     raise ValueError(f"config.arbitrage.baseline_teacher={baseline!r}: not a teacher {names}")
-  single = _single_teacher(directory, baseline)
+  single = _single_teacher(directory, arbitrage.cached_paths(stage_config.cache, directory)[0],
+                           baseline)
 
   def made(name):  # "" = none kept: every output path recorded exists (the Runner checks)
     path = os.path.join(directory, name)
@@ -212,10 +216,10 @@ def run_arbitrage(config, directory, inputs: Inputs, arbiter: dict):
                                      if isinstance(report, dict)})
 
 
-def _single_teacher(directory: str, teacher: str) -> str:
+def _single_teacher(directory: str, completions: str, teacher: str) -> str:
   """The baseline's data: one teacher's first sample for every prompt (no arbiter)."""
   out, seen = [], set()
-  for r in records.read_jsonl(os.path.join(directory, "completions.jsonl"), "completion"):
+  for r in records.read_jsonl(completions, "completion"):
     prompt_id, answered_by, sample = records.parse_completion_id(r.id)
     if answered_by == teacher and sample == 0 and prompt_id not in seen:
       seen.add(prompt_id)
@@ -242,6 +246,9 @@ def run_dpo(config, directory, tokenizer, init, arbitraged, family_languages,
   same pairs and block, another loss_type, CoPG's own beta)."""
   stage_config = blocks.training_stage(dpo.default_config(), config.dpo, "dpo", config,
                                        tokenizer, init)
+  # reference log-probs outlive a changed dpo block (keyed by pairs, reference and mode)
+  stage_config.dpo.ref_cache_dir = stage_config.dpo.ref_cache_dir or os.path.join(
+      os.path.dirname(os.path.normpath(directory)), "cache", "ref_logps")
   if overrides:  # CoPG: only the scored pairs; SRPO: only those whose revision rows fit
     stage_config.dpo.update(overrides)
     stage_config.data.skip_invalid = stage_config.dpo.loss_type in ("copg", "srpo")

@@ -9,6 +9,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from aya_jax import checkpoint, optim, sharding
 from aya_jax.data import atomic
@@ -56,6 +57,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.mesh = sharding.mesh_block()
   c.distributed = distributed_block()
   c.export_hf = False     # also write workdir/hf/ (transformers-loadable)
+  c.export_hf_dtype = "bfloat16"  # bfloat16 | float32 | float16: the hf/ weights' dtype
   return c
 
 
@@ -125,22 +127,51 @@ def jit_for(fn, st, example_batch, mesh):
   return steps.jit_step(fn, state_lib.state_shardings(st), bsh, mesh)
 
 
-def finish(workdir, cfg, params, export_hf: bool, base: str = ""):
+def finish(workdir, cfg, params, export_hf: bool, base: str = "",
+           export_dtype: str = "bfloat16"):
   """Writes workdir/params/ (and workdir/hf/). A LoRA model on a `base` from disk keeps
   only its adapters (and value head) there, naming the base; `export_hf` then also writes
-  the PEFT adapter (workdir/peft/) beside the merged model."""
+  the PEFT adapter (workdir/peft/) beside the merged model.
+
+  The HF export streams params/ (an adapter checkpoint read as its merged model) a tensor
+  at a time on process 0, in `export_dtype`: nothing is gathered to one host, so it runs
+  on any number of processes; the PEFT adapter (small) is gathered on every process and
+  written by process 0."""
   path = os.path.join(workdir, "params")
   if cfg.lora is not None and base:
     out = checkpoint.save_adapters(path, cfg, params, base)
   else:
     out = checkpoint.save_params(path, cfg, params)
   if export_hf:
+    from aya_jax import artifacts
     from aya_jax.models import hf, peft
-    merged_cfg, merged = lora.merge(cfg, jax.device_get(params))
-    hf.save(merged_cfg, merged, os.path.join(workdir, "hf"))
+    artifacts.sync(f"export {path}")  # every process's part of params/ is written
+    adapters = None
     if cfg.lora is not None and base:
-      peft.save(cfg, jax.device_get(params), os.path.join(workdir, "peft"), base)
+      adapters = {lora.KEY: jax.tree.map(_gathered, params[lora.KEY])}
+    if jax.process_index() == 0:
+      hf.save_from_reader(checkpoint.open_reader(path), os.path.join(workdir, "hf"),
+                          dtype=_export_dtype(export_dtype))
+      if adapters is not None:
+        peft.save(cfg, adapters, os.path.join(workdir, "peft"), base)
+    artifacts.sync(f"exported {path}")
   return out
+
+
+def _gathered(x):
+  """The whole of a (possibly sharded, multi-host) array on every process, as numpy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _export_dtype(name: str):
+  import ml_dtypes
+  dtypes = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
+  if name not in dtypes:
+    raise ValueError(f"config.export_hf_dtype={name!r}: expected one of {sorted(dtypes)}")
+  return dtypes[name]
 
 
 def save_config(config, workdir: str, name: str = "config.json"):

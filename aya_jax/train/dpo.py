@@ -127,7 +127,7 @@ def dpo_loss_fn(cfg, dcfg, languages=(), vocab_chunk: int = 0, ref_params=None):
       ref = jax.lax.stop_gradient(logps(lora.without_adapters(params), mb)[0])
     else:
       ref = jax.lax.stop_gradient(logps(ref_params, mb)[0])
-    per_pair, aux = pair_losses(dcfg, pol, ref, n, mb["score_margin"])
+    per_pair, aux = pair_losses(dcfg, pol, ref, n, mb.get("score_margin"))
     w = mb["pair_mask"].astype(jnp.float32)
     loss = jnp.sum(w * per_pair) / jnp.maximum(normalizer["pairs"], 1.0)
     sums = losses.dpo_metric_sums(aux, pol[:, 0], pol[:, 1], w, normalizer["pairs"],
@@ -392,4 +392,5 @@ def run(config, workdir: str):
     pairs, eval_pairs = _scored(pairs, "train"), _scored(eval_pairs, "eval")
   params, _ = train_dpo(config, workdir, cfg, params, pairs, mesh, rules, ref_params=ref_params,
                         eval_pairs=eval_pairs)
-  return common.finish(workdir, cfg, params, config.export_hf, base=config.model.init)
+  return common.finish(workdir, cfg, params, config.export_hf, base=config.model.init,
+                       export_dtype=config.export_hf_dtype)

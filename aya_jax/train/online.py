@@ -20,7 +20,7 @@ Iteration i (workdir/iter_<i>/), from the current policy pi_i:
      copg: every pair of distinct non-empty answers per prompt, with their scores ->
            pairs.jsonl -> `dpo.train_dpo` with loss_type 'copg' (CoPG, Flet-Berliac et
            al. 2024; `losses.dpo_loss`): beta = kl_coef, the fixed reference, no NLL term;
-           on-policy its gradient is RLOO's with the KL in the reward;
+           on-policy its gradient is proportional to RLOO's with the KL in the reward;
      rloo, grpo, dr_grpo: `train.policy_gradient`: RLOO's reward = score -
            kl_coef * KL to the fixed reference with leave-one-out advantages over
            the k samples; GRPO's group-normalised advantages (Dr. GRPO: centred
@@ -79,6 +79,7 @@ from aya_jax.train import common, dpo, policy_gradient, policy_merge, rounds
 # trained on preference pairs by train/dpo.py; the others by train/policy_gradient.py
 PAIR_ALGORITHMS = ("dpo", "copg")
 ALGORITHMS = PAIR_ALGORITHMS + policy_gradient.ALGORITHMS
+
 
 def online_block() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -310,4 +311,5 @@ def run(config, workdir: str, scorer=None):
   if jax.process_index() == 0:
     atomic.write_text(os.path.join(workdir, "report.jsonl"),
                            "".join(json.dumps(r) + "\n" for r in reports))
-  return common.finish(workdir, cfg, params, config.export_hf, base=base_path), reports
+  return common.finish(workdir, cfg, params, config.export_hf, base=base_path,
+                       export_dtype=config.export_hf_dtype), reports

@@ -179,13 +179,16 @@ def _tx_and_step(config, cfg, params, kind: str):
   return tx, fn
 
 
-def _abstract_batch(kind: str, rows: int, seq_len: int, mesh, cached_reference=True):
+def _abstract_batch(kind: str, rows: int, seq_len: int, mesh, cached_reference=True,
+                    scored=False):
   from aya_jax import sharding
   keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
   shapes = {k: ((rows, seq_len) if kind == "sft" else (rows, 2, seq_len), jnp.int32)
             for k in keys}
   if kind == "dpo":
     shapes.update(pair_mask=((rows,), jnp.int32), language=((rows,), jnp.int32))
+    if scored:  # CoPG reads each pair's score margin
+      shapes["score_margin"] = ((rows,), jnp.float32)
     if cached_reference:
       shapes["ref_logps"] = ((rows, 2), jnp.float32)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s)))
@@ -199,7 +202,8 @@ def compile_step(config, cfg, mesh, rules, kind: str) -> dict:
   params = abstract_params(cfg, mesh, rules)
   tx, fn = _tx_and_step(config, cfg, params, kind)
   state, ssh = abstract_state(tx, params, config.plan.opt_state)
-  batch = _abstract_batch(kind, block.batch_size, block.seq_len, mesh, cfg.lora is None)
+  batch = _abstract_batch(kind, block.batch_size, block.seq_len, mesh, cfg.lora is None,
+                          block.get("loss_type") == "copg")
   rep = sharding.replicated(mesh)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
   bsh = jax.tree.map(lambda x: x.sharding, batch)

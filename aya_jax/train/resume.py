@@ -37,8 +37,8 @@ CONFIG_FILE = "run_config.json"
 RESUME_SAFE = ("loop.num_steps", "loop.log_every", "loop.checkpoint_every",
                "loop.keep_checkpoints", "loop.eval_every", "loop.max_nonfinite",
                "loop.peak_tflops_per_device", "loop.flops_per_token", "loop.allow_config_change",
-               "data.eval", "data.eval_batches", "export_hf", "distributed", "mesh",
-               "model.remat", "model.attention_chunk", "model.vocab_chunk", "dry_run")
+               "data.eval", "data.eval_batches", "export_hf", "export_hf_dtype", "distributed",
+               "mesh", "model.remat", "model.attention_chunk", "model.vocab_chunk", "dry_run")
 
 
 class WorkdirInUse(RuntimeError):

@@ -125,7 +125,7 @@ def run(config, workdir: str):
                              run_config=config)
   logging.info("data: %s", stats.as_dict())
   return common.finish(workdir, cfg, st.model_params(), config.export_hf,
-                       base=config.model.init)
+                       base=config.model.init, export_dtype=config.export_hf_dtype)
 
 
 def _example_batch(config):
